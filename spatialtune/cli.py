@@ -1,0 +1,183 @@
+"""``spatialtune`` command line: parse, call one library function, format.
+
+Library errors (:class:`SpatialtuneError`) become one line on stderr and exit code 2; ``--debug``
+shows the traceback instead. Each subcommand is registered by an ``_add_*`` function below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .errors import ConfigError, SpatialtuneError
+
+log = logging.getLogger("spatialtune")
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        raise SystemExit(_fail(f"{self.prog}: {message}"))
+
+
+def _fail(msg: str) -> int:
+    print(f"spatialtune: error: {msg}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _db_arg(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    p.add_argument("--db", required=required, help="tuning database (default: tuning_db/spatialtune.sqlite, "
+                   "or $SPATIALTUNE_DB)")
+
+
+def _open_db(path: str | None, *, create: bool):
+    from .database import TuningDatabase
+    from .tune import default_db_path
+
+    return TuningDatabase(Path(path) if path else default_db_path(), create=create)
+
+
+# ---------------------------------------------------------------- tune
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="tune workloads for shares of the device")
+    p.add_argument("--space", required=True, help="search-space file (search_spaces/*.toml)")
+    p.add_argument("--workload", action="append", default=[], metavar="NAME",
+                   help="workload name or key (repeatable; default: all in the space)")
+    p.add_argument("--ratios", default="100", help="shares to tune for, percent, e.g. 25,50,100")
+    p.add_argument("--interference", default="none", help="none, compute, memory or tenant:WORKLOAD")
+    p.add_argument("--trials", type=int, default=32, help="trials per (workload, share), earlier runs included")
+    p.add_argument("--batch", type=int, default=8, help="candidates built and measured per round")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop after this long")
+    p.add_argument("--target", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--partition", default=None, help="cpu (default for --target cpu), mps or green")
+    p.add_argument("--cost-model", default="xgb", help="xgb or random")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per candidate measurement")
+    p.add_argument("--repeat", type=int, default=5, help="timed repeats per candidate (median counts)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-baselines", action="store_true", help="skip TVM-default and numpy baselines")
+    _db_arg(p)
+    p.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(a) -> int:
+    from .partition import parse_ratios
+    from .progress import Progress
+    from .runner import RunSettings
+    from .spec import load_space
+    from .tune import TuneOptions, tune
+
+    ratios = parse_ratios(a.ratios)
+    space = load_space(a.space)
+    workloads = space.select(a.workload)
+    if a.timeout <= 0 or a.repeat < 1:
+        raise ConfigError("--timeout must be positive and --repeat at least 1")
+    opts = TuneOptions(trials=a.trials, batch=a.batch, time_budget_s=a.time_budget, target=a.target,
+                       partition=a.partition, interference=a.interference, cost_model=a.cost_model, seed=a.seed,
+                       baselines=not a.no_baselines, run=RunSettings(repeat=a.repeat, timeout=a.timeout, seed=a.seed))
+    opts.validate()
+    with _open_db(a.db, create=True) as db:
+        bar = Progress(total_jobs=len(workloads) * len(ratios))
+        try:
+            summary = tune(workloads, ratios, db, opts, progress=bar.update)
+        finally:
+            bar.close()
+    from .progress import format_summary
+
+    print(format_summary(summary))
+    return 0
+
+
+# ---------------------------------------------------------------- workloads, show
+
+
+def _add_workloads(sub) -> None:
+    p = sub.add_parser("workloads", help="list the workload keys of a search space")
+    p.add_argument("--space", required=True)
+    p.set_defaults(func=_cmd_workloads)
+
+
+def _cmd_workloads(a) -> int:
+    from .spec import load_space
+
+    for w in load_space(a.space).workloads:
+        shape = " ".join(f"{k}={v}" for k, v in w.params.items())
+        print(f"{w.key}\t{w.name}\t{w.op}\t{w.dtype}\t{shape}\t{w.flops / 1e9:.3f} GFLOP")
+    return 0
+
+
+def _add_show(sub) -> None:
+    p = sub.add_parser("show", help="best config per (workload, share, interference, device)")
+    _db_arg(p)
+    p.add_argument("--workload", action="append", default=[], metavar="NAME", help="name or key (repeatable)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(func=_cmd_show)
+
+
+def _cmd_show(a) -> int:
+    from .progress import format_best_table
+
+    with _open_db(a.db, create=False) as db:
+        keys: list[str | None] = [None]
+        if a.workload:
+            keys = []
+            for name in a.workload:
+                found = db.find_workload(name)
+                if not found:
+                    raise ConfigError(f"no workload {name!r} in {db.path}")
+                keys += found
+        rows = [b for k in keys for b in db.best(workload_key=k)]
+        devices = {d["id"]: d for d in db.devices()}
+        if a.json:
+            for b in rows:
+                d = b.to_dict() | {"device_name": devices.get(b.device_id, {}).get("name", "")}
+                print(json.dumps(d))
+        else:
+            print(format_best_table(rows, devices, db))
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+COMMANDS: list[Callable] = [_add_tune, _add_workloads, _add_show]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="spatialtune", description="Partial-resource kernel auto-tuner")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("-v", "--verbose", action="store_true", help="info logs")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in COMMANDS:
+        add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    level = logging.DEBUG if a.debug else logging.INFO if a.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # MetaSchedule logs every evolution round at INFO; keep it for --debug.
+    logging.getLogger("tvm").setLevel(logging.DEBUG if a.debug else logging.WARNING)
+    if not getattr(a, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return a.func(a) or 0
+    except SpatialtuneError as e:
+        if a.debug:
+            raise
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        print("spatialtune: interrupted; everything measured so far is in the database", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
