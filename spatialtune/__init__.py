@@ -6,29 +6,26 @@ The library API (the CLI is a thin layer over it)::
     space = load_space("search_spaces/demo.toml")
     with TuningDatabase("tuning_db/spatialtune.sqlite") as db:
         summary = tune(space.select(["dense_small"]), [50, 100], db, TuneOptions(trials=32))
+
+Names are imported lazily: a GPU host that measures bundles has numpy and a runtime-only TVM,
+but neither sqlite-utils nor xgboost, and must be able to import the runner.
 """
 
 __version__ = "0.1.0"
 
-from .database import TuningDatabase  # noqa: E402
-from .errors import ConfigError, DatabaseError, DeviceError, SpatialtuneError, SpecError  # noqa: E402
-from .spec import SearchSpace, Workload, load_space  # noqa: E402
-
-
-def tune(*args, **kwargs):
-    """See :func:`spatialtune.tune.tune` (imported lazily: it pulls in TVM)."""
-    from .tune import tune as _tune
-
-    return _tune(*args, **kwargs)
+_EXPORTS = {
+    "TuningDatabase": "database", "load_space": "spec", "SearchSpace": "spec", "Workload": "spec",
+    "tune": "tune", "TuneOptions": "tune", "SpatialtuneError": "errors", "SpecError": "errors",
+    "DatabaseError": "errors", "DeviceError": "errors", "ConfigError": "errors",
+}
 
 
 def __getattr__(name):
-    if name == "TuneOptions":
-        from .tune import TuneOptions
+    if name in _EXPORTS:
+        import importlib
 
-        return TuneOptions
-    raise AttributeError(name)
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'spatialtune' has no attribute {name!r}")
 
 
-__all__ = ["TuningDatabase", "load_space", "SearchSpace", "Workload", "tune", "TuneOptions", "SpatialtuneError",
-           "SpecError", "DatabaseError", "DeviceError", "ConfigError"]
+__all__ = sorted(_EXPORTS)

@@ -67,8 +67,6 @@ class Meter:
         if self._mm is None:
             return None
         work, t = struct.unpack(_FMT, self._mm[:_SIZE])
-        # Extrapolate to now: the neighbour updates between its steps, and a reading taken
-        # mid-step should not count the step as not begun.
         return NeighbourReading(work, t, self.unit) if t > 0 else None
 
     def close(self) -> None:
