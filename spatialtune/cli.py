@@ -143,9 +143,123 @@ def _cmd_show(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- lookup, report, db (issue 4)
+
+
+def _add_lookup(sub) -> None:
+    p = sub.add_parser("lookup", help="the config a scheduler should use for a granted share (JSON)")
+    _db_arg(p)
+    p.add_argument("--workload", required=True, help="workload name or key")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--ratio", type=float, help="granted share, percent of the device")
+    g.add_argument("--units", type=int, help="granted cores or SMs")
+    p.add_argument("--interference", default="none")
+    p.add_argument("--device", default=None, help="device id (needed when the database holds several)")
+    p.add_argument("--partition", default=None, help="cpu, mps or green (needed when several were tuned)")
+    p.add_argument("--trace", action="store_true", help="include the stored trace")
+    p.set_defaults(func=_cmd_lookup)
+
+
+def _cmd_lookup(a) -> int:
+    from .lookup import Lookup
+
+    path = Path(a.db) if a.db else None
+    if path is None:
+        from .tune import default_db_path
+
+        path = default_db_path()
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such database")
+    with Lookup(path, check_interval_s=None) as lk:
+        r = lk.lookup(a.workload, ratio=a.ratio, units=a.units, interference=a.interference, device=a.device,
+                      partition=a.partition)
+        out = r.to_dict()
+        if a.trace:
+            out["trace"] = lk.trace(r)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="write report.md, report.html and plots of a tuning database")
+    _db_arg(p)
+    p.add_argument("--out", required=True, help="output directory (created)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(a) -> int:
+    from .report import write_report
+
+    with _open_db(a.db, create=False) as db:
+        paths = write_report(db, Path(a.out))
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _add_db(sub) -> None:
+    p = sub.add_parser("db", help="database interop: MetaSchedule export/import, merge")
+    dsub = p.add_subparsers(dest="db_command", metavar="DBCOMMAND", parser_class=_Parser, required=True)
+    e = dsub.add_parser("export-metaschedule", help="write a MetaSchedule JSON database of one share's best configs")
+    _db_arg(e)
+    e.add_argument("--ratio", type=float, required=True)
+    e.add_argument("--out", required=True, help="directory for database_workload.json, database_tuning_record.json")
+    e.add_argument("--interference", default="none")
+    e.add_argument("--device", default=None)
+    e.add_argument("--partition", default=None)
+    e.set_defaults(func=_cmd_db_export)
+    i = dsub.add_parser("import-metaschedule", help="take a MetaSchedule JSON database as measured records")
+    i.add_argument("dir", help="directory holding database_workload.json and database_tuning_record.json")
+    _db_arg(i)
+    i.add_argument("--ratio", type=float, required=True, help="the share those records were measured under")
+    i.add_argument("--interference", default="none")
+    i.add_argument("--device", default=None, help="device id in the database (default: this machine)")
+    i.add_argument("--partition", default=None)
+    i.add_argument("--space", default=None, help="search-space file naming the workloads to match")
+    i.set_defaults(func=_cmd_db_import)
+    m = dsub.add_parser("merge", help="merge databases from several tuning hosts into a new one")
+    m.add_argument("sources", nargs="+", metavar="DB")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=_cmd_db_merge)
+
+
+def _cmd_db_export(a) -> int:
+    from .interop import export_metaschedule
+
+    with _open_db(a.db, create=False) as db:
+        s = export_metaschedule(db, a.ratio, Path(a.out), interference=a.interference, device_id=a.device,
+                                partition=a.partition)
+    print(json.dumps(s.to_dict()))
+    return 0
+
+
+def _cmd_db_import(a) -> int:
+    from .interop import import_metaschedule
+
+    workloads = None
+    if a.space:
+        from .spec import load_space
+
+        workloads = load_space(a.space).workloads
+    with _open_db(a.db, create=True) as db:
+        s = import_metaschedule(db, Path(a.dir), a.ratio, interference=a.interference, device_id=a.device,
+                                partition=a.partition, workloads=workloads)
+    print(json.dumps(s.to_dict()))
+    return 0
+
+
+def _cmd_db_merge(a) -> int:
+    from .interop import merge_databases
+
+    s = merge_databases([Path(x) for x in a.sources], Path(a.out))
+    print(json.dumps(s.to_dict()))
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 COMMANDS: list[Callable] = [_add_tune, _add_workloads, _add_show]
+COMMANDS += [_add_lookup, _add_report, _add_db]
 
 
 def build_parser() -> argparse.ArgumentParser:

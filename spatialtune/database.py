@@ -20,6 +20,7 @@ import json
 import logging
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -386,6 +387,59 @@ class TuningDatabase:
             filters["ratio"] = norm_ratio(filters["ratio"])
         conds, args = _filters(**filters)
         return list(self.db.query(f"SELECT * FROM baselines {conds} ORDER BY workload_key, ratio DESC, kind", args))
+
+    # -- readers for lookup, report and merge (appended; the methods above are unchanged) ----
+
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version``: changes whenever another connection commits.
+
+        Cheap (no table read), so a long-lived reader can poll it to know when to reload.
+        """
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+
+    @contextmanager
+    def read_snapshot(self) -> Iterator["TuningDatabase"]:
+        """Hold one read transaction: every query inside sees the same committed state."""
+        self.db.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self.db.execute("COMMIT")
+
+    def best_index_rows(self, workload_key: str | None = None) -> list[tuple]:
+        """Best rows without the trace (traces are ~10 KB each and most readers never need them).
+
+        Tuples of (workload_key, device_id, partition, ratio, interference, measurement_id,
+        median_s, n_trials, mod_hash, granted_units, updated_at).
+        """
+        conds, args = _filters(prefix="b.", workload_key=workload_key)
+        return self.db.execute(
+            "SELECT b.workload_key, b.device_id, b.partition, b.ratio, b.interference, b.measurement_id, b.median_s,"
+            " b.n_trials, m.mod_hash, m.granted_units, b.updated_at"
+            f" FROM best b JOIN measurements m ON m.id = b.measurement_id {conds}", args).fetchall()
+
+    def trace_of(self, measurement_id: int) -> str | None:
+        """The stored trace of one measurement (rows are never updated, so it can be cached)."""
+        row = self.db.execute("SELECT trace FROM measurements WHERE id = ?", [measurement_id]).fetchone()
+        return row[0] if row else None
+
+    def workload_names(self) -> dict[str, str]:
+        """Workload key -> name ('' when unnamed)."""
+        return {r[0]: r[1] or "" for r in self.db.execute("SELECT key, name FROM workloads").fetchall()}
+
+    def add_baseline_row(self, row: dict[str, Any]) -> bool:
+        """Insert a baselines row as it is (its measurement date kept); an existing key stands.
+
+        Returns whether it was inserted. For merging databases, where ``record_baseline`` would
+        restamp the date.
+        """
+        cols = ("workload_key", "device_id", "partition", "ratio", "interference", "kind", "median_s",
+                "granted_units", "created_at")
+        with self.db.atomic():
+            cur = self.db.execute(
+                f"INSERT OR IGNORE INTO baselines ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                [norm_ratio(row[c]) if c == "ratio" else row.get(c) for c in cols])
+        return cur.rowcount > 0
 
 
 _MEAS_COLS = ("id", "workload_key", "device_id", "partition", "ratio", "interference", "mod_hash", "trace", "status",

@@ -1,0 +1,377 @@
+"""Runtime lookup: which tuned kernel should a scheduler launch for the share it just granted?
+
+A scheduler asks with a workload (key, spec name, :class:`~spatialtune.spec.Workload`, or
+``key_for(op, shape)``), the share it granted (a ratio in percent, or a count of cores/SMs), the
+interference it expects and, when the database holds several, the device. The answer is a
+:class:`LookupResult`: the config to use (``mod_hash``, ``measurement_id``; the trace through
+:meth:`Lookup.trace`), the share it was tuned for, its measured time, and why it was chosen.
+
+Rules, in order (the share rule runs within the requested interference condition first, then
+within ``none`` when nothing was tuned under the requested one):
+
+1. ``exact``: a config tuned for exactly the granted share;
+2. ``below``: the config tuned for the largest share at or below the granted one (a kernel
+   tuned for fewer SMs degrades gracefully when given more, the other way round it may not);
+3. ``whole-device``: the config tuned for 100 %;
+4. ``miss``: no config; ``found`` is False and ``reason`` says why. A miss never raises; only
+   malformed arguments (no share, both a ratio and units, a ratio outside (0, 100]) raise
+   :class:`~spatialtune.errors.ConfigError`.
+
+Concurrency and reloads. A :class:`Lookup` holds an immutable :class:`LookupIndex`: one
+snapshot of the database (its SQLite ``data_version`` and file identity). Answers are pure
+memory reads, memoised per index, and safe from any number of threads. The best rows of a
+workload are read the first time it is asked about (so opening a 10k-row database costs one
+indexed query, not a full load), all inside the same snapshot: if the database changed in the
+meantime a fresh index replaces the old one in one reference assignment, so an answer never
+mixes two versions. :meth:`Lookup.refresh` (called automatically every ``check_interval_s``
+seconds by ``lookup``) polls ``data_version`` and the file's inode, and swaps in a fresh index
+when the database was written or replaced. Traces are read on demand by measurement id:
+measurement rows are never updated, so a cached trace cannot go stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from bisect import bisect_right
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .database import TuningDatabase, norm_ratio
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+WHOLE = 100.0
+MATCHES = ("exact", "below", "whole-device", "miss")
+_MEMO_MAX = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    """One answer. ``found`` is False for a miss; the config fields are None then."""
+
+    workload: str  # what was asked (key or name)
+    workload_key: str | None
+    requested_ratio: float  # percent of the device
+    requested_interference: str
+    match: str  # exact | below | whole-device | miss
+    reason: str
+    device_id: str | None = None
+    partition: str | None = None
+    interference: str | None = None  # the condition the config was tuned under
+    tuned_ratio: float | None = None
+    tuned_units: int | None = None
+    median_s: float | None = None  # measured at tuned_ratio under `interference`
+    mod_hash: str | None = None
+    measurement_id: int | None = None
+    n_trials: int | None = None
+    updated_at: str | None = None
+
+    @property
+    def found(self) -> bool:
+        return self.match != "miss"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"found": self.found}
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    device_id: str
+    partition: str
+    ratio: float
+    interference: str
+    measurement_id: int
+    median_s: float
+    n_trials: int
+    mod_hash: str
+    granted_units: int | None
+    updated_at: str
+
+
+class LookupIndex:
+    """One snapshot of a database's best configs. Groups are added once and never change."""
+
+    def __init__(self, version: tuple, devices: Mapping[str, int], names: Mapping[str, tuple[str, ...]]):
+        self.version = version
+        self.devices = dict(devices)  # device id -> units of the whole device
+        self.names = dict(names)  # workload name or key -> keys
+        # workload key -> {(device, partition, interference): (ratios ascending, entries)}
+        self.groups: dict[str, dict[tuple[str, str, str], tuple[tuple[float, ...], tuple[_Entry, ...]]]] = {}
+        self.memo: dict[tuple, LookupResult] = {}
+
+    def add_rows(self, key: str, rows: list[tuple]) -> None:
+        by: dict[tuple[str, str, str], list[_Entry]] = {}
+        for (_, dev, part, ratio, interf, mid, med, n, h, units, upd) in rows:
+            by.setdefault((dev, part, interf), []).append(
+                _Entry(dev, part, norm_ratio(ratio), interf, mid, med, n, h, units, upd))
+        group = {}
+        for k, es in by.items():
+            es.sort(key=lambda e: e.ratio)
+            group[k] = (tuple(e.ratio for e in es), tuple(es))
+        self.groups[key] = group
+
+    def resolve(self, asked: str, ratio: float, interference: str, device: str | None,
+                partition: str | None) -> LookupResult:
+        """The answer for a workload whose group is loaded (pure: no I/O)."""
+        keys = self.names.get(asked, ())
+
+        def miss(reason: str, wkey: str | None = None) -> LookupResult:
+            return LookupResult(asked, wkey, ratio, interference, "miss", reason)
+
+        if not keys:
+            return miss(f"workload {asked!r} is not in the database")
+        if len(keys) > 1:
+            return miss(f"{asked!r} names several workloads ({', '.join(keys)}): ask by key")
+        wkey = keys[0]
+        group = self.groups.get(wkey, {})
+        if not group:
+            return miss(f"{wkey} has no measured config yet", wkey)
+        devs = sorted({d for d, _, _ in group})
+        if device is None:
+            if len(devs) > 1:
+                return miss(f"{wkey} was tuned on several devices ({', '.join(devs)}): pass device", wkey)
+            device = devs[0]
+        elif device not in devs:
+            return miss(f"{wkey} was not tuned on device {device} (tuned on: {', '.join(devs)})", wkey)
+        parts = sorted({p for d, p, _ in group if d == device})
+        if partition is None:
+            if len(parts) > 1:
+                return miss(f"{wkey} was tuned under several partitions ({', '.join(parts)}): pass partition", wkey)
+            partition = parts[0]
+        elif partition not in parts:
+            return miss(f"{wkey} on {device} was not tuned under partition {partition} "
+                        f"(tuned under: {', '.join(parts)})", wkey)
+        conds = [interference] if interference == "none" else [interference, "none"]
+        for cond in conds:
+            hit = group.get((device, partition, cond))
+            if hit is None:
+                continue
+            ratios, entries = hit
+            sub = "" if cond == interference else f"nothing tuned under interference {interference!r}, using 'none'; "
+            i = bisect_right(ratios, ratio)
+            if i and ratios[i - 1] == ratio:
+                e, match, why = entries[i - 1], "exact", f"tuned for exactly {ratio:g}%"
+            elif i:
+                e, match = entries[i - 1], "below"
+                why = f"nearest tuned share at or below {ratio:g}% is {e.ratio:g}%"
+            elif ratios[-1] == WHOLE:
+                e, match = entries[-1], "whole-device"
+                why = f"no share at or below {ratio:g}% was tuned (lowest: {ratios[0]:g}%); using the 100% config"
+            else:
+                return miss(f"{sub}no share at or below {ratio:g}% and no 100% config "
+                            f"(tuned: {', '.join(f'{r:g}%' for r in ratios)})", wkey)
+            return LookupResult(asked, wkey, ratio, interference, match, sub + why, e.device_id, e.partition,
+                                e.interference, e.ratio, e.granted_units, e.median_s, e.mod_hash, e.measurement_id,
+                                e.n_trials, e.updated_at)
+        tuned = sorted({c for d, p, c in group if d == device and p == partition})
+        return miss(f"{wkey} has no config under interference {interference!r} or 'none' "
+                    f"(tuned under: {', '.join(tuned)})", wkey)
+
+
+class Lookup:
+    """The lookup service over one database file. Build one per process (see :func:`get_lookup`).
+
+    Thread-safe: ``lookup`` may be called from any thread at any time, including while the
+    database is being written by another process or replaced by ``os.replace``.
+
+    ``check_interval_s``: how often ``lookup`` polls for a changed database (None: never; call
+    :meth:`refresh`). ``preload``: read every workload's best rows now instead of on first use.
+    """
+
+    def __init__(self, path: str | Path, *, check_interval_s: float | None = 1.0, preload: bool = False):
+        self.path = Path(path)
+        self.check_interval_s = check_interval_s
+        self.preload = preload
+        self._lock = threading.RLock()
+        self._traces: dict[int, str] = {}
+        self._db: TuningDatabase | None = None
+        self._ino: tuple[int, int] | None = None
+        self._next_check = float("inf") if check_interval_s is None else time.monotonic() + check_interval_s
+        self._index = self._build_index()
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def _conn(self) -> TuningDatabase:
+        # Reopen when the file was replaced: the old connection would keep reading the old inode.
+        st = os.stat(self.path)
+        ino = (st.st_dev, st.st_ino)
+        if self._db is None or ino != self._ino:
+            if self._db is not None:
+                self._db.close()
+            self._db = TuningDatabase(self.path, create=False)
+            self._ino = ino
+        return self._db
+
+    def _version(self, db: TuningDatabase) -> tuple:
+        return (self._ino, db.data_version())
+
+    def _build_index(self, with_keys: tuple[str, ...] = ()) -> LookupIndex:
+        """A fresh index, plus the groups of ``with_keys``, all from one read snapshot."""
+        with self._lock:
+            db = self._conn()
+            with db.read_snapshot():
+                wnames = db.workload_names()
+                names: dict[str, set[str]] = {}
+                for key, name in wnames.items():
+                    names.setdefault(key, set()).add(key)
+                    if name:
+                        names.setdefault(name, set()).add(key)
+                devices = {d["id"]: int(d["units"]) for d in db.devices()}
+                idx = LookupIndex(self._version(db), devices, {k: tuple(sorted(v)) for k, v in names.items()})
+                if self.preload:
+                    rows: dict[str, list[tuple]] = {k: [] for k in wnames}
+                    for r in db.best_index_rows():
+                        rows.setdefault(r[0], []).append(r)
+                    for k, rs in rows.items():
+                        idx.add_rows(k, rs)
+                for k in with_keys:
+                    if k not in idx.groups:
+                        idx.add_rows(k, db.best_index_rows(k))
+            log.debug("lookup index of %s at version %s", self.path, idx.version)
+            return idx
+
+    def _load_group(self, idx: LookupIndex, wkey: str) -> LookupIndex:
+        """An index holding ``wkey``'s rows: ``idx`` itself, or a fresh one if the database
+        moved on since ``idx`` was read (so one index never mixes two versions)."""
+        with self._lock:
+            if self._index is not idx:  # another thread swapped in a newer snapshot
+                idx = self._index
+            if wkey in idx.groups:
+                return idx
+            db = self._conn()
+            with db.read_snapshot():
+                rows = db.best_index_rows(wkey)
+                version = self._version(db)
+            if version == idx.version:
+                idx.add_rows(wkey, rows)
+                return idx
+            idx = self._build_index((wkey,))
+            self._index = idx
+            return idx
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Swap in a fresh index if the database changed (or ``force``); returns whether it did."""
+        with self._lock:
+            if self.check_interval_s is not None:
+                self._next_check = time.monotonic() + self.check_interval_s
+            try:
+                st = os.stat(self.path)
+                changed = force or (st.st_dev, st.st_ino) != self._ino or self._version(self._conn()) != self._index.version
+            except OSError as e:  # a file being replaced: keep answering from the snapshot we have
+                log.warning("lookup: cannot check %s (%s); keeping the loaded index", self.path, e)
+                return False
+            if changed:
+                self._index = self._build_index()
+            return changed
+
+    @property
+    def index(self) -> LookupIndex:
+        return self._index
+
+    # -- answers -------------------------------------------------------------------------------
+
+    def lookup(self, workload: Any, *, ratio: float | None = None, units: int | None = None,
+               interference: str = "none", device: str | None = None,
+               partition: str | None = None) -> LookupResult:
+        """The config to use for ``workload`` under the granted share. Never raises on a miss.
+
+        ``workload``: a key, a spec name, or a Workload. Give exactly one of ``ratio`` (percent
+        of the device, (0, 100]) or ``units`` (cores or SMs granted; needs the device's size,
+        so ``device`` must be given or unique in the database).
+        """
+        if time.monotonic() >= self._next_check:
+            self.refresh()
+        idx = self._index
+        asked = workload if isinstance(workload, str) else workload.key
+        mkey = (asked, ratio, units, interference, device, partition)
+        hit = idx.memo.get(mkey)
+        if hit is not None:
+            return hit
+        r = self._slow(idx, asked, ratio, units, interference, device, partition)
+        return r
+
+    def _slow(self, idx, asked, ratio, units, interference, device, partition) -> LookupResult:
+        if (ratio is None) == (units is None):
+            raise ConfigError("lookup: give exactly one of ratio (percent) or units (cores/SMs)")
+        if ratio is not None and not (0 < ratio <= 100):
+            raise ConfigError(f"lookup: ratio must be a percentage in (0, 100], got {ratio!r}")
+        if units is not None and (isinstance(units, bool) or not isinstance(units, int) or units < 1):
+            raise ConfigError(f"lookup: units must be a positive integer, got {units!r}")
+        for k in idx.names.get(asked, ()):
+            if k not in idx.groups:
+                idx = self._load_group(idx, k)
+        if units is not None:
+            dev = device
+            if dev is None:
+                devs = sorted({d for k in idx.names.get(asked, ()) for d, _, _ in idx.groups.get(k, {})})
+                dev = devs[0] if len(devs) == 1 else None
+            total = idx.devices.get(dev) if dev else None
+            if not total:
+                res = LookupResult(asked, None, float("nan"), interference, "miss",
+                                   f"cannot turn {units} units into a share: pass a device known to the database"
+                                   if dev is None else f"device {dev} is not in the database")
+                return self._memo(idx, (asked, None, units, interference, device, partition), res)
+            share = norm_ratio(min(100.0, 100.0 * units / total))
+        else:
+            share = norm_ratio(ratio)
+        res = idx.resolve(asked, share, interference, device, partition)
+        return self._memo(idx, (asked, ratio, units, interference, device, partition), res)
+
+    @staticmethod
+    def _memo(idx: LookupIndex, key: tuple, res: LookupResult) -> LookupResult:
+        if len(idx.memo) < _MEMO_MAX:  # bounded: an adversarial stream of ratios cannot grow it forever
+            idx.memo[key] = res
+        return res
+
+    def trace(self, result: LookupResult) -> str | None:
+        """The stored MetaSchedule trace (``tvm.ir.save_json``) of a found config, else None."""
+        if result.measurement_id is None:
+            return None
+        t = self._traces.get(result.measurement_id)
+        if t is None:
+            with self._lock:
+                t = self._conn().trace_of(result.measurement_id)
+            if t is not None:
+                self._traces[result.measurement_id] = t
+        return t
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> "Lookup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_PER_PROCESS: dict[Path, Lookup] = {}
+_PER_PROCESS_LOCK = threading.Lock()
+
+
+def get_lookup(path: str | Path, **kwargs: Any) -> Lookup:
+    """The process-wide :class:`Lookup` for ``path`` (created on first use, then shared)."""
+    p = Path(path).resolve()
+    lk = _PER_PROCESS.get(p)
+    if lk is None:
+        with _PER_PROCESS_LOCK:
+            lk = _PER_PROCESS.get(p)
+            if lk is None:
+                lk = _PER_PROCESS[p] = Lookup(p, **kwargs)
+    return lk
+
+
+def key_for(op: str, shape: Mapping[str, int], dtype: str = "fp32") -> str:
+    """The workload key of an operator and shape, as the database stores it (see spec.make_key)."""
+    from .ops import get_operator
+    from .spec import make_key
+
+    return make_key(op, dtype, get_operator(op).check_params(shape))
