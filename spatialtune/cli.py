@@ -256,10 +256,83 @@ def _cmd_db_merge(a) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- bundle (issue 3)
+
+
+def _add_bundle(sub) -> None:
+    p = sub.add_parser("bundle", help="build candidates here, measure them on a GPU host, import the results")
+    bs = p.add_subparsers(dest="bundle_command", metavar="ACTION", parser_class=_Parser)
+    b = bs.add_parser("build", help="search and build candidates with cubins into a bundle directory")
+    b.add_argument("--space", required=True)
+    b.add_argument("--workload", action="append", default=[], metavar="NAME", help="repeatable; default: all")
+    b.add_argument("--target", default="cuda", choices=("cuda",))
+    b.add_argument("--arch", default="sm_90")
+    b.add_argument("--candidates", type=int, default=32, help="candidates per workload")
+    b.add_argument("--build-workers", type=int, default=2)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", required=True, help="bundle directory")
+    b.set_defaults(func=_cmd_bundle_build)
+    r = bs.add_parser("run", help="measure a bundle on this GPU (runtime-only TVM, numpy, cuda-bindings)")
+    r.add_argument("bundle")
+    r.add_argument("--out", required=True, help="results directory")
+    r.add_argument("--partition", default="mps", choices=("mps", "green"))
+    r.add_argument("--ratios", default="100", help="percent, e.g. 100,50,25,12")
+    r.add_argument("--interference", default="none", help="comma list: none,compute,memory,tenant:WORKLOAD")
+    r.add_argument("--condition", action="append", default=[], metavar="PART:SHARE[:INTERF]",
+                   help="explicit conditions instead (repeatable): mps:50, green:64sm, mps:50:compute")
+    r.add_argument("--top", type=int, default=None, help="after the first condition, measure only the top N")
+    r.add_argument("--repeat", type=int, default=5)
+    r.add_argument("--min-repeat-ms", type=int, default=10)
+    r.add_argument("--timeout", type=float, default=20.0, help="seconds per candidate")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=_cmd_bundle_run)
+    i = bs.add_parser("import", help="record bundle results in the database and retrain the cost models")
+    i.add_argument("results", help="results directory or results.json")
+    i.add_argument("--cost-model", default="xgb")
+    _db_arg(i)
+    i.set_defaults(func=_cmd_bundle_import)
+
+
+def _cmd_bundle_build(a) -> int:
+    from .bundle import build_bundle
+
+    m = build_bundle(a.space, a.workload, a.out, candidates=a.candidates, target=a.target, arch=a.arch, seed=a.seed,
+                     build_workers=a.build_workers)
+    built = sum(c["status"] == "ok" for c in m["candidates"])
+    print(f"bundle {a.out}: {built}/{len(m['candidates'])} candidates built for {m['arch']} "
+          f"({', '.join(m['workloads'])}) in {m['build_s']} s")
+    return 0
+
+
+def _cmd_bundle_run(a) -> int:
+    from .bundle import conditions_from, format_table, parse_condition, run_bundle
+    from .partition import parse_ratios
+
+    if a.condition:
+        conds = [parse_condition(c) for c in a.condition]
+    else:
+        conds = conditions_from(a.partition, parse_ratios(a.ratios), [s.strip() for s in a.interference.split(",")])
+    res = run_bundle(a.bundle, a.out, conds, repeat=a.repeat, min_repeat_ms=a.min_repeat_ms, timeout=a.timeout,
+                     top=a.top, seed=a.seed)
+    print(format_table(res))
+    return 0
+
+
+def _cmd_bundle_import(a) -> int:
+    from .bundle import import_results
+
+    with _open_db(a.db, create=True) as db:
+        s = import_results(a.results, db, cost_model=a.cost_model)
+    print(f"imported {s['added']} measurements ({s['skipped']} already there) for {s['device']} [{s['device_id']}] "
+          f"into {a.db or 'the default database'}; retrained {s['cost_models']} cost models")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 
 COMMANDS: list[Callable] = [_add_tune, _add_workloads, _add_show]
 COMMANDS += [_add_lookup, _add_report, _add_db]
+COMMANDS += [_add_bundle]
 
 
 def build_parser() -> argparse.ArgumentParser:

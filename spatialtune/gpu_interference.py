@@ -1,0 +1,208 @@
+"""GPU neighbours: a separate process on the rest of the device, publishing its own throughput.
+
+- ``compute``: an FMA-bound kernel (8 flops per inner step, 256 threads a block), GFLOP/s;
+- ``memory``: a grid-stride float4 copy between two 512 MiB buffers, GB/s read + written;
+- ``tenant:WORKLOAD``: a tuned TVM kernel of another workload in a loop (register it with
+  :func:`register_tenant`, or list it in the JSON file named by ``$SPATIALTUNE_TENANTS``), GFLOP/s.
+
+"The rest of the device" depends on the partition: an MPS client with the complementary
+percentage (100 % when the measured share is the whole GPU), a green context on the SMs the
+measured share does not hold (a split of the same size taken the same way, keeping the
+remainder), or with no partition simply another process. The neighbour kernels come from a small
+CUDA source compiled once to a cubin (:func:`neighbour_cubin_path`), so the neighbour needs only
+cuda-bindings, not torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mmap
+import os
+import sys
+import time
+
+from .errors import ConfigError, DeviceError
+from .interference import _SIZE, ProcessNeighbour, _publish
+
+log = logging.getLogger(__name__)
+
+KINDS = ("compute", "memory")
+
+NEIGHBOUR_CU = r"""
+extern "C" __global__ void fma_loop(float* out, int iters) {
+  float a = threadIdx.x * 1e-3f, b = 1.0001f, c = 0.9999f, d = blockIdx.x * 1e-3f;
+  for (int i = 0; i < iters; ++i) { a = a * b + c; d = d * c + b; a = a * c + d; d = d * b + a; }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = a + d;
+}
+extern "C" __global__ void copy4(const float4* __restrict__ src, float4* __restrict__ dst, unsigned long long n) {
+  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+       i += (unsigned long long)gridDim.x * blockDim.x)
+    dst[i] = src[i];
+}
+"""
+
+FMA_BLOCKS, FMA_THREADS, FMA_ITERS = 1056, 256, 4000
+COPY_BYTES = 512 << 20
+
+_tenants: dict[str, dict] = {}
+
+
+def register_tenant(name: str, workload: dict, artifact: str, cubin: str | None) -> None:
+    """Make ``tenant:name`` run this built kernel (a tuned config of ``workload``)."""
+    _tenants[name] = {"workload": workload, "artifact": artifact, "cubin": cubin}
+
+
+def tenant_entry(name: str) -> dict:
+    if name in _tenants:
+        return _tenants[name]
+    path = os.environ.get("SPATIALTUNE_TENANTS")
+    if path and os.path.exists(path):
+        with open(path) as f:
+            table = json.load(f)
+        if name in table:
+            return table[name]
+    raise ConfigError(f"interference tenant:{name}: no built kernel of {name!r} is registered "
+                      "(bundle run registers the best 100% config of each bundled workload)")
+
+
+def neighbour_cubin_path(arch: str = "sm_90", cache_dir: str | None = None) -> str:
+    env = os.environ.get("SPATIALTUNE_NEIGHBOUR_CUBIN")
+    if env and os.path.exists(env):
+        return env
+    key = hashlib.sha256(NEIGHBOUR_CU.encode()).hexdigest()[:12]
+    d = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "spatialtune")
+    out = os.path.join(d, f"neighbour-{key}-{arch}.cubin")
+    if not os.path.exists(out):
+        from .cubin import compile_source
+
+        compile_source(NEIGHBOUR_CU, out, arch)
+    return out
+
+
+class GpuNeighbour(ProcessNeighbour):
+    def __init__(self, spec: str, partition=None, cubin: str | None = None):
+        if spec in KINDS:
+            unit = "GFLOP/s" if spec == "compute" else "GB/s"
+        elif spec.startswith("tenant:") and len(spec) > 7:
+            unit = "GFLOP/s"
+        else:
+            raise ConfigError(f"unknown GPU interference {spec!r} (known: none, compute, memory, tenant:WORKLOAD)")
+        super().__init__(spec, unit)
+        self.spec, self.partition, self.cubin = spec, partition, cubin
+
+    def config(self, share) -> tuple[dict, dict[str, str]]:
+        cfg: dict = {"spec": self.spec, "partition": getattr(self.partition, "kind", "none")}
+        env: dict[str, str] = {}
+        if self.spec.startswith("tenant:"):
+            cfg["tenant"] = tenant_entry(self.spec[len("tenant:"):])
+        else:
+            cfg["cubin"] = self.cubin or neighbour_cubin_path()
+        part = self.partition
+        if part is not None and share is not None and part.kind in ("mps", "green"):
+            rest = part.neighbour_share(share)
+            if part.kind == "mps":
+                env.update(part.worker_env(rest))
+            elif share.units < share.total:
+                cfg["green_beside"] = share.units  # take the SMs a split of this size leaves over
+                if self.spec.startswith("tenant:"):
+                    env.update(part.worker_env(share))  # the cudaSetDevice shim, for TVM
+            cfg["neighbour_units"] = rest.units if rest is not None else None
+        return cfg, env
+
+    def command(self, share):
+        cfg, env = self.config(share)
+        return [sys.executable, "-m", "spatialtune.gpu_interference", json.dumps(cfg)], env, None
+
+
+def create(spec: str, partition=None) -> GpuNeighbour:
+    return GpuNeighbour(spec, partition)
+
+
+# ---------------------------------------------------------------- the neighbour process
+
+
+def _neighbour_main(cfg: dict, path: str) -> None:
+    from . import gpu_runtime as rt
+
+    cu = rt.driver()
+    rt.ck(cu.cuInit(0), "cuInit")
+    dev = rt.ck(cu.cuDeviceGet(0), "cuDeviceGet")
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), _SIZE)
+    beside = cfg.get("green_beside")
+    if cfg["spec"].startswith("tenant:"):
+        if beside:
+            rt.enter_green(beside, complement=True)
+        return _tenant_loop(cfg["tenant"], mm)
+    if beside:
+        ctx, _, _ = rt.create_green_ctx(beside, complement=True)
+    else:
+        ctx = rt.ck(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
+    rt.ck(cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+    import numpy as np
+
+    mod = rt.ck(cu.cuModuleLoadData(open(cfg["cubin"], "rb").read()), "cuModuleLoadData")
+    stream = rt.ck(cu.cuStreamCreate(0), "cuStreamCreate")
+    keep = []
+
+    def args(*vals):
+        arrs = [np.array([v[0]], dtype=v[1]) for v in vals]
+        keep.append(arrs)
+        return np.array([a.ctypes.data for a in arrs], dtype=np.uint64)
+
+    if cfg["spec"] == "compute":
+        fn = rt.ck(cu.cuModuleGetFunction(mod, b"fma_loop"), "cuModuleGetFunction")
+        out = rt.ck(cu.cuMemAlloc(FMA_BLOCKS * FMA_THREADS * 4), "cuMemAlloc")
+        a = args((int(out), np.uint64), (FMA_ITERS, np.int32))
+        grid, per_launch, per_sync = FMA_BLOCKS, FMA_BLOCKS * FMA_THREADS * FMA_ITERS * 8 / 1e9, 4
+    else:
+        fn = rt.ck(cu.cuModuleGetFunction(mod, b"copy4"), "cuModuleGetFunction")
+        src = rt.ck(cu.cuMemAlloc(COPY_BYTES), "cuMemAlloc")
+        dst = rt.ck(cu.cuMemAlloc(COPY_BYTES), "cuMemAlloc")
+        rt.ck(cu.cuMemsetD32(src, 0x3F800000, COPY_BYTES // 4), "cuMemsetD32")
+        a = args((int(src), np.uint64), (int(dst), np.uint64), (COPY_BYTES // 16, np.uint64))
+        grid, per_launch, per_sync = 132 * 8, 2 * COPY_BYTES / 1e9, 8
+    work = 0.0
+    while True:
+        for _ in range(per_sync):
+            rt.ck(cu.cuLaunchKernel(fn, grid, 1, 1, 256, 1, 1, 0, stream, a.ctypes.data, 0), "cuLaunchKernel")
+        rt.ck(cu.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        work += per_sync * per_launch
+        _publish(mm, work)
+
+
+def _tenant_loop(entry: dict, mm) -> None:
+    import numpy as np
+
+    from . import gpu_runtime as rt
+    from .spec import Workload
+
+    tvm = rt.import_tvm()
+    w = Workload.from_dict(entry["workload"])
+    mod = rt.load_module(entry["artifact"], entry.get("cubin"))
+    dev = tvm.cuda(0)
+    xs = w.operator.random_inputs(w.params, w.dtype, np.random.default_rng(1))
+    args = [tvm.runtime.tensor(x, dev) for x in xs]
+    out = tvm.runtime.tensor(np.zeros(w.operator.output_shape(w.params), w.operator.out_dtype(w.dtype)), dev)
+    f = mod._mod["main"]
+    gflop = w.flops / 1e9
+    work, n = 0.0, 1
+    while True:
+        t0 = time.monotonic()
+        for _ in range(n):
+            f(*args, out)
+        dev.sync()
+        work += n * gflop
+        _publish(mm, work)
+        if time.monotonic() - t0 < 0.005 and n < 4096:
+            n *= 2  # publish every few ms, whatever the kernel's length
+
+
+if __name__ == "__main__":
+    try:
+        _neighbour_main(json.loads(sys.argv[1]), sys.argv[2])
+    except DeviceError as e:
+        print(f"neighbour: {e}", file=sys.stderr, flush=True)
+        sys.exit(3)
