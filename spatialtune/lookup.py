@@ -147,12 +147,13 @@ class LookupIndex:
             return miss(f"{wkey} on {device} was not tuned under partition {partition} "
                         f"(tuned under: {', '.join(parts)})", wkey)
         conds = [interference] if interference == "none" else [interference, "none"]
+        why_not: list[str] = []
         for cond in conds:
             hit = group.get((device, partition, cond))
             if hit is None:
+                why_not.append(f"nothing tuned under interference {cond!r}")
                 continue
             ratios, entries = hit
-            sub = "" if cond == interference else f"nothing tuned under interference {interference!r}, using 'none'; "
             i = bisect_right(ratios, ratio)
             if i and ratios[i - 1] == ratio:
                 e, match, why = entries[i - 1], "exact", f"tuned for exactly {ratio:g}%"
@@ -163,21 +164,24 @@ class LookupIndex:
                 e, match = entries[-1], "whole-device"
                 why = f"no share at or below {ratio:g}% was tuned (lowest: {ratios[0]:g}%); using the 100% config"
             else:
-                return miss(f"{sub}no share at or below {ratio:g}% and no 100% config "
-                            f"(tuned: {', '.join(f'{r:g}%' for r in ratios)})", wkey)
-            return LookupResult(asked, wkey, ratio, interference, match, sub + why, e.device_id, e.partition,
+                why_not.append(f"under {cond!r} no share at or below {ratio:g}% and no 100% config "
+                               f"(tuned: {', '.join(f'{r:g}%' for r in ratios)})")
+                continue
+            if cond != interference:
+                why = f"{'; '.join(why_not)}, using 'none': {why}"
+            return LookupResult(asked, wkey, ratio, interference, match, why, e.device_id, e.partition,
                                 e.interference, e.ratio, e.granted_units, e.median_s, e.mod_hash, e.measurement_id,
                                 e.n_trials, e.updated_at)
-        tuned = sorted({c for d, p, c in group if d == device and p == partition})
-        return miss(f"{wkey} has no config under interference {interference!r} or 'none' "
-                    f"(tuned under: {', '.join(tuned)})", wkey)
+        return miss(f"{wkey} on {device}: {'; '.join(why_not)}", wkey)
 
 
 class Lookup:
     """The lookup service over one database file. Build one per process (see :func:`get_lookup`).
 
     Thread-safe: ``lookup`` may be called from any thread at any time, including while the
-    database is being written by another process or replaced by ``os.replace``.
+    database is being written by another process. To deploy a new database file under a live
+    lookup, copy it in with SQLite's backup API (``sqlite3 LIVE ".restore NEW"``): renaming a file over
+    a WAL database leaves the old write-ahead log next to the new file.
 
     ``check_interval_s``: how often ``lookup`` polls for a changed database (None: never; call
     :meth:`refresh`). ``preload``: read every workload's best rows now instead of on first use.
