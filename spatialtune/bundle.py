@@ -311,7 +311,7 @@ def format_table(results: dict) -> str:
     d = results["device"]
     lines.append(f"device: {d['name']} ({d['units']} SMs, driver {d['driver']}, {d['arch']})")
     hdr = (f"{'workload':<26} {'condition':<26} {'SMs seen':>8} {'ok':>7} {'best':>8} {'best us':>9} "
-           f"{'100%-best us':>12} {'regret':>6} {'vs100':>6} {'neighbour':>16} {'load ms':>7}")
+           f"{'100%-best us':>12} {'regret':>6} {'vs100':>6} {'ideal':>6} {'neighbour':>16} {'load ms':>7}")
     lines.append(hdr)
     lines.append("-" * len(hdr))
     wks = list(dict.fromkeys(m["workload_key"] for m in results["measurements"]))
@@ -340,12 +340,82 @@ def format_table(results: dict) -> str:
             lines.append(
                 f"{_short(wk):<26} {c['condition']:<26} {seen:>8} {s['ok']:>3}/{s['measured']:<3} "
                 f"{'#' + best_idx:>8} {_us(s['best_s']):>9} {_us(refm and refm['median_s']):>12} "
-                f"{_x(regret):>6} {_x(vs):>6} {nb:>16} "
+                f"{_x(regret):>6} {_x(vs):>6} {_x(_ideal(d, s)):>6} {nb:>16} "
                 f"{(s['median_load_s'] or 0) * 1e3:>7.1f}")
         lines.append(f"  (100%-best config of {_short(wk)}: #{ref_id.split('/')[-1] if ref_id else '-'} at "
                      f"{ref_cond}; regret = its time here / best time here; vs100 = best here / best at the "
-                     f"whole device, same partition)")
+                     f"whole device, same partition; ideal = all SMs / SMs seen)")
     return "\n".join(lines)
+
+
+def _ideal(d: dict, s: dict) -> float | None:
+    seen = s.get("sms_seen") or []
+    return d["units"] / seen[0] if len(seen) == 1 and seen[0] else None
+
+
+# What the H200 probe saw with 48 random candidates (shared/reference/gpu-probe-h200.md).
+PROBE_REGRET = {("M1024", 25): 1.27, ("M1024", 12): 1.29, ("M128", 25): 1.56, ("M128", 12): 1.68}
+
+
+def check_targets(results: dict) -> list[str]:
+    """The issue's targets, one line each: correctness, load time, regret, green scaling."""
+    import numpy as np
+
+    out = []
+    ms = results["measurements"]
+    d = results["device"]
+    bad = [m for m in ms if m["status"] == "wrong_result"]
+    ok = [m for m in ms if m["status"] == "ok"]
+    errs = [m["rel_err"] for m in ok if m.get("rel_err") is not None]
+    stat = {s: sum(m["status"] == s for m in ms) for s in sorted({m["status"] for m in ms})}
+    out.append(f"CHECK correctness: {len(ok)} ok, max rel err {max(errs, default=float('nan')):.2g}; statuses {stat}"
+               + ("" if not bad else f"; {len(bad)} wrong results (never timed)"))
+    loads = [m["load_s"] for m in ms if m.get("load_s") is not None]
+    if loads:
+        med, p95 = float(np.median(loads)) * 1e3, float(np.percentile(loads, 95)) * 1e3
+        out.append(f"CHECK load per candidate: median {med:.1f} ms, p95 {p95:.1f} ms -> "
+                   f"{'PASS' if med < 20 else 'FAIL'} (< 20 ms)")
+    conds = {c["condition"]: c for c in results["conditions"]}
+    for c in results["conditions"]:
+        if c["partition"] != "mps" or c["interference"] != "none" or c["ratio"] not in (25.0, 12.0):
+            continue
+        for wk in c["workloads"]:
+            reg = _regret(results, wk, c["condition"])
+            probe = next((v for (tag, r), v in PROBE_REGRET.items() if f"_{tag}_" in wk and r == int(c["ratio"])),
+                         None)
+            verdict = "-" if reg is None or probe is None else ("PASS" if reg >= probe - 1e-9 else "BELOW")
+            out.append(f"CHECK regret {wk} {c['condition']}: {_x(reg)} (probe {_x(probe)}) -> {verdict}")
+    full = next((c for c in results["conditions"] if c["partition"] == "green" and c["interference"] == "none"
+                 and c["planned_units"] >= d["units"]), None)
+    if full:
+        for c in results["conditions"]:
+            if c["partition"] != "green" or c is full or c["interference"] != "none":
+                continue
+            for wk, s in c["workloads"].items():
+                base = full["workloads"].get(wk, {}).get("best_s")
+                if not base or not s["best_s"] or not s["sms_seen"]:
+                    continue
+                slow, ideal = s["best_s"] / base, d["units"] / s["sms_seen"][0]
+                dev = slow / ideal - 1
+                out.append(f"CHECK green {wk} {c['condition']}: slowdown {slow:.2f}x vs SM ratio {ideal:.2f}x "
+                           f"({dev:+.0%}) -> {'PASS' if abs(dev) <= 0.15 else 'OFF'} (within 15%)")
+    del conds
+    return out
+
+
+def _regret(results: dict, wk: str, cond: str) -> float | None:
+    first = next((c for c in results["conditions"] if c["interference"] == "none"
+                  and c["planned_units"] >= results["device"]["units"] and wk in c["workloads"]), None)
+    if first is None:
+        return None
+    ref = first["workloads"][wk]["best"]
+    here = [m for m in results["measurements"] if m["workload_key"] == wk and m["condition"] == cond
+            and m["status"] == "ok"]
+    if not here:
+        return None
+    best = min(m["median_s"] for m in here)
+    refm = next((m for m in here if m["candidate"] == ref), None)
+    return refm["median_s"] / best if refm else None
 
 
 def _short(wk: str) -> str:
