@@ -1,0 +1,136 @@
+"""The CUDA worker side without a GPU: cubin lookup at load, the poisoned-context exit and the
+worker restart after it, GPU neighbours' commands and environment, the neighbour kernels' cubin."""
+
+import hashlib
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import HAS_GPU
+from spatialtune import gpu_runtime as rt
+from spatialtune.errors import ConfigError, DeviceError
+from spatialtune.gpu_interference import GpuNeighbour, neighbour_cubin_path, register_tenant
+from spatialtune.gpu_partition import GreenPartition, MpsPartition
+from spatialtune.worker import Worker, WorkerCrashed, WorkerError
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_precompiled_callback_returns_the_matching_cubin(tmp_path, monkeypatch):
+    monkeypatch.setattr(rt, "_state", {"cubins": {}, "pending": None, "green": None, "tvm": None})
+    src = 'extern "C" __global__ void main_kernel() {}'
+    cub = tmp_path / "a.cubin"
+    cub.write_bytes(b"\x7fELF-fake-cubin")
+    (tmp_path / "a.cubin.json").write_text(json.dumps({"source_sha256": hashlib.sha256(src.encode()).hexdigest()}))
+    rt.register_cubin(str(cub))
+    assert bytes(rt._precompiled(src)) == b"\x7fELF-fake-cubin"
+    # another source while this module loads: its own shipped cubin, never a compile
+    assert bytes(rt._precompiled("// other")) == b"\x7fELF-fake-cubin"
+    rt._state["pending"] = None
+    with pytest.raises(DeviceError, match="refusing to JIT"):
+        rt._precompiled("// other")
+
+
+# ---------------------------------------------------------------- poisoned contexts
+
+
+def _worker():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = TESTS + os.pathsep + env.get("PYTHONPATH", "")
+    return Worker(env=env, name="gpu-poison")
+
+
+def test_poisoned_context_kills_the_worker_and_restart_works():
+    with _worker() as w:
+        pid = w.pid
+        # a failure that leaves the context usable: an ordinary error, the worker lives on
+        with pytest.raises(WorkerError) as e:
+            w.call("test_gpu_runtime:fail_in_kernel", False, timeout=30)
+        assert type(e.value) is WorkerError and w.alive and w.pid == pid
+        # a sticky error: the worker leaves, the parent sees a crash with the reason
+        with pytest.raises(WorkerCrashed) as e:
+            w.call("test_gpu_runtime:fail_in_kernel", True, timeout=30)
+        assert f"exit code {rt.POISONED_EXIT}" in str(e.value) and "CUDA_ERROR_ILLEGAL_ADDRESS" in str(e.value)
+        assert not w.alive
+        w.restart()
+        assert w.alive and w.pid != pid and w.restarts == 1
+        assert w.call("test_gpu_runtime:fail_in_kernel", None, timeout=30) == "ran"
+
+
+def fail_in_kernel(sticky):
+    """Runs in the worker: a guarded module whose kernel fails, with a fake driver status."""
+    rt.context_poisoned = lambda: "CUDA_ERROR_ILLEGAL_ADDRESS" if sticky else None
+    rt.ctx_sync = lambda: None
+
+    class Mod:
+        def __getitem__(self, name):
+            def f(*a):
+                if sticky is None:
+                    return "ran"
+                raise RuntimeError("CUDA: an illegal memory access was encountered")
+            return f
+
+    return rt.GuardedModule(Mod())["main"]()
+
+
+# ---------------------------------------------------------------- neighbours
+
+
+def test_mps_neighbour_gets_the_complement(tmp_path):
+    p = MpsPartition(total_sms=132)
+    p.pipe_dir, p.log_dir = "/tmp/pipe-x", "/tmp/log-x"
+    n = GpuNeighbour("compute", p, cubin="/x/n.cubin")
+    cfg, env = n.config(p.grant(25))
+    assert env == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "75", "CUDA_MPS_PIPE_DIRECTORY": "/tmp/pipe-x",
+                   "CUDA_MPS_LOG_DIRECTORY": "/tmp/log-x"}
+    assert cfg["cubin"] == "/x/n.cubin" and cfg["neighbour_units"] == 99 and "green_beside" not in cfg
+    _, env = n.config(p.grant(100))
+    assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "100"
+    argv, _, cores = n.command(p.grant(50))
+    assert argv[:3] == [sys.executable, "-m", "spatialtune.gpu_interference"] and cores is None
+    assert n.unit == "GFLOP/s" and GpuNeighbour("memory", p).unit == "GB/s"
+
+
+def test_green_neighbour_takes_the_rest(tmp_path):
+    p = GreenPartition(total_sms=132, shim="/x/shim.so")
+    cfg, env = GpuNeighbour("memory", p, cubin="/x/n.cubin").config(p.grant_sms(32))
+    assert cfg["green_beside"] == 32 and cfg["neighbour_units"] == 100 and env == {}
+    cfg, env = GpuNeighbour("compute", p, cubin="/x/n.cubin").config(p.grant(100))
+    assert "green_beside" not in cfg  # beside the whole device: shares it
+    register_tenant("mm_x", {"op": "matmul", "dtype": "fp32", "params": {"M": 8, "N": 8, "K": 8}}, "/x/a.so",
+                    "/x/a.cubin")
+    cfg, env = GpuNeighbour("tenant:mm_x", p).config(p.grant_sms(64))
+    assert cfg["tenant"]["artifact"] == "/x/a.so" and env["LD_PRELOAD"].startswith("/x/shim.so")
+
+
+def test_unknown_tenant_and_kind():
+    with pytest.raises(ConfigError, match="no built kernel"):
+        GpuNeighbour("tenant:nobody", None).config(None)
+    with pytest.raises(ConfigError):
+        GpuNeighbour("disk", None)
+
+
+def test_neighbour_cubin_builds(tmp_path):
+    from spatialtune.cubin import check_cubin, find_nvcc
+
+    if not find_nvcc():
+        pytest.skip("no nvcc on this machine")
+    p = neighbour_cubin_path("sm_90", cache_dir=str(tmp_path))
+    blob = open(p, "rb").read()
+    assert b"fma_loop" in blob and b"copy4" in blob
+    assert "sm_90" in check_cubin(p, "sm_90")
+
+
+@pytest.mark.gpu
+def test_neighbour_runs_and_reports_throughput():
+    from spatialtune.interference import NeighbourReading
+    import time
+
+    n = GpuNeighbour("compute", None)
+    with n.running(None) as meter:
+        a = meter.read()
+        time.sleep(0.5)
+        tp = NeighbourReading.between(a, meter.read())
+    assert tp is not None and tp.throughput > 100 and tp.unit == "GFLOP/s"
