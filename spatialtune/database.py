@@ -20,7 +20,6 @@ import json
 import logging
 import sqlite3
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -390,22 +389,6 @@ class TuningDatabase:
 
     # -- readers for lookup, report and merge (appended; the methods above are unchanged) ----
 
-    def data_version(self) -> int:
-        """SQLite's ``PRAGMA data_version``: changes whenever another connection commits.
-
-        Cheap (no table read), so a long-lived reader can poll it to know when to reload.
-        """
-        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
-
-    @contextmanager
-    def read_snapshot(self) -> Iterator["TuningDatabase"]:
-        """Hold one read transaction: every query inside sees the same committed state."""
-        self.db.execute("BEGIN")
-        try:
-            yield self
-        finally:
-            self.db.execute("COMMIT")
-
     def best_index_rows(self, workload_key: str | None = None) -> list[tuple]:
         """Best rows without the trace (traces are ~10 KB each and most readers never need them).
 
@@ -417,11 +400,6 @@ class TuningDatabase:
             "SELECT b.workload_key, b.device_id, b.partition, b.ratio, b.interference, b.measurement_id, b.median_s,"
             " b.n_trials, m.mod_hash, m.granted_units, b.updated_at"
             f" FROM best b JOIN measurements m ON m.id = b.measurement_id {conds}", args).fetchall()
-
-    def trace_of(self, measurement_id: int) -> str | None:
-        """The stored trace of one measurement (rows are never updated, so it can be cached)."""
-        row = self.db.execute("SELECT trace FROM measurements WHERE id = ?", [measurement_id]).fetchone()
-        return row[0] if row else None
 
     def workload_names(self) -> dict[str, str]:
         """Workload key -> name ('' when unnamed)."""

@@ -33,15 +33,17 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 from bisect import bisect_right
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .database import TuningDatabase, norm_ratio
-from .errors import ConfigError
+from .database import SCHEMA_VERSION, norm_ratio
+from .errors import ConfigError, DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,8 @@ class LookupIndex:
         # workload key -> {(device, partition, interference): (ratios ascending, entries)}
         self.groups: dict[str, dict[tuple[str, str, str], tuple[tuple[float, ...], tuple[_Entry, ...]]]] = {}
         self.memo: dict[tuple, LookupResult] = {}
+        self.devs: dict[str, tuple[str, ...]] = {}
+        self.parts: dict[str, dict[str, tuple[str, ...]]] = {}
 
     def add_rows(self, key: str, rows: list[tuple]) -> None:
         by: dict[tuple[str, str, str], list[_Entry]] = {}
@@ -114,6 +118,9 @@ class LookupIndex:
             es.sort(key=lambda e: e.ratio)
             group[k] = (tuple(e.ratio for e in es), tuple(es))
         self.groups[key] = group
+        # what resolve() would otherwise recompute on every uncached request
+        self.devs[key] = tuple(sorted({d for d, _, _ in group}))
+        self.parts[key] = {d: tuple(sorted({p for dd, p, _ in group if dd == d})) for d in self.devs[key]}
 
     def resolve(self, asked: str, ratio: float, interference: str, device: str | None,
                 partition: str | None) -> LookupResult:
@@ -131,14 +138,14 @@ class LookupIndex:
         group = self.groups.get(wkey, {})
         if not group:
             return miss(f"{wkey} has no measured config yet", wkey)
-        devs = sorted({d for d, _, _ in group})
+        devs = self.devs[wkey]
         if device is None:
             if len(devs) > 1:
                 return miss(f"{wkey} was tuned on several devices ({', '.join(devs)}): pass device", wkey)
             device = devs[0]
         elif device not in devs:
             return miss(f"{wkey} was not tuned on device {device} (tuned on: {', '.join(devs)})", wkey)
-        parts = sorted({p for d, p, _ in group if d == device})
+        parts = self.parts[wkey][device]
         if partition is None:
             if len(parts) > 1:
                 return miss(f"{wkey} was tuned under several partitions ({', '.join(parts)}): pass partition", wkey)
@@ -175,6 +182,59 @@ class LookupIndex:
         return miss(f"{wkey} on {device}: {'; '.join(why_not)}", wkey)
 
 
+class _Reader:
+    """A read-only SQLite connection for the lookup: no sqlite-utils (its plugin discovery alone
+    costs ~25 ms at first open), no migrations, and no way for a scheduler to write the file."""
+
+    _BEST = ("SELECT b.workload_key, b.device_id, b.partition, b.ratio, b.interference, b.measurement_id,"
+             " b.median_s, b.n_trials, m.mod_hash, m.granted_units, b.updated_at"
+             " FROM best b JOIN measurements m ON m.id = b.measurement_id")
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise DatabaseError(f"{path}: no such database")
+        try:
+            self.conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                                        check_same_thread=False)
+            row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise DatabaseError(f"{path}: not a spatialtune database ({e})") from None
+        version = int(row[0]) if row else 0
+        if version != SCHEMA_VERSION:
+            self.conn.close()
+            raise DatabaseError(f"{path}: schema v{version}, this spatialtune reads v{SCHEMA_VERSION}: "
+                                "open it once with `spatialtune show --db` to upgrade it")
+
+    def data_version(self) -> int:
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    @contextmanager
+    def snapshot(self):
+        self.conn.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self.conn.execute("COMMIT")
+
+    def workload_names(self) -> dict[str, str]:
+        return {k: n or "" for k, n in self.conn.execute("SELECT key, name FROM workloads")}
+
+    def device_units(self) -> dict[str, int]:
+        return {i: int(u) for i, u in self.conn.execute("SELECT id, units FROM devices")}
+
+    def best_rows(self, workload_key: str | None = None) -> list[tuple]:
+        if workload_key is None:
+            return self.conn.execute(self._BEST).fetchall()
+        return self.conn.execute(self._BEST + " WHERE b.workload_key = ?", [workload_key]).fetchall()
+
+    def trace_of(self, measurement_id: int) -> str | None:
+        row = self.conn.execute("SELECT trace FROM measurements WHERE id = ?", [measurement_id]).fetchone()
+        return row[0] if row else None
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 class Lookup:
     """The lookup service over one database file. Build one per process (see :func:`get_lookup`).
 
@@ -193,49 +253,52 @@ class Lookup:
         self.preload = preload
         self._lock = threading.RLock()
         self._traces: dict[int, str] = {}
-        self._db: TuningDatabase | None = None
+        self._db: _Reader | None = None
         self._ino: tuple[int, int] | None = None
         self._next_check = float("inf") if check_interval_s is None else time.monotonic() + check_interval_s
         self._index = self._build_index()
 
     # -- loading -------------------------------------------------------------------------------
 
-    def _conn(self) -> TuningDatabase:
+    def _conn(self) -> _Reader:
         # Reopen when the file was replaced: the old connection would keep reading the old inode.
-        st = os.stat(self.path)
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise DatabaseError(f"{self.path}: no such database") from None
         ino = (st.st_dev, st.st_ino)
         if self._db is None or ino != self._ino:
             if self._db is not None:
                 self._db.close()
-            self._db = TuningDatabase(self.path, create=False)
+            self._db = _Reader(self.path)
             self._ino = ino
         return self._db
 
-    def _version(self, db: TuningDatabase) -> tuple:
+    def _version(self, db: _Reader) -> tuple:
         return (self._ino, db.data_version())
 
     def _build_index(self, with_keys: tuple[str, ...] = ()) -> LookupIndex:
         """A fresh index, plus the groups of ``with_keys``, all from one read snapshot."""
         with self._lock:
             db = self._conn()
-            with db.read_snapshot():
+            with db.snapshot():
                 wnames = db.workload_names()
                 names: dict[str, set[str]] = {}
                 for key, name in wnames.items():
                     names.setdefault(key, set()).add(key)
                     if name:
                         names.setdefault(name, set()).add(key)
-                devices = {d["id"]: int(d["units"]) for d in db.devices()}
+                devices = db.device_units()
                 idx = LookupIndex(self._version(db), devices, {k: tuple(sorted(v)) for k, v in names.items()})
                 if self.preload:
                     rows: dict[str, list[tuple]] = {k: [] for k in wnames}
-                    for r in db.best_index_rows():
+                    for r in db.best_rows():
                         rows.setdefault(r[0], []).append(r)
                     for k, rs in rows.items():
                         idx.add_rows(k, rs)
                 for k in with_keys:
                     if k not in idx.groups:
-                        idx.add_rows(k, db.best_index_rows(k))
+                        idx.add_rows(k, db.best_rows(k))
             log.debug("lookup index of %s at version %s", self.path, idx.version)
             return idx
 
@@ -248,8 +311,8 @@ class Lookup:
             if wkey in idx.groups:
                 return idx
             db = self._conn()
-            with db.read_snapshot():
-                rows = db.best_index_rows(wkey)
+            with db.snapshot():
+                rows = db.best_rows(wkey)
                 version = self._version(db)
             if version == idx.version:
                 idx.add_rows(wkey, rows)
@@ -266,7 +329,7 @@ class Lookup:
             try:
                 st = os.stat(self.path)
                 changed = force or (st.st_dev, st.st_ino) != self._ino or self._version(self._conn()) != self._index.version
-            except OSError as e:  # a file being replaced: keep answering from the snapshot we have
+            except (OSError, DatabaseError) as e:  # a file being replaced: keep answering from the snapshot we have
                 log.warning("lookup: cannot check %s (%s); keeping the loaded index", self.path, e)
                 return False
             if changed:

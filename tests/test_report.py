@@ -1,0 +1,154 @@
+"""Reports: the numbers on a hand-built database (no plotting), then a real run's report with
+every section, rendered by headless Chromium without broken images."""
+
+import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from dbutil import CPU, DENSE, meas, populate
+from spatialtune.database import TuningDatabase
+from spatialtune.report import SECTIONS, compute_report, write_report
+from spatialtune.spec import Workload
+
+CONV = Workload.from_dict({"op": "conv2d", "dtype": "fp32", "name": "tiny_conv",
+                           "params": {"N": 1, "C": 4, "H": 8, "W": 8, "K": 4, "R": 3, "S": 3, "pad": 1}})
+
+
+@pytest.fixture
+def hand_db(tmp_path):
+    """DENSE: the 100 % best (h1) is 2x slower than the 50 % best (h2) at 50 %; 4 candidates at
+    both shares in opposite order except the best. CONV: only 100 %. A compute run of DENSE."""
+    path = tmp_path / "r.sqlite"
+    with TuningDatabase(path) as db:
+        populate(db)
+        db.add_workload(CONV)
+        at100 = {"h1": 1.0e-3, "h2": 1.5e-3, "h3": 2.0e-3, "h4": 3.0e-3}
+        at50 = {"h1": 4.0e-3, "h2": 2.0e-3, "h3": 3.0e-3, "h4": 5.0e-3}
+        for h, t in at100.items():
+            db.record(meas(ratio=100, h=h, t=t, granted_units=8))
+        for h, t in at50.items():
+            db.record(meas(ratio=50, h=h, t=t, granted_units=4))
+        db.record(meas(w=CONV, ratio=100, h="c1", t=1e-4))
+        db.record(meas(ratio=50, h="h2", t=3.0e-3, interference="compute", neighbour_throughput=5e9,
+                       neighbour_unit="FLOP/s"))
+        db.record_baseline(DENSE.key, CPU.id, "cpu", 50, "none", "numpy", 2.5e-3, 4)
+        db.record_baseline(DENSE.key, CPU.id, "cpu", 100, "none", "tvm-default", 9e-3, 8)
+    return path
+
+
+def test_report_data(hand_db):
+    with TuningDatabase(hand_db) as db:
+        d = compute_report(db)
+    assert [s.label for s in d.series] == ["tiny_conv", "tiny_dense [compute]", "tiny_dense"]
+    dense = d.series[2]
+    p50, p100 = dense.points
+    assert (p50.ratio, p50.tuned_s, p50.tuned_hash, p50.whole_config_s) == (50, 2e-3, "h2", 4e-3)
+    assert p50.speedup == pytest.approx(2.0) and p100.speedup == pytest.approx(1.0)
+    assert (p50.baseline_kind, p50.baseline_s, p100.baseline_s, p100.default_s) == ("numpy", 2.5e-3, None, 9e-3)
+    assert p50.n_trials == 4 and p50.units == 4 and re.fullmatch(r"\d{4}-\d\d-\d\d", p50.tuned_date)
+    # geometric means over the series that have both configs at that share
+    assert d.geomean_speedup[50] == pytest.approx(2.0)
+    assert d.geomean_speedup[100] == pytest.approx(1.0)
+    assert d.regret_cols == [50, 100]
+    row = d.regret_rows.index(f"tiny_dense ({CPU.id})")
+    assert d.regret[row] == [pytest.approx(1.0), pytest.approx(0.0)]
+    assert d.regret[d.regret_rows.index(f"tiny_conv ({CPU.id})")] == [None, pytest.approx(0.0)]
+    (c,) = [c for c in d.correlations if c.label == "tiny_dense"]
+    # ranks at 100: h1<h2<h3<h4; at 50: h2<h3<h1<h4 -> d^2 = 4+1+1+0 = 6 -> rho = 1 - 36/60
+    assert (c.ratio_a, c.ratio_b, c.n_common, c.same_best) == (50, 100, 4, False)
+    assert c.rho == pytest.approx(1 - 6 * 6 / (4 * 15))
+    (e,) = d.interference
+    assert (e.label, e.ratio, e.condition, e.best_s, e.quiet_s) == ("tiny_dense", 50, "compute", 3e-3, 2e-3)
+    assert e.slowdown == pytest.approx(1.5) and e.same_config and e.neighbour_throughput == 5e9
+    assert d.devices[0]["id"] == CPU.id and d.date_range is not None
+
+
+def test_report_of_an_empty_database_says_so(tmp_path):
+    with TuningDatabase(tmp_path / "e.sqlite") as db:
+        paths = write_report(db, tmp_path / "out")
+    md = paths[0].read_text()
+    for s in SECTIONS:
+        assert f"## {s}" in md
+    assert "No workload was measured at two shares" in md
+
+
+# ---------------------------------------------------------------- a real run, rendered
+
+
+def _chromium_install_note() -> str | None:
+    """None when chromium is usable; otherwise why not (after trying to install it)."""
+    if shutil.which("chromium") or Path("/usr/bin/chromium").exists():
+        return None
+    if os.geteuid() != 0:
+        return "chromium is not installed and we are not root to apt-get install it"
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
+                           env=os.environ | {"DEBIAN_FRONTEND": "noninteractive"})
+        if p.returncode != 0:
+            return f"chromium could not be installed ({' '.join(cmd)}: {p.stderr.strip()[-200:]})"
+    return None if Path("/usr/bin/chromium").exists() else "apt-get installed no /usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    why = _chromium_install_note()
+    if why:
+        pytest.skip(why)
+    return shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def real_report(tuned_db, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    p = run_cli("report", "--db", tuned_db[0], "--out", out, check=True)
+    return out, p.stdout.split()
+
+
+def test_real_report_has_every_section(real_report, tuned_db):
+    out, printed = real_report
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    for s in SECTIONS:
+        assert f"## {s}" in md
+        assert f"<h2>{s.replace('&', '&amp;')}</h2>" in page
+    with TuningDatabase(tuned_db[0], create=False) as db:
+        dev = db.devices()[0]
+        best = db.best()
+        assert dev["id"] in md and dev["name"] in md
+        # every best time of the database is in the report, as the report formats it
+        for b in best:
+            assert f"{b.median_s * 1e6:.1f} µs" in md
+            assert b.updated_at[:10] in md
+    pngs = sorted(out.glob("plots/*.png"))
+    assert len(pngs) >= 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert {str(p) for p in pngs} <= set(printed)
+    # self-contained: every image is inline, nothing is fetched
+    assert page.count("<img") == page.count("src='data:image/png;base64,") >= 3
+    assert "http://" not in page and "https://" not in page
+
+
+def test_report_html_renders_in_chromium(real_report, chromium, tmp_path):
+    out, _ = real_report
+    page = (out / "report.html").read_text()
+    probe = ("<script>window.addEventListener('load', () => { const imgs = [...document.images];"
+             " const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);"
+             " document.body.setAttribute('data-probe', bad.length ? 'BROKEN:' + bad.join('|')"
+             " : 'IMAGES-OK:' + imgs.length); });</script></body>")
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.replace("</body>", probe))
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'ud'}",
+           "--virtual-time-budget=5000", "--dump-dom", probed.as_uri()]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = re.search(r'data-probe="([^"]*)"', p.stdout)
+    assert m, f"the probe did not run: {p.stdout[:500]} {p.stderr[-1000:]}"
+    n_imgs = page.count("<img")
+    assert m.group(1) == f"IMAGES-OK:{n_imgs}", m.group(1)
+    assert not math.isnan(n_imgs)
