@@ -1,0 +1,68 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SPACES = ROOT / "search_spaces"
+DEMO = SPACES / "demo.toml"
+
+
+def _has_gpu() -> bool:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        n = pynvml.nvmlDeviceGetCount()
+        pynvml.nvmlShutdown()
+        return n > 0
+    except Exception:
+        return False
+
+
+HAS_GPU = _has_gpu()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="no NVIDIA GPU probed on this machine (NVML found none)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_cli(*args, timeout=600, env=None, check=False):
+    """Run the installed CLI as a user would; returns CompletedProcess."""
+    cmd = [sys.executable, "-m", "spatialtune.cli", *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or os.environ.copy(), cwd=ROOT)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def demo_space():
+    from spatialtune.spec import load_space
+
+    return load_space(DEMO)
+
+
+@pytest.fixture(scope="session")
+def tuned_db(tmp_path_factory, demo_space):
+    """A real small tuning run shared by tests that only read results: dense_small and conv_small
+    at 100% and 50% of the cores, 12 trials each."""
+    from spatialtune.database import TuningDatabase
+    from spatialtune.runner import RunSettings
+    from spatialtune.tune import TuneOptions, tune
+
+    d = tmp_path_factory.mktemp("tuned")
+    path = d / "tuned.sqlite"
+    with TuningDatabase(path) as db:
+        summary = tune(demo_space.select(["dense_small", "conv_small"]), [50, 100], db,
+                       TuneOptions(trials=12, batch=6, run=RunSettings(repeat=3, min_repeat_ms=10)),
+                       )
+    return path, summary

@@ -1,0 +1,110 @@
+"""Builder and runner for real: TVM builds on this CPU, measured under a core cap."""
+import numpy as np
+import pytest
+
+from spatialtune.builder import BuildInput, LocalBuilder, target_for
+from spatialtune.partition import CpuPartition
+from spatialtune.runner import LocalRunner, RunInput, RunSettings
+from spatialtune.search import default_candidate
+from spatialtune.spec import Workload
+
+TINY = {
+    "matmul": dict(M=16, N=24, K=32),
+    "dense": dict(M=16, N=24, K=32),
+    "batch_matmul": dict(B=2, M=8, N=12, K=16, transpose_b=1),
+    "conv2d": dict(N=1, C=4, H=9, W=9, K=6, R=3, S=3, stride=2, pad=1),
+    "depthwise_conv2d": dict(N=1, C=4, H=9, W=9, R=3, S=3, stride=1, pad=1),
+}
+DENSE = Workload(op="dense", dtype="fp32", params={"M": 16, "N": 24, "K": 32}, name="d")
+
+
+@pytest.fixture(scope="module")
+def builder(tmp_path_factory):
+    with LocalBuilder(tmp_path_factory.mktemp("art"), workers=2) as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def runner():
+    with LocalRunner(CpuPartition(), settings=RunSettings(repeat=2, min_repeat_ms=1, timeout=60)) as r:
+        yield r
+
+
+def _te_module(w, body):
+    """A module with the workload's signature but another computation (for failure tests)."""
+    import tvm
+    from tvm import te
+
+    X = te.placeholder((w.params["M"], w.params["K"]), "float32", name="X")
+    W = te.placeholder((w.params["N"], w.params["K"]), "float32", name="W")
+    Y = te.compute((w.params["M"], w.params["N"]), lambda i, j: body(X, W, i, j), name="Y")
+    return tvm.ir.save_json(tvm.IRModule({"main": te.create_prim_func([X, W, Y]).with_attr("global_symbol", "main")}))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("op", sorted(TINY))
+def test_every_operator_builds_runs_and_matches_its_reference(builder, runner, op, dtype):
+    w = Workload(op=op, dtype=dtype, params=TINY[op])
+    c = default_candidate(w)
+    (b,) = builder.build([BuildInput(c.mod_json, f"{op}-{dtype}")], target_for("cpu"))
+    assert b.ok, b.error
+    (r,) = runner.run(CpuPartition().grant(100), "none", [RunInput(w.to_dict(), b.artifact)])
+    assert r.status == "ok", r.error
+    assert r.rel_err < 1e-5 and r.median_s > 0 and len(r.times) == 2
+
+
+def test_a_wrong_kernel_is_caught_and_never_timed(builder, runner):
+    from tvm import te
+
+    k = te.reduce_axis((0, DENSE.params["K"] - 1), name="k")  # an off-by-one tiling bug
+    wrong = _te_module(DENSE, lambda X, W, i, j: te.sum(X[i, k] * W[j, k], axis=k))
+    half = _te_module(DENSE, lambda X, W, i, j: X[i, 0] * W[j, 0])  # writes everything, wrongly
+    built = builder.build([BuildInput(wrong, "wrong"), BuildInput(half, "half")], target_for("cpu"))
+    res = runner.run(CpuPartition().grant(100), "none", [RunInput(DENSE.to_dict(), b.artifact) for b in built])
+    for r in res:
+        assert r.status == "wrong_result" and r.times == [] and r.median_s is None
+        assert "relative error" in r.error
+
+
+def test_a_crashing_kernel_costs_only_itself(builder, runner):
+    from tvm import te
+
+    # Reads ~1.3 GB past its input: a segfault in the measuring worker.
+    crash = _te_module(DENSE, lambda X, W, i, j: X[i + 10_000_000, j % DENSE.params["K"]])
+    good = default_candidate(DENSE)
+    built = builder.build([BuildInput(crash, "crash"), BuildInput(good.mod_json, "good")], target_for("cpu"))
+    assert all(b.ok for b in built)
+    res = runner.run(CpuPartition().grant(100), "none", [RunInput(DENSE.to_dict(), b.artifact) for b in built])
+    assert res[0].status == "runtime_error" and "died" in res[0].error
+    assert res[1].status == "ok"
+
+
+def test_a_hanging_kernel_times_out_and_the_next_one_runs(builder):
+    big = Workload(op="dense", dtype="fp32", params={"M": 512, "N": 512, "K": 512})
+    slow = default_candidate(big)  # naive loops, well over the limit below
+    (b,) = builder.build([BuildInput(slow.mod_json, "slow")], target_for("cpu"))
+    with LocalRunner(CpuPartition(), settings=RunSettings(repeat=50, min_repeat_ms=1000, timeout=1.0)) as r:
+        first, second = r.run(CpuPartition().grant(100), "none",
+                              [RunInput(big.to_dict(), b.artifact), RunInput(big.to_dict(), b.artifact)])
+    assert first.status == second.status == "timeout"
+    assert first.run_s < 30
+
+
+def test_a_build_failure_is_data(builder):
+    (b,) = builder.build([BuildInput("{not json", "broken")], target_for("cpu"))
+    assert not b.ok and "build error" in b.error
+
+
+def test_memory_neighbour_throughput_is_recorded(builder):
+    c = default_candidate(DENSE)
+    (b,) = builder.build([BuildInput(c.mod_json, "n")], target_for("cpu"))
+    part = CpuPartition()
+    with LocalRunner(part, settings=RunSettings(repeat=3, min_repeat_ms=50)) as r:
+        (res,) = r.run(part.grant(50), "memory", [RunInput(DENSE.to_dict(), b.artifact)])
+    assert res.status == "ok"
+    assert res.neighbour_unit == "GB/s" and res.neighbour_throughput > 0.1
+
+
+def test_numpy_baseline(runner):
+    r = runner.measure_baseline(CpuPartition().grant(100), "none", DENSE.to_dict(), "numpy")
+    assert r.status == "ok" and r.median_s > 0

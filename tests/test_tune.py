@@ -1,0 +1,167 @@
+"""The tuning loop end to end on this CPU, for real."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from spatialtune.cost_model import RandomModel, XGBModel, spearman
+from spatialtune.database import TuningDatabase
+from spatialtune.runner import RunSettings
+from spatialtune.tune import TuneOptions, tune
+
+from conftest import DEMO, ROOT, run_cli
+
+
+def test_tuned_beats_tvm_default_at_every_share(tuned_db):
+    path, summary = tuned_db
+    assert {(r.workload_name, r.ratio) for r in summary.results} == {
+        (w, r) for w in ("dense_small", "conv_small") for r in (100.0, 50.0)}
+    for r in summary.results:
+        assert r.n_trials == 12
+        assert r.best_s is not None and r.default_s is not None
+        assert r.best_s < r.default_s, f"{r.workload_name} @ {r.ratio}%: tuned {r.best_s} vs default {r.default_s}"
+
+
+def test_shares_are_really_different_caps(tuned_db):
+    path, summary = tuned_db
+    with TuningDatabase(path) as db:
+        for r in summary.results:
+            ms = db.measurements(workload_key=r.workload_key, ratio=r.ratio, status="ok")
+            assert ms and {m.granted_units for m in ms} == {r.granted_units}
+            assert all(m.rel_err is not None and m.rel_err < 1e-4 for m in ms)
+    if len(os.sched_getaffinity(0)) >= 2:
+        units = {r.ratio: r.granted_units for r in summary.results}
+        assert units[50.0] < units[100.0]
+
+
+def test_whole_device_config_is_measured_at_each_share(tuned_db):
+    path, summary = tuned_db
+    with TuningDatabase(path) as db:
+        for r in summary.results:
+            (full,) = db.best(workload_key=r.workload_key, ratio=100)
+            here = {m.mod_hash: m for m in db.measurements(workload_key=r.workload_key, ratio=r.ratio)}
+            assert full.mod_hash in here, "the 100%-best config was not transferred"
+            assert r.whole_device_config_s == here[full.mod_hash].median_s
+            assert r.regret >= 1.0
+
+
+def test_cost_model_is_saved_and_reloaded(tuned_db):
+    path, summary = tuned_db
+    with TuningDatabase(path) as db:
+        kind, text, n = db.load_cost_model(summary.device.id, "cpu", 50, "none")
+    model = XGBModel.from_json(text)
+    assert kind == "xgb" and n == model.n_samples >= 12
+
+
+@pytest.fixture(scope="module")
+def random_search_data(tmp_path_factory, demo_space):
+    """60 candidates of one workload, proposed without a learned model (so they are diverse)."""
+    path = tmp_path_factory.mktemp("cm") / "cm.sqlite"
+    with TuningDatabase(path) as db:
+        tune(demo_space.select(["dense_small"]), [100], db,
+             TuneOptions(trials=60, batch=12, cost_model="random", baselines=False,
+                         run=RunSettings(repeat=5, min_repeat_ms=20)))
+        ms = db.measurements(status="ok", with_features=True)
+    return ms
+
+
+def test_cost_model_ranks_held_out_candidates_better_than_random(random_search_data):
+    ms = [m for m in random_search_data if m.features is not None]
+    assert len(ms) >= 40
+    x = np.stack([m.features for m in ms])
+    t = np.array([m.median_s for m in ms])
+    folds = np.arange(len(ms)) % 3
+    xgb_rho, rnd_rho = [], []
+    for f in range(3):
+        train, test = folds != f, folds == f
+        model = XGBModel(seed=f)
+        model.fit(x[train], t[train], ["w"] * int(train.sum()))
+        # Higher score means faster: correlate with speed.
+        xgb_rho.append(spearman(model.predict(x[test]), -t[test]))
+        rnd_rho.append(spearman(RandomModel(seed=f).predict(x[test]), -t[test]))
+    xgb, rnd = float(np.mean(xgb_rho)), float(np.mean(rnd_rho))
+    print(f"held-out Spearman: xgb {xgb:.2f} (folds {np.round(xgb_rho, 2)}), random {rnd:.2f}")
+    assert xgb > 0.3 and xgb > rnd + 0.2
+
+
+def _count(db_path):
+    if not os.path.exists(db_path):
+        return 0
+    try:
+        with TuningDatabase(db_path, create=False) as db:
+            return db.count_measurements()
+    except Exception:
+        return 0
+
+
+def test_kill_9_then_rerun_resumes_without_repeating(tmp_path):
+    db_path = tmp_path / "k.sqlite"
+    args = ["tune", "--space", DEMO, "--workload", "bmm_small", "--ratios", "50,100", "--trials", "16",
+            "--batch", "4", "--repeat", "2", "--db", db_path, "--no-baselines"]
+    cmd = [sys.executable, "-m", "spatialtune.cli", *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while _count(db_path) < 10 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the job and its build/measure workers, mid-flight
+    proc.wait()
+    killed_at = _count(db_path)
+    assert 10 <= killed_at < 32
+    with TuningDatabase(db_path) as db:
+        assert db.integrity_check() == "ok"
+        before = {(m.ratio, m.mod_hash): m.median_s for m in db.measurements()}
+
+    p = run_cli(*args)
+    assert p.returncode == 0, p.stderr
+    with TuningDatabase(db_path) as db:
+        ms = db.measurements()
+        assert db.integrity_check() == "ok"
+        keys = [(m.ratio, m.mod_hash) for m in ms]
+        assert len(keys) == len(set(keys)), "a trial was measured twice"
+        assert {r: sum(1 for m in ms if m.ratio == r) for r in (50.0, 100.0)} == {50.0: 16, 100.0: 16}
+        # what was measured before the kill is kept as it was
+        assert all(before[k] == m.median_s for m in ms if (k := (m.ratio, m.mod_hash)) in before)
+        for b in db.best():
+            oks = [m for m in ms if m.ratio == b.ratio and m.status == "ok"]
+            assert b.median_s == min(m.median_s for m in oks) and b.n_trials == 16
+    assert "bmm_small" in p.stdout and "regret" in p.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--ratios", "0"], "ratio must be a percentage"),
+    (["--ratios", "ten"], "is not a number"),
+    (["--trials", "0"], "--trials must be a positive integer"),
+    (["--workload", "nope"], "no workload named 'nope'"),
+    (["--interference", "loud"], "unknown interference 'loud'"),
+    (["--cost-model", "oracle"], "unknown cost model 'oracle'"),
+    (["--partition", "mps"], "needs --target cuda"),
+])
+def test_cli_tune_bad_arguments_are_one_line_exit_2(tmp_path, args, needle):
+    db_path = tmp_path / "x.sqlite"
+    p = run_cli("tune", "--space", DEMO, "--db", db_path, *args)
+    assert p.returncode == 2, p.stderr
+    assert needle in p.stderr and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    assert _count(db_path) == 0
+
+
+def test_cli_tune_prints_the_result_table(tuned_db, tmp_path):
+    """Rerunning a finished job measures nothing new and prints the table from the database."""
+    import shutil
+
+    path, summary = tuned_db
+    copy = tmp_path / "again.sqlite"
+    shutil.copy(path, copy)
+    p = run_cli("tune", "--space", DEMO, "--workload", "dense_small", "--workload", "conv_small",
+                "--ratios", "100,50", "--trials", "12", "--db", copy)
+    assert p.returncode == 0, p.stderr
+    assert _count(copy) == _count(path)
+    lines = p.stdout.splitlines()
+    assert "100%-config here" in lines[1] and "TVM default" in lines[1]
+    rows = [ln for ln in lines if ln.startswith(("dense_small", "conv_small"))]
+    assert len(rows) == 4
