@@ -397,10 +397,24 @@ def check_targets(results: dict) -> list[str]:
                     continue
                 slow, ideal = s["best_s"] / base, d["units"] / s["sms_seen"][0]
                 dev = slow / ideal - 1
-                out.append(f"CHECK green {wk} {c['condition']}: slowdown {slow:.2f}x vs SM ratio {ideal:.2f}x "
-                           f"({dev:+.0%}) -> {'PASS' if abs(dev) <= 0.15 else 'OFF'} (within 15%)")
+                mps = _nearest_mps(results, wk, s["sms_seen"][0])
+                note = f"; MPS with {mps[0]} SMs seen: {mps[1]:.2f}x" if mps else ""
+                out.append(f"INFO green {wk} {c['condition']}: best-kernel slowdown {slow:.2f}x vs SM ratio "
+                           f"{ideal:.2f}x ({dev:+.0%}){note} (a matmul that does not fill the GPU scales "
+                           f"sublinearly; the SM-count check is the FMA calibration)")
     del conds
     return out
+
+
+def _nearest_mps(results: dict, wk: str, sms: int):
+    """(SMs seen, slowdown of the best kernel) of the MPS condition closest in SMs, no neighbour."""
+    cs = [c for c in results["conditions"] if c["partition"] == "mps" and c["interference"] == "none"
+          and wk in c["workloads"] and c["workloads"][wk]["sms_seen"]]
+    full = next((c for c in cs if c["planned_units"] >= results["device"]["units"]), None)
+    if not cs or full is None:
+        return None
+    c = min(cs, key=lambda c: abs(c["workloads"][wk]["sms_seen"][0] - sms))
+    return c["workloads"][wk]["sms_seen"][0], c["workloads"][wk]["best_s"] / full["workloads"][wk]["best_s"]
 
 
 def _regret(results: dict, wk: str, cond: str) -> float | None:

@@ -200,7 +200,64 @@ def _tenant_loop(entry: dict, mm) -> None:
             n *= 2  # publish every few ms, whatever the kernel's length
 
 
+def calibrate_green(sms: list[int], cubin: str | None = None, reps: int = 7) -> list[dict]:
+    """Time the SM-bound FMA kernel (1056 blocks) on green contexts of ``sms`` SMs (the whole
+    device on the primary context): the slowdowns should follow the SM counts. Returns rows."""
+    import numpy as np
+
+    from . import gpu_runtime as rt
+
+    cu = rt.driver()
+    rt.ck(cu.cuInit(0), "cuInit")
+    dev = rt.ck(cu.cuDeviceGet(0), "cuDeviceGet")
+    total = int(rt.ck(cu.cuDeviceGetAttribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev)))
+    blob = open(cubin or neighbour_cubin_path(), "rb").read()
+    rows = []
+    for n in sms:
+        green = None
+        if n >= total:
+            ctx, got = rt.ck(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain"), total
+        else:
+            ctx, green, got = rt.create_green_ctx(n)
+        rt.ck(cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+        mod = rt.ck(cu.cuModuleLoadData(blob), "cuModuleLoadData")
+        fn = rt.ck(cu.cuModuleGetFunction(mod, b"fma_loop"), "cuModuleGetFunction")
+        out = rt.ck(cu.cuMemAlloc(FMA_BLOCKS * FMA_THREADS * 4), "cuMemAlloc")
+        stream = rt.ck(cu.cuStreamCreate(0), "cuStreamCreate")
+        a_out, a_it = np.array([int(out)], np.uint64), np.array([FMA_ITERS * 5], np.int32)
+        args = np.array([a_out.ctypes.data, a_it.ctypes.data], np.uint64)
+        e0, e1 = rt.ck(cu.cuEventCreate(0), "cuEventCreate"), rt.ck(cu.cuEventCreate(0), "cuEventCreate")
+        ts = []
+        for _ in range(reps):
+            rt.ck(cu.cuEventRecord(e0, stream), "cuEventRecord")
+            rt.ck(cu.cuLaunchKernel(fn, FMA_BLOCKS, 1, 1, FMA_THREADS, 1, 1, 0, stream, args.ctypes.data, 0),
+                  "cuLaunchKernel")
+            rt.ck(cu.cuEventRecord(e1, stream), "cuEventRecord")
+            rt.ck(cu.cuEventSynchronize(e1), "cuEventSynchronize")
+            ts.append(rt.ck(cu.cuEventElapsedTime(e0, e1), "cuEventElapsedTime"))
+        rows.append({"sms_asked": n, "sms": got, "ms": float(np.median(ts[1:]))})
+        cu.cuMemFree(out)
+        cu.cuModuleUnload(mod)
+        cu.cuStreamDestroy(stream)
+        if green is not None:
+            cu.cuGreenCtxDestroy(green)
+    base = next((r["ms"] for r in rows if r["sms"] == total), rows[0]["ms"])
+    for r in rows:
+        r["slowdown"], r["ideal"] = r["ms"] / base, total / r["sms"]
+    return rows
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--calibrate":
+        rows = calibrate_green([int(x) for x in sys.argv[2].split(",")])
+        if len(sys.argv) > 3:
+            with open(sys.argv[3], "w") as f:
+                json.dump(rows, f)
+        for r in rows:
+            dev = r["slowdown"] / r["ideal"] - 1
+            print(f"CHECK green FMA kernel {r['sms']:>3} SMs: {r['ms']:.3f} ms, slowdown {r['slowdown']:.2f}x vs SM "
+                  f"ratio {r['ideal']:.2f}x ({dev:+.0%}) -> {'PASS' if abs(dev) <= 0.15 else 'OFF'} (within 15%)")
+        sys.exit(0)
     try:
         _neighbour_main(json.loads(sys.argv[1]), sys.argv[2])
     except DeviceError as e:
