@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 WHOLE = 100.0
 MATCHES = ("exact", "below", "whole-device", "miss")
 _MEMO_MAX = 1 << 16
+_TRACES_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +59,7 @@ class LookupResult:
 
     workload: str  # what was asked (key or name)
     workload_key: str | None
-    requested_ratio: float  # percent of the device
+    requested_ratio: float | None  # percent of the device (None: units that could not be converted)
     requested_interference: str
     match: str  # exact | below | whole-device | miss
     reason: str
@@ -328,12 +329,13 @@ class Lookup:
                 self._next_check = time.monotonic() + self.check_interval_s
             try:
                 st = os.stat(self.path)
-                changed = force or (st.st_dev, st.st_ino) != self._ino or self._version(self._conn()) != self._index.version
-            except (OSError, DatabaseError) as e:  # a file being replaced: keep answering from the snapshot we have
+                changed = (force or (st.st_dev, st.st_ino) != self._ino
+                           or self._version(self._conn()) != self._index.version)
+                if changed:
+                    self._index = self._build_index()
+            except (OSError, sqlite3.Error, DatabaseError) as e:  # keep answering from the snapshot we have
                 log.warning("lookup: cannot check %s (%s); keeping the loaded index", self.path, e)
                 return False
-            if changed:
-                self._index = self._build_index()
             return changed
 
     @property
@@ -369,9 +371,13 @@ class Lookup:
             raise ConfigError(f"lookup: ratio must be a percentage in (0, 100], got {ratio!r}")
         if units is not None and (isinstance(units, bool) or not isinstance(units, int) or units < 1):
             raise ConfigError(f"lookup: units must be a positive integer, got {units!r}")
-        for k in idx.names.get(asked, ()):
-            if k not in idx.groups:
-                idx = self._load_group(idx, k)
+        try:
+            for k in idx.names.get(asked, ()):
+                if k not in idx.groups:
+                    idx = self._load_group(idx, k)
+        except (sqlite3.Error, OSError, DatabaseError) as e:  # not memoised: the next call retries
+            log.warning("lookup: cannot read %s: %s", self.path, e)
+            return LookupResult(asked, None, ratio, interference, "miss", f"database unreadable: {e}")
         if units is not None:
             dev = device
             if dev is None:
@@ -379,7 +385,7 @@ class Lookup:
                 dev = devs[0] if len(devs) == 1 else None
             total = idx.devices.get(dev) if dev else None
             if not total:
-                res = LookupResult(asked, None, float("nan"), interference, "miss",
+                res = LookupResult(asked, None, None, interference, "miss",
                                    f"cannot turn {units} units into a share: pass a device known to the database"
                                    if dev is None else f"device {dev} is not in the database")
                 return self._memo(idx, (asked, None, units, interference, device, partition), res)
@@ -404,6 +410,8 @@ class Lookup:
             with self._lock:
                 t = self._conn().trace_of(result.measurement_id)
             if t is not None:
+                if len(self._traces) >= _TRACES_MAX:  # ~10 KB each; a scheduler reuses a few
+                    self._traces.clear()
                 self._traces[result.measurement_id] = t
         return t
 

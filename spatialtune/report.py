@@ -278,9 +278,8 @@ def _plot_interference(d: ReportData, path: Path) -> None:
 
 def _blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
     """The report as a list of blocks, rendered by both the Markdown and the HTML writers."""
-    B: list[tuple] = [("h1", "spatialtune report"),
-                      ("p", f"Database {d.db_path}; generated {d.generated_at}"
-                            + (f"; measurements taken {d.date_range[0]} to {d.date_range[1]}." if d.date_range else "."))]
+    taken = f"; measurements taken {d.date_range[0]} to {d.date_range[1]}." if d.date_range else "."
+    B: list[tuple] = [("h1", "spatialtune report"), ("p", f"Database {d.db_path}; generated {d.generated_at}{taken}")]
     B.append(("h2", SECTIONS[0]))
     B.append(("table", ["device id", "kind", "name", "units", "driver", "arch", "TVM", "registered"],
               [[x["id"], x["kind"], x["name"], f"{x['units']} {x['unit']}s", x.get("driver") or "",
