@@ -92,7 +92,7 @@ class XGBModel(CostModel):
 
     kind = "xgb"
 
-    def __init__(self, *, num_rounds: int = 60, max_depth: int = 6, state: dict | None = None, seed: int = 0):
+    def __init__(self, *, num_rounds: int = 60, max_depth: int = 4, state: dict | None = None, seed: int = 0):
         self.num_rounds, self.max_depth, self.seed = num_rounds, max_depth, seed
         self._booster = None
         self._n = 0

@@ -59,33 +59,45 @@ def test_cost_model_is_saved_and_reloaded(tuned_db):
 
 @pytest.fixture(scope="module")
 def random_search_data(tmp_path_factory, demo_space):
-    """60 candidates of one workload, proposed without a learned model (so they are diverse)."""
+    """48 candidates of each of two workloads, proposed without a learned model (so they are
+    diverse), measured at the whole device."""
     path = tmp_path_factory.mktemp("cm") / "cm.sqlite"
     with TuningDatabase(path) as db:
-        tune(demo_space.select(["dense_small"]), [100], db,
-             TuneOptions(trials=60, batch=12, cost_model="random", baselines=False,
+        tune(demo_space.select(["dense_small", "conv_small"]), [100], db,
+             TuneOptions(trials=48, batch=12, cost_model="random", baselines=False,
                          run=RunSettings(repeat=5, min_repeat_ms=20)))
-        ms = db.measurements(status="ok", with_features=True)
-    return ms
+        return db.measurements(status="ok", with_features=True)
+
+
+def _held_out_spearman(ms, make_model):
+    """3-fold cross-validation; Spearman of predicted score vs speed within each workload."""
+    x = np.stack([m.features for m in ms])
+    t = np.array([m.median_s for m in ms])
+    g = np.array([m.workload_key for m in ms])
+    fold = np.zeros(len(ms), dtype=int)
+    for k in set(g):
+        sel = np.where(g == k)[0]
+        fold[sel] = np.arange(len(sel)) % 3
+    rhos = []
+    for f in range(3):
+        train, test = fold != f, fold == f
+        model = make_model(f)
+        model.fit(x[train], t[train], list(g[train]))
+        score = model.predict(x[test])
+        for k in sorted(set(g)):
+            sel = g[test] == k
+            rhos.append(spearman(score[sel], -t[test][sel]))
+    return float(np.mean(rhos)), rhos
 
 
 def test_cost_model_ranks_held_out_candidates_better_than_random(random_search_data):
     ms = [m for m in random_search_data if m.features is not None]
-    assert len(ms) >= 40
-    x = np.stack([m.features for m in ms])
-    t = np.array([m.median_s for m in ms])
-    folds = np.arange(len(ms)) % 3
-    xgb_rho, rnd_rho = [], []
-    for f in range(3):
-        train, test = folds != f, folds == f
-        model = XGBModel(seed=f)
-        model.fit(x[train], t[train], ["w"] * int(train.sum()))
-        # Higher score means faster: correlate with speed.
-        xgb_rho.append(spearman(model.predict(x[test]), -t[test]))
-        rnd_rho.append(spearman(RandomModel(seed=f).predict(x[test]), -t[test]))
-    xgb, rnd = float(np.mean(xgb_rho)), float(np.mean(rnd_rho))
-    print(f"held-out Spearman: xgb {xgb:.2f} (folds {np.round(xgb_rho, 2)}), random {rnd:.2f}")
-    assert xgb > 0.3 and xgb > rnd + 0.2
+    assert len(ms) >= 80
+    xgb, folds = _held_out_spearman(ms, lambda f: XGBModel(seed=f))
+    # The random model's mean over several seeds, so the bar is not one lucky draw.
+    rnd = float(np.mean([_held_out_spearman(ms, lambda f, s=s: RandomModel(seed=100 * s + f))[0] for s in range(8)]))
+    print(f"held-out Spearman: xgb {xgb:.2f} (per fold and workload {np.round(folds, 2)}), random {rnd:.2f}")
+    assert xgb > 0.25 and xgb > rnd + 0.2
 
 
 def _count(db_path):
