@@ -39,7 +39,12 @@ def _open_db(path: str | None, *, create: bool):
     from .database import TuningDatabase
     from .tune import default_db_path
 
-    return TuningDatabase(Path(path) if path else default_db_path(), create=create)
+    if path:
+        return TuningDatabase(Path(path), create=create)
+    default = default_db_path()
+    if create:
+        default.parent.mkdir(parents=True, exist_ok=True)
+    return TuningDatabase(default, create=create)
 
 
 # ---------------------------------------------------------------- tune
@@ -265,12 +270,25 @@ def _add_bundle(sub) -> None:
     b = bs.add_parser("build", help="search and build candidates with cubins into a bundle directory")
     b.add_argument("--space", required=True)
     b.add_argument("--workload", action="append", default=[], metavar="NAME", help="repeatable; default: all")
-    b.add_argument("--target", default="cuda", choices=("cuda",))
+    b.add_argument("--target", default="cuda", choices=("cuda", "cpu"),
+                   help="cuda; cpu runs the same loop on this host's cores (for tests)")
     b.add_argument("--arch", default="sm_90")
-    b.add_argument("--candidates", type=int, default=32, help="candidates per workload")
+    b.add_argument("--candidates", type=int, default=32, help="new candidates per workload")
+    b.add_argument("--workload-candidates", action="append", default=[], metavar="NAME=N",
+                   help="new candidates for one workload (repeatable; 0 with --db: only the winners)")
     b.add_argument("--build-workers", type=int, default=2)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", required=True, help="bundle directory")
+    b.add_argument("--db", default=None, help="next round: search from the measurements and cost models of this "
+                   "database (after bundle import); without it, a fresh search")
+    b.add_argument("--device", default=None, metavar="ID", help="with --db: the device to continue from "
+                   "(needed when the database holds several of the target's kind)")
+    b.add_argument("--share", action="append", default=[], metavar="PART:SHARE[:INTERF]",
+                   help="with --db: shares to search (repeatable; default: every share measured without a neighbour)")
+    b.add_argument("--transfer-top", type=int, default=2, help="with --db: each share's best configs measured at "
+                   "every share")
+    b.add_argument("--cost-model", default="random", help="ranking without data (round 1, or a share with no "
+                   "saved model)")
     b.set_defaults(func=_cmd_bundle_build)
     r = bs.add_parser("run", help="measure a bundle on this GPU (runtime-only TVM, numpy, cuda-bindings)")
     r.add_argument("bundle")
@@ -296,11 +314,24 @@ def _add_bundle(sub) -> None:
 def _cmd_bundle_build(a) -> int:
     from .bundle import build_bundle
 
+    per_wl = {}
+    for item in a.workload_candidates:
+        name, sep, n = item.rpartition("=")
+        if not sep or not name or not n.strip().isdigit():
+            raise ConfigError(f"--workload-candidates {item!r}: expected NAME=N, e.g. mm_1024=8")
+        per_wl[name] = int(n)
     m = build_bundle(a.space, a.workload, a.out, candidates=a.candidates, target=a.target, arch=a.arch, seed=a.seed,
-                     build_workers=a.build_workers)
+                     build_workers=a.build_workers, cost_model=a.cost_model, db_path=a.db, device_id=a.device,
+                     shares=a.share, workload_candidates=per_wl, transfer_top=a.transfer_top)
     built = sum(c["status"] == "ok" for c in m["candidates"])
     print(f"bundle {a.out}: {built}/{len(m['candidates'])} candidates built for {m['arch']} "
           f"({', '.join(m['workloads'])}) in {m['build_s']} s")
+    if "round" in m:
+        r = m["round"]
+        for wk, info in r["workloads"].items():
+            print(f"  {wk}: from {info['measured']} measurements on {r['device']} [{r['device_id']}]: "
+                  f"{info['new']} new, {info['transfer']} winners to measure at other shares, "
+                  f"{info['best']} winners re-measured")
     return 0
 
 
