@@ -139,3 +139,22 @@ def test_merge_keeps_everything_once_and_never_writes_the_sources(tmp_path):
     with pytest.raises(DatabaseError, match="no such database"):
         merge_databases([a, tmp_path / "absent.sqlite"], tmp_path / "e.sqlite")
     assert not (tmp_path / "e.sqlite").exists()
+
+
+def test_imported_records_seed_the_other_shares(tuned_copy, tmp_path):
+    """Tuning another share of an imported workload measures the imported kernel there first."""
+    from spatialtune.runner import RunSettings
+    from spatialtune.tune import TuneOptions, tune
+
+    out = tmp_path / "ms"
+    with TuningDatabase(tuned_copy, create=False) as db:
+        export_metaschedule(db, 100, out)
+        w = next(x for x in db.workloads() if x.name == "dense_small")
+        imported = db.best(workload_key=w.key, ratio=100)[0].mod_hash
+    fresh = tmp_path / "fresh.sqlite"
+    with TuningDatabase(fresh) as db:
+        db.add_workload(w)
+        assert import_metaschedule(db, out, 100).imported == 1
+        tune([w], [50], db, TuneOptions(trials=1, batch=1, baselines=False, run=RunSettings(repeat=2)))
+        (m,) = db.measurements(ratio=50)
+        assert (m.mod_hash, m.source, m.status) == (imported, "transfer", "ok")
