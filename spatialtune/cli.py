@@ -395,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("spatialtune: interrupted; everything measured so far is in the database", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `spatialtune show | head`: the reader left, nothing is wrong
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

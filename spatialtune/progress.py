@@ -95,7 +95,7 @@ def format_best_table(rows, devices: dict, db=None) -> str:
         if db is not None:
             w = db.workload(b.workload_key)
             name = w.name if w else ""
-        out.append([b.workload_key, name, f"{b.ratio:g}%", b.interference, b.partition,
+        out.append([b.workload_key, name, f"{b.ratio:.4g}%", b.interference, b.partition,
                     f"{dev.get('name', '?')} [{b.device_id}]",
                     f"{b.granted_units} {dev.get('unit', 'unit')}s" if b.granted_units else "-",
                     fmt_time(b.median_s), str(b.n_trials), b.mod_hash])
