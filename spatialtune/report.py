@@ -264,7 +264,7 @@ def _plot_regret(d: ReportData, path: Path) -> None:
 def _plot_interference(d: ReportData, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    labels = [f"{e.label} {e.ratio:g}% {e.condition}" for e in d.interference]
+    labels = [f"{e.label} {e.ratio:.4g}% {e.condition}" for e in d.interference]
     fig, ax = plt.subplots(figsize=(6, 0.4 * len(labels) + 1.5))
     ax.barh(range(len(labels)), [e.slowdown for e in d.interference])
     ax.axvline(1.0, color="k", lw=0.8)
@@ -286,17 +286,17 @@ def _blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
     B.append(("h2", SECTIONS[1]))
     B.append(("p", "Per workload: the config tuned for each share, the 100%-tuned config measured at that share, "
                    "and the vendor baseline measured under the same cap where one exists."))
-    for s in d.series:
+    for i, s in enumerate(d.series):
         B.append(("h3", f"{s.label} — {s.workload_key} on {s.device_id} ({s.partition})"))
-        if s.label in plots:
-            B.append(("img", plots[s.label], f"time vs share for {s.label}"))
+        if f"series{i}" in plots:
+            B.append(("img", plots[f"series{i}"], f"time vs share for {s.label} ({s.partition})"))
         B.append(("table", ["share", "granted", "ratio-tuned", "100%-tuned", "vendor", "TVM default", "trials",
                             "measured"],
-                  [[f"{p.ratio:g}%", "" if p.units is None else str(p.units), _us(p.tuned_s), _us(p.whole_config_s),
+                  [[f"{p.ratio:.4g}%", "" if p.units is None else str(p.units), _us(p.tuned_s), _us(p.whole_config_s),
                     f"{_us(p.baseline_s)} ({p.baseline_kind})" if p.baseline_s else "–", _us(p.default_s),
                     str(p.n_trials), p.tuned_date] for p in s.points]))
     B.append(("h2", SECTIONS[2]))
-    rows = [[s.label, s.device_id, f"{p.ratio:g}%", _us(p.tuned_s), _us(p.whole_config_s), f"{p.speedup:.3f}x",
+    rows = [[s.label, s.device_id, f"{p.ratio:.4g}%", _us(p.tuned_s), _us(p.whole_config_s), f"{p.speedup:.3f}x",
              p.tuned_date] for s in d.series for p in s.points if p.speedup]
     if rows:
         B.append(("table", ["workload", "device", "share", "ratio-tuned", "100%-tuned", "speedup", "measured"], rows))
@@ -328,7 +328,7 @@ def _blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
             B.append(("img", plots["interference"], "interference slowdown"))
         B.append(("table", ["workload", "device", "share", "condition", "best alone", "best under it", "slowdown",
                             "neighbour throughput", "same config", "measured"],
-                  [[e.label, e.device_id, f"{e.ratio:g}%", e.condition, _us(e.quiet_s), _us(e.best_s),
+                  [[e.label, e.device_id, f"{e.ratio:.4g}%", e.condition, _us(e.quiet_s), _us(e.best_s),
                     f"{e.slowdown:.2f}x",
                     "–" if e.neighbour_throughput is None else f"{e.neighbour_throughput:.3g} {e.neighbour_unit}",
                     "yes" if e.same_config else "no", e.date] for e in d.interference]))
@@ -387,9 +387,10 @@ def render(d: ReportData, out: Path) -> list[Path]:
     (out / "plots").mkdir(parents=True, exist_ok=True)
     plots: dict[str, Path] = {}
     for i, s in enumerate(d.series):
-        p = out / "plots" / f"share_{i:02d}_{_slug(s.label)}.png"
+        # One file per series: a workload tuned under two partitions has two plots of one label.
+        p = out / "plots" / f"share_{i:02d}_{_slug(s.label)}_{s.partition}.png"
         _plot_series(s, p)
-        plots[s.label] = p
+        plots[f"series{i}"] = p
     if any(v is not None for row in d.regret for v in row):
         plots["regret"] = out / "plots" / "regret.png"
         _plot_regret(d, plots["regret"])
