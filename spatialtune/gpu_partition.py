@@ -64,12 +64,19 @@ def mps_sms_for_ratio(ratio: float, total: int) -> int:
     return max(1, min(total, math.ceil(check_ratio(ratio) / 100.0 * total)))
 
 
-def _device_sms(total: int | None) -> int:
-    if total is not None:
-        return int(total)
-    from .device import cuda_sm_count
+class _SmPartition(Partition):
+    """A share of a GPU's SMs; the device is asked for its SM count on first use, so building a
+    partition object (CLI parsing, tests) never touches the driver."""
 
-    return cuda_sm_count()
+    _total: int | None = None
+
+    @property
+    def total(self) -> int:
+        if self._total is None:
+            from .device import cuda_sm_count
+
+            self._total = cuda_sm_count()
+        return self._total
 
 
 # ---------------------------------------------------------------- MPS
@@ -86,7 +93,7 @@ def find_mps_control() -> str | None:
     return None
 
 
-class MpsPartition(Partition):
+class MpsPartition(_SmPartition):
     kind = "mps"
     scope = "process"
 
@@ -101,12 +108,6 @@ class MpsPartition(Partition):
         self._tmp: str | None = None
         self._old_handlers: dict = {}
         self._lock = threading.Lock()
-
-    @property
-    def total(self) -> int:
-        if self._total is None:
-            self._total = _device_sms(None)
-        return self._total
 
     def grant(self, ratio: float) -> Share:
         r = check_ratio(ratio)
@@ -293,7 +294,7 @@ def _pct(ratio: float) -> str:
 # ---------------------------------------------------------------- green contexts
 
 
-class GreenPartition(Partition):
+class GreenPartition(_SmPartition):
     kind = "green"
     scope = "in-process"
 
@@ -301,12 +302,6 @@ class GreenPartition(Partition):
         self._total = total_sms
         self.step = step
         self.shim = shim
-
-    @property
-    def total(self) -> int:
-        if self._total is None:
-            self._total = _device_sms(None)
-        return self._total
 
     def grant(self, ratio: float) -> Share:
         r = check_ratio(ratio)
