@@ -45,6 +45,7 @@ class RunInput:
     workload: dict  # spec.Workload.to_dict()
     artifact: str
     cubin: str | None = None
+    mod_hash: str | None = None  # the kernel's identity (lets a replay runner find its record)
 
 
 @dataclass
@@ -271,6 +272,37 @@ class LocalRunner(Runner):
         for w in self._workers.values():
             w.close()
         self._workers.clear()
+
+
+class ReplayRunner(Runner):
+    """Answers from measurements already in a database, without hardware: the deterministic
+    runner for CPU-only CI and for replaying a GPU host's measurements to study the search
+    offline. A kernel that was never measured under the key comes back as ``runtime_error``.
+    The share's ratio and the interference passed to ``run`` select the recorded key.
+    """
+
+    def __init__(self, db, *, device_id: str, partition: str):
+        self.partition = partition
+        self._by_key: dict[tuple, dict[str, object]] = {}
+        for m in db.measurements(device_id=device_id, partition=partition):
+            self._by_key.setdefault((m.workload_key, m.ratio, m.interference), {})[m.mod_hash] = m
+
+    def run(self, share: Share, interference: str, inputs: Sequence[RunInput]) -> list[MeasureResult]:
+        from .database import norm_ratio
+        from .spec import Workload
+
+        out = []
+        for item in inputs:
+            key = (Workload.from_dict(item.workload).key, norm_ratio(share.ratio), str(interference))
+            m = self._by_key.get(key, {}).get(item.mod_hash or "")
+            if m is None:
+                out.append(MeasureResult(status="runtime_error", error=f"replay: no recorded measurement of "
+                                                                          f"{item.mod_hash} under {key}"))
+                continue
+            out.append(MeasureResult(status=m.status, error=m.error, times=list(m.times), median_s=m.median_s,
+                                     rel_err=m.rel_err, granted_units=m.granted_units,
+                                     neighbour_throughput=m.neighbour_throughput, neighbour_unit=m.neighbour_unit))
+        return out
 
 
 def _attach(res: MeasureResult, reading: NeighbourReading | None) -> None:

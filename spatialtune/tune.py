@@ -13,6 +13,7 @@ other shares of the workload are measured under it (``transfer``): that gives th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -29,7 +30,7 @@ from .device import DeviceInfo, detect_cpu, detect_cuda
 from .errors import ConfigError
 from .interference import check_interference
 from .partition import Partition, Share, check_ratio, create_partition
-from .runner import LocalRunner, RunInput, RunSettings
+from .runner import LocalRunner, Runner, RunInput, RunSettings
 from .search import Candidate, EvolutionarySearch, default_candidate
 from .spec import Workload
 
@@ -110,7 +111,12 @@ class _Stage:
 
 
 def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatabase,
-         options: TuneOptions | None = None, *, progress: ProgressFn | None = None) -> TuneSummary:
+         options: TuneOptions | None = None, *, progress: ProgressFn | None = None,
+         runner: Runner | None = None) -> TuneSummary:
+    """Tune every workload at every ratio into ``db``; see the module docstring.
+
+    ``runner`` replaces the local measuring runner (e.g. a ReplayRunner); the caller owns it.
+    """
     opt = options or TuneOptions()
     opt.validate()
     if not workloads:
@@ -130,8 +136,11 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
     results: list[ShareResult] = []
     stopped = False
     deadline = None if opt.time_budget_s is None else t_start + opt.time_budget_s
+    own_runner = runner is None
+    if own_runner:
+        runner = LocalRunner(partition, device_kind=opt.target, settings=opt.run)
     with partition, LocalBuilder(art, workers=opt.build_workers) as builder, \
-            LocalRunner(partition, device_kind=opt.target, settings=opt.run) as runner:
+            (runner if own_runner else contextlib.nullcontext(runner)):
         job = _Job(db, device, partition, opt, builder, runner, target, art, stage, progress, deadline)
         for wi, w in enumerate(workloads):
             for ri, r in enumerate(ratios):
@@ -257,7 +266,8 @@ class _Job:
         ok = [i for i, b in enumerate(built) if b.ok]
         t0 = time.perf_counter()
         measured = self.runner.run(share, self.opt.interference,
-                                   [RunInput(w.to_dict(), built[i].artifact, built[i].cubin) for i in ok])
+                                   [RunInput(w.to_dict(), built[i].artifact, built[i].cubin, cands[i].mod_hash)
+                                    for i in ok])
         self.stage.add("run", time.perf_counter() - t0)
         self.stage.counts["measured"] += len(ok)
         by_idx = dict(zip(ok, measured))
@@ -286,6 +296,8 @@ class _Job:
         self._fit(r, model)
 
     def _baselines(self, w: Workload, share: Share, key: dict) -> None:
+        if not isinstance(self.runner, LocalRunner):  # a replayed run has no hardware to time
+            return
         have = {b["kind"] for b in self.db.baselines(**key)}
         kinds = [k for k in ("tvm-default", "numpy") if k not in have and not (k == "numpy" and self.opt.target == "cuda")]
         if not kinds:

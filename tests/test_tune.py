@@ -177,3 +177,33 @@ def test_cli_tune_prints_the_result_table(tuned_db, tmp_path):
     assert "100%-config here" in lines[1] and "TVM default" in lines[1]
     rows = [ln for ln in lines if ln.startswith(("dense_small", "conv_small"))]
     assert len(rows) == 4
+
+
+def test_replay_runner_returns_what_was_recorded(tuned_db, tmp_path, demo_space):
+    """The hardware-free runner: recorded kernels come back as recorded, others as failures,
+    and the tuning loop runs on it unchanged."""
+    from spatialtune.partition import CpuPartition
+    from spatialtune.runner import ReplayRunner, RunInput
+
+    path, summary = tuned_db
+    with TuningDatabase(path) as src:
+        replay = ReplayRunner(src, device_id=summary.device.id, partition="cpu")
+        w = demo_space.select(["dense_small"])[0]
+        rec = src.measurements(workload_key=w.key, ratio=50)
+    share = CpuPartition().grant(50)
+    got = replay.run(share, "none", [RunInput(w.to_dict(), "-", None, m.mod_hash) for m in rec]
+                     + [RunInput(w.to_dict(), "-", None, "never-measured")])
+    assert [(g.status, g.median_s) for g in got[:-1]] == [(m.status, m.median_s) for m in rec]
+    assert got[-1].status == "runtime_error" and "no recorded measurement" in got[-1].error
+
+    with TuningDatabase(tmp_path / "replayed.sqlite") as db:
+        s = tune([w], [100], db, TuneOptions(trials=6, batch=3), runner=replay)
+        assert s.results[0].n_trials == 6
+        with TuningDatabase(path) as src:
+            recorded = {m.mod_hash: m.median_s for m in src.measurements(workload_key=w.key, ratio=100)}
+        for m in db.measurements():
+            if m.mod_hash in recorded:
+                assert m.median_s == recorded[m.mod_hash]
+            else:
+                assert m.status == "runtime_error"
+        assert db.baselines() == []
