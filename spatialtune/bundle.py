@@ -12,6 +12,12 @@ A GPU host may have no package index and only a runtime-only TVM, numpy and cuda
   cut short still leaves what it measured. Imports no database, xgboost or full TVM.
 - ``import_results`` (CPU host): records everything in the tuning database and retrains the
   per-share cost models, so the next search round starts from these measurements.
+- ``build_bundle(..., db_path=...)``: that next round. Per workload and share, the saved cost
+  model ranks an evolutionary search seeded with what was measured (never proposing a measured
+  kernel again), and each share's winners come along to be measured at the other shares.
+
+A bundle can also be built for this host's cores (``target="cpu"``, conditions ``cpu:RATIO``):
+the same build, run, import and next round, without a GPU (what the round-trip tests use).
 """
 
 from __future__ import annotations
@@ -37,20 +43,56 @@ FORMAT = 1
 
 def build_bundle(space: str, workload_names: Sequence[str], out: str, *, candidates: int = 32, target: str = "cuda",
                  arch: str = "sm_90", seed: int = 0, build_workers: int = 2, cost_model: str = "random",
-                 db_path: str | None = None) -> dict:
-    """Search ``candidates`` kernels per workload, build them with cubins, write the manifest."""
+                 db_path: str | None = None, device_id: str | None = None, shares: Sequence[str] = (),
+                 workload_candidates: dict[str, int] | None = None, transfer_top: int = 2,
+                 seeds_per_share: int = 8, explore: dict[str, int] | None = None) -> dict:
+    """Search ``candidates`` kernels per workload, build them (with cubins for CUDA), write the manifest.
+
+    Without ``db_path`` this is round 1: a fresh search with a ``cost_model`` of no data. With
+    ``db_path`` it is the next round of the same loop, seeded from the measurements a bundle run
+    left in that database for one device (``device_id``, or the only one of the target's kind):
+    for each workload and each share measured there (``shares`` selects them, as conditions such
+    as ``mps:25`` or ``green:32sm``; default: every share without a neighbour), the share's saved
+    cost model ranks an :class:`EvolutionarySearch` whose ``measured`` set is what that share
+    already measured (never proposed again: no new candidate was measured under *any* key of the
+    workload) and whose ``seeds`` are the best configs of the other shares. Each share's
+    ``transfer_top`` best configs join the bundle too: as ``transfer`` candidates where another
+    share has not measured them, else as ``best`` (re-measured beside the new ones, so the run's
+    table compares the new candidates with the known winners on the same machine; the import
+    keeps the first measurement of a kernel under a key). ``workload_candidates`` (name or key
+    -> count) overrides ``candidates`` per workload; 0 builds only the transfers and winners.
+    ``explore`` (name or key -> count) adds that many uniform samples of the design space
+    (MetaSchedule's ``ReplayTrace``, no cost model), none measured before: diversity the
+    evolution around the known winners does not give.
+    """
     from .builder import BuildInput, LocalBuilder, target_for
     from .cost_model import create_cost_model
-    from .device import tvm_version
+    from .device import detect_cpu, tvm_version
     from .search import EvolutionarySearch
     from .spec import load_space
 
-    if target != "cuda":
-        raise ConfigError("bundles are for GPU hosts: --target cuda")
-    if candidates < 1:
+    if target not in ("cuda", "cpu"):
+        raise ConfigError(f"bundle target must be cuda (or cpu, to exercise the loop on this host), got {target!r}")
+    if candidates < 0 or (candidates == 0 and not db_path):
         raise ConfigError(f"--candidates must be positive, got {candidates}")
+    if transfer_top < 0 or seeds_per_share < 0:
+        raise ConfigError("--transfer-top and --seeds-per-share must not be negative")
     workloads = load_space(space).select(workload_names)
-    tgt = target_for("cuda", arch=arch)
+    per_wl = _per_workload_counts(workloads, candidates, workload_candidates or {}, allow_zero=bool(db_path))
+    n_explore = _per_workload_counts(workloads, 0, explore or {}, allow_zero=True)
+    if target == "cpu":
+        arch = detect_cpu().arch
+    tgt = target_for(target, arch=arch)
+    db = dev = None
+    if db_path:
+        from .database import TuningDatabase
+
+        db = TuningDatabase(Path(db_path), create=False)
+        dev = pick_device(db, device_id, "cuda" if target == "cuda" else "cpu")
+        if target == "cuda" and dev.get("arch") and dev["arch"] != arch:
+            db.close()
+            raise ConfigError(f"device {dev['id']} ({dev['name']}) is {dev['arch']}, the bundle would be {arch}: "
+                              f"pass --arch {dev['arch']}")
     out_p = Path(out)
     if (out_p / "manifest.json").exists():
         shutil.rmtree(out_p / "kernels", ignore_errors=True)
@@ -58,42 +100,67 @@ def build_bundle(space: str, workload_names: Sequence[str], out: str, *, candida
     manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "space": str(space),
                 "target": tgt, "arch": arch, "tvm_version": tvm_version(), "seed": seed, "workloads": {},
                 "candidates": []}
+    if dev is not None:
+        manifest["round"] = {"db": str(db_path), "device_id": dev["id"], "device": dev["name"], "workloads": {}}
     t0 = time.perf_counter()
-    with LocalBuilder(out_p / "kernels", workers=build_workers) as builder:
-        for w in workloads:
-            model = create_cost_model(cost_model, seed=seed) if cost_model == "random" else create_cost_model(cost_model)
-            search = EvolutionarySearch(w, tgt, model, batch=candidates, rand_state=seed)
-            cands = []
-            tries = 0
-            while len(cands) < candidates and tries < 6:
-                tries += 1
-                got = search.ask(candidates - len(cands))
-                if not got:
-                    break
-                search.tell(got, [None] * len(got))  # unmeasured here: keep MetaSchedule's bookkeeping in step
-                cands += [c for c in got if all(c.mod_hash != o.mod_hash for o in cands)]
-            search.close()
-            if not cands:
-                raise DeviceError(f"the search produced no candidate for {w.key}")
-            wdir = out_p / "kernels" / w.key
-            builder.artifact_dir = str(wdir)
-            built = builder.build([BuildInput(c.mod_json, c.mod_hash) for c in cands], tgt)
-            manifest["workloads"][w.key] = w.to_dict() | {"key": w.key, "flops": w.flops}
-            for i, (c, b) in enumerate(zip(cands, built)):
-                manifest["candidates"].append({
-                    "id": f"{w.key}/{i}", "index": i, "workload_key": w.key, "mod_hash": c.mod_hash, "trace": c.trace,
-                    "source": c.source, "search_s": c.search_s, "build_s": b.build_s,
-                    "features": None if c.features is None else [float(x) for x in c.features],
-                    "artifact": os.path.relpath(b.artifact, out_p) if b.ok else None,
-                    "cubin": os.path.relpath(b.cubin, out_p) if b.ok and b.cubin else None,
-                    "status": "ok" if b.ok else "build_error", "error": b.error})
-            log.info("%s: %d candidates, %d built", w.key, len(cands), sum(b.ok for b in built))
-    sup = out_p / "support"
-    sup.mkdir(exist_ok=True)
+    try:
+        with LocalBuilder(out_p / "kernels", workers=build_workers) as builder:
+            for w in workloads:
+                n = per_wl[w.key]
+                if db is None:
+                    model = create_cost_model(cost_model, seed=seed) if cost_model == "random" else \
+                        create_cost_model(cost_model)
+                    cands = _fresh_candidates(EvolutionarySearch(w, tgt, model, batch=n, rand_state=seed), n)
+                    notes = [{"source": "search", "shares": []} for _ in cands]
+                else:
+                    cands, notes, info = _next_round_candidates(
+                        w, tgt, db, dev, n, shares, seed=seed, cost_model=cost_model, transfer_top=transfer_top,
+                        seeds_per_share=seeds_per_share)
+                    manifest["round"]["workloads"][w.key] = info
+                if n_explore[w.key]:
+                    seen = {c.mod_hash for c in cands}
+                    if db is not None:
+                        seen |= {m.mod_hash for m in db.measurements(workload_key=w.key, device_id=dev["id"])}
+                    more = _explore_candidates(w, tgt, n_explore[w.key], seen, seed)
+                    log.info("%s: %d uniform samples of the design space", w.key, len(more))
+                    cands += more
+                    notes += [{"source": "explore", "shares": []} for _ in more]
+                    if db is not None:
+                        manifest["round"]["workloads"][w.key]["explore"] = len(more)
+                if not cands:
+                    raise DeviceError(f"the search produced no candidate for {w.key}")
+                wdir = out_p / "kernels" / w.key
+                builder.artifact_dir = str(wdir)
+                built = builder.build([BuildInput(c.mod_json, c.mod_hash) for c in cands], tgt)
+                manifest["workloads"][w.key] = w.to_dict() | {"key": w.key, "flops": w.flops}
+                for i, (c, b, note) in enumerate(zip(cands, built, notes)):
+                    manifest["candidates"].append({
+                        "id": f"{w.key}/{i}", "index": i, "workload_key": w.key, "mod_hash": c.mod_hash,
+                        "trace": c.trace, "source": note["source"], "shares": note["shares"],
+                        "search_s": c.search_s, "build_s": b.build_s,
+                        "features": None if c.features is None else [float(x) for x in c.features],
+                        "artifact": os.path.relpath(b.artifact, out_p) if b.ok else None,
+                        "cubin": os.path.relpath(b.cubin, out_p) if b.ok and b.cubin else None,
+                        "status": "ok" if b.ok else "build_error", "error": b.error})
+                log.info("%s: %d candidates (%s), %d built", w.key, len(cands),
+                         ", ".join(f"{k} {v}" for k, v in _count_sources(notes).items()), sum(b.ok for b in built))
+    finally:
+        if db is not None:
+            db.close()
+    if target == "cuda":
+        _build_support(out_p, arch, manifest)
+    manifest["build_s"] = round(time.perf_counter() - t0, 1)
+    (out_p / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _build_support(out_p: Path, arch: str, manifest: dict) -> None:
     from .cubin import compile_source
     from .gpu_interference import NEIGHBOUR_CU
     from .gpu_runtime import build_green_shim
 
+    sup = out_p / "support"
+    sup.mkdir(exist_ok=True)
     compile_source(NEIGHBOUR_CU, str(sup / "neighbour.cubin"), arch)
     try:
         build_green_shim(str(sup / "green_shim.so"))
@@ -101,9 +168,235 @@ def build_bundle(space: str, workload_names: Sequence[str], out: str, *, candida
     except DeviceError as e:  # the GPU host can build it too, if it has a C compiler
         log.warning("%s", e)
     manifest["neighbour_cubin"] = "support/neighbour.cubin"
-    manifest["build_s"] = round(time.perf_counter() - t0, 1)
-    (out_p / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return manifest
+
+
+def _per_workload_counts(workloads, default: int, overrides: dict[str, int], *, allow_zero: bool) -> dict[str, int]:
+    out = {w.key: default for w in workloads}
+    for name, n in overrides.items():
+        hit = [w.key for w in workloads if name in (w.key, w.name)]
+        if not hit:
+            raise ConfigError(f"--workload-candidates {name}={n}: no such workload in this bundle "
+                              f"(known: {', '.join(w.name or w.key for w in workloads)})")
+        if n < 0 or (n == 0 and not allow_zero):
+            raise ConfigError(f"--workload-candidates {name}={n}: expected a positive count"
+                              + (" (0 only with --db)" if not allow_zero else ""))
+        for k in hit:
+            out[k] = n
+    return out
+
+
+def _count_sources(notes: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for n in notes:
+        out[n["source"]] = out.get(n["source"], 0) + 1
+    return out
+
+
+def _fresh_candidates(search, n: int, exclude: set[str] = frozenset()) -> list:
+    """Up to ``n`` new candidates from ``search``, none of them in ``exclude`` (mod hashes)."""
+    cands: list = []
+    tries = 0
+    try:
+        while len(cands) < n and tries < 6:
+            tries += 1
+            got = search.ask(n - len(cands))
+            if not got:
+                break
+            search.tell(got, [None] * len(got))  # unmeasured here: keep MetaSchedule's bookkeeping in step
+            cands += [c for c in got if c.mod_hash not in exclude and all(c.mod_hash != o.mod_hash for o in cands)]
+    finally:
+        search.close()
+    return cands
+
+
+def pick_device(db, device_id: str | None, kind: str = "cuda") -> dict:
+    """The device of ``db`` to continue from: ``device_id``, else the only one of ``kind``."""
+    devs = db.devices()
+    if device_id:
+        d = next((d for d in devs if d["id"] == device_id), None)
+        if d is None:
+            raise ConfigError(f"{db.path}: no device {device_id!r} (recorded: "
+                              f"{', '.join(x['id'] for x in devs) or 'none'})")
+        if d["kind"] != kind:
+            raise ConfigError(f"{db.path}: device {device_id} is a {d['kind']} device, this bundle is for {kind}")
+        return d
+    mine = [d for d in devs if d["kind"] == kind]
+    if not mine:
+        what = "GPU" if kind == "cuda" else kind
+        raise ConfigError(f"{db.path}: no {what} device recorded (import a bundle run first: spatialtune bundle import)")
+    if len(mine) > 1:
+        raise ConfigError(f"{db.path}: {len(mine)} {kind} devices recorded "
+                          f"({'; '.join(d['id'] + ' ' + d['name'] for d in mine)}): choose one with --device ID")
+    return mine[0]
+
+
+def _share_label(partition: str, ratio: float, interference: str, units: int) -> str:
+    if partition == "green" and units:
+        sms = ratio * units / 100.0
+        amount = f"{round(sms)}sm" if abs(sms - round(sms)) < 0.01 and ratio < 100 else f"{ratio:g}%"
+    else:
+        amount = f"{ratio:g}%"
+    return f"{partition}:{amount}" + ("" if interference == "none" else f":{interference}")
+
+
+def _select_shares(keys: set[tuple], selectors: Sequence[str], units: int) -> list[tuple]:
+    """(partition, ratio, interference) keys to search: the selected ones, else the quiet ones."""
+    from .database import norm_ratio
+
+    if not selectors:
+        return sorted((k for k in keys if k[2] == "none"), key=lambda k: (k[0] != "mps", k[0], -k[1]))
+    out = []
+    for text in selectors:
+        c = parse_condition(text)
+        ratio = norm_ratio(100.0 * c.sms / units) if c.sms is not None else norm_ratio(c.ratio)
+        match = [k for k in keys if k[0] == c.partition and k[2] == c.interference and abs(k[1] - ratio) < 0.01]
+        k = match[0] if match else (c.partition, ratio, c.interference)
+        if not match:
+            log.info("share %s has no measurement yet: searched from the other shares' configs", text)
+        if k not in out:
+            out.append(k)
+    return out
+
+
+def _next_round_candidates(w, tgt: dict, db, dev: dict, n: int, selectors: Sequence[str], *, seed: int,
+                           cost_model: str, transfer_top: int, seeds_per_share: int):
+    """New candidates for ``w`` from its measurements on ``dev`` in ``db``, plus each share's winners."""
+    import zlib
+
+    from .cost_model import CostModel, create_cost_model
+    from .database import norm_ratio
+    from .search import EvolutionarySearch
+
+    rows = db.measurements(workload_key=w.key, device_id=dev["id"], with_features=True)
+    key_of = {id(m): (m.partition, norm_ratio(m.ratio), m.interference) for m in rows}
+    keys = set(key_of.values())
+    shares = _select_shares(keys, selectors, int(dev["units"]))
+    if not shares:
+        raise ConfigError(f"{w.key}: nothing measured on {dev['id']} without a neighbour to continue from "
+                          f"(choose shares with --share)")
+    labels = {k: _share_label(*k, int(dev["units"])) for k in shares}
+    measured_all = {m.mod_hash for m in rows}
+    by_key: dict[tuple, list] = {k: [] for k in shares}
+    for m in rows:
+        if key_of[id(m)] in by_key:
+            by_key[key_of[id(m)]].append(m)
+    best_of = {k: sorted((m for m in ms if m.status == "ok"), key=lambda m: m.median_s) for k, ms in by_key.items()}
+    quota = {k: n // len(shares) + (1 if i < n % len(shares) else 0) for i, k in enumerate(shares)}
+    new: list = []
+    new_notes: list[dict] = []
+    transfers: dict[str, tuple] = {}  # mod_hash -> (candidate, shares it is new to)
+    info = {"measured": len(rows), "shares": {}}
+    left = 0
+    for i, k in enumerate(shares):
+        here = by_key[k]
+        others = sorted((m for kk, ms in best_of.items() if kk != k for m in ms[:seeds_per_share]),
+                        key=lambda m: m.median_s)
+        saved = db.load_cost_model(dev["id"], *k)
+        if saved:
+            model = CostModel.from_json(saved[1])
+        else:
+            log.warning("%s %s: no cost model saved in the database; ranking with %r", w.key, labels[k], cost_model)
+            model = create_cost_model(cost_model, seed=seed) if cost_model == "random" else create_cost_model(cost_model)
+        want = quota[k] + left
+        rs = (seed * 7919 + len(rows) * 31 + zlib.crc32(labels[k].encode())) % (2**31 - 1)
+        search = EvolutionarySearch(w, tgt, model, measured=[(m.trace, m.median_s if m.status == "ok" else None)
+                                                             for m in here],
+                                    seeds=[(m.trace, m.median_s) for m in others], batch=max(1, want), rand_state=rs)
+        # the other shares' winners, measured here where they are not yet
+        winners = []
+        for kk, ms in best_of.items():
+            if kk != k:
+                winners += [m.trace for m in ms[:transfer_top]]
+        moved = search.transfer(winners)
+        for c in moved:
+            transfers.setdefault(c.mod_hash, (c, []))[1].append(labels[k])
+        if want > 0:
+            got = _fresh_candidates(search, want, measured_all | {c.mod_hash for c in new})
+        else:
+            got = []
+            search.close()
+        left = want - len(got)
+        new += got
+        new_notes += [{"source": "search", "shares": [labels[k]]} for _ in got]
+        info["shares"][labels[k]] = {"measured": len(here), "cost_model": saved[0] if saved else None,
+                                     "cost_model_samples": saved[2] if saved else 0, "seeds": len(others),
+                                     "new": len(got), "transfers_in": len(moved)}
+        log.info("%s %s: %d measured, model %s (%s samples), %d seeds -> %d new, %d winners of other shares to "
+                 "measure here", w.key, labels[k], len(here), saved[0] if saved else cost_model,
+                 saved[2] if saved else 0, len(others), len(got), len(moved))
+    # winners measured at every share: re-measured beside the new candidates
+    cands = list(new)
+    notes = list(new_notes)
+    for h, (c, to) in transfers.items():
+        cands.append(c)
+        notes.append({"source": "transfer", "shares": sorted(set(to))})
+    seen = {c.mod_hash for c in cands}
+    for k in shares:
+        for m in best_of[k][:transfer_top]:
+            if m.mod_hash in seen:
+                continue
+            seen.add(m.mod_hash)
+            c = _replayed(w, m)
+            if c is not None:
+                cands.append(c)
+                notes.append({"source": "best", "shares": [labels[k]]})
+    info |= {"new": len(new), "transfer": sum(nt["source"] == "transfer" for nt in notes),
+             "best": sum(nt["source"] == "best" for nt in notes)}
+    return cands, notes, info
+
+
+def _explore_candidates(w, tgt: dict, n: int, exclude: set[str], seed: int) -> list:
+    """``n`` uniform samples of the workload's design space (``ReplayTrace``), none in ``exclude``."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from .cost_model import pool_features
+    from .search import Candidate, mod_hash, trace_to_json
+
+    t0 = time.perf_counter()
+    mod = w.ir_module()
+    ctx = ms.TuneContext(mod=mod, target=tvm.target.Target(tgt), space_generator="post-order-apply",
+                         search_strategy=ms.search_strategy.ReplayTrace(max_fail_count=2000),
+                         task_name=w.key, rand_state=(seed * 7919 + 17) % (2**31 - 1), num_threads=1)
+    spaces = ctx.space_generator.generate_design_space(mod)
+    want = 2 * n + 8  # ReplayTrace does not know what was measured: ask for more (collisions are rare)
+    ctx.search_strategy.pre_tuning(max_trials=want, num_trials_per_iter=want, design_spaces=spaces)
+    got = ctx.search_strategy.generate_measure_candidates() or []
+    ctx.search_strategy.post_tuning()
+    out, seen = [], set(exclude)
+    extractor = ms.feature_extractor.PerStoreFeature()
+    for c in got:
+        h = mod_hash(c.sch.mod)
+        if h in seen:
+            continue
+        seen.add(h)
+        feats = pool_features(extractor.extract_from(ctx, [c])[0].numpy())
+        out.append(Candidate(mod_hash=h, trace=trace_to_json(c.sch.trace), mod_json=tvm.ir.save_json(c.sch.mod),
+                             features=feats, source="explore"))
+        if len(out) == n:
+            break
+    for c in out:
+        c.search_s = (time.perf_counter() - t0) / max(1, len(out))
+    return out
+
+
+def _replayed(w, m):
+    """A measured config as a candidate to build again (its trace replayed, its stored features)."""
+    import tvm
+
+    from .search import Candidate, apply_trace, mod_hash
+
+    try:
+        sch = apply_trace(w, m.trace)
+    except Exception as e:  # a trace of another TVM version
+        log.warning("%s: a measured config does not replay (%s); left out", w.key, e)
+        return None
+    h = mod_hash(sch.mod)
+    if h != m.mod_hash:
+        log.warning("%s: config %s replays to %s; left out", w.key, m.mod_hash, h)
+        return None
+    return Candidate(mod_hash=h, trace=m.trace, mod_json=tvm.ir.save_json(sch.mod), features=m.features,
+                     source="best")
 
 
 def load_manifest(bundle: str) -> dict:
@@ -122,7 +415,7 @@ def load_manifest(bundle: str) -> dict:
 
 @dataclass(frozen=True)
 class Condition:
-    partition: str  # mps | green
+    partition: str  # mps | green (cpu for a bundle built for this host's cores)
     ratio: float | None = None  # percent (mps, or green by ratio)
     sms: int | None = None  # green by SM count
     interference: str = "none"
@@ -134,12 +427,12 @@ class Condition:
 
 
 def parse_condition(text: str) -> Condition:
-    """``mps:50``, ``green:64sm``, ``green:48.5``, ``mps:50:compute``, ``mps:50:tenant:mm_1024``."""
+    """``mps:50``, ``green:64sm``, ``green:48.5``, ``mps:50:compute``, ``mps:50:tenant:mm_1024``, ``cpu:50``."""
     from .interference import check_interference
     from .partition import check_ratio
 
     parts = text.split(":", 2)
-    if len(parts) < 2 or parts[0] not in ("mps", "green"):
+    if len(parts) < 2 or parts[0] not in ("mps", "green", "cpu"):
         raise ConfigError(f"condition {text!r}: expected PARTITION:SHARE[:INTERFERENCE], e.g. mps:50 or green:64sm")
     amount = parts[1].strip().lower().rstrip("%")
     interf = check_interference(parts[2]) if len(parts) > 2 else "none"
@@ -165,20 +458,40 @@ def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], *, repeat
     """Measure the bundle's candidates under each condition; returns (and writes) the results.
 
     ``top``: after the first condition, measure only each workload's ``top`` fastest candidates
-    of that condition (the first condition should be the whole device).
+    of that condition (the first condition should be the whole device), and the winners a
+    next-round bundle carries (``transfer`` and ``best``), which are there to be measured at
+    every share.
+
+    A bundle built for ``cpu`` runs on this host's cores (conditions ``cpu:RATIO``), with the
+    same runner: the loop of build, run and import can then be exercised without a GPU.
     """
-    from .device import detect_cuda
-    from .gpu_partition import create as create_gpu_partition
-    from .gpu_interference import register_tenant
     from .runner import LocalRunner, RunInput, RunSettings
 
     if not conditions:
         raise ConfigError("no conditions to measure")
     man = load_manifest(bundle)
     root = Path(bundle).resolve()
-    device = detect_cuda()
-    if device.arch != man["arch"]:
-        raise DeviceError(f"bundle built for {man['arch']}, this GPU is {device.arch}")
+    on_cpu = man.get("target", {}).get("kind") == "llvm"
+    bad = [c.label for c in conditions if (c.partition == "cpu") != on_cpu]
+    if bad:
+        raise ConfigError(f"conditions {', '.join(bad)} do not fit a bundle built for "
+                          f"{'cpu (use cpu:RATIO)' if on_cpu else 'cuda (use mps:... or green:...)'}")
+    if on_cpu:
+        from .device import detect_cpu
+        from .partition import create_partition
+
+        device = detect_cpu()
+        if device.arch != man["arch"]:
+            raise DeviceError(f"bundle built for {man['arch']}, this host is {device.arch}")
+        register_tenant = None
+    else:
+        from .device import detect_cuda
+        from .gpu_partition import create as create_gpu_partition
+        from .gpu_interference import register_tenant
+
+        device = detect_cuda()
+        if device.arch != man["arch"]:
+            raise DeviceError(f"bundle built for {man['arch']}, this GPU is {device.arch}")
     dev = device.to_dict() | {"tvm_version": man.get("tvm_version", "")}
     if man.get("neighbour_cubin"):
         os.environ.setdefault("SPATIALTUNE_NEIGHBOUR_CUBIN", str(root / man["neighbour_cubin"]))
@@ -192,6 +505,7 @@ def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], *, repeat
                "conditions": [], "measurements": [], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     cands = man["candidates"]
     pool = {c["id"] for c in cands}
+    keep = {c["id"] for c in cands if c.get("source") in ("transfer", "best")}
     by_wl = {}
     for c in cands:
         by_wl.setdefault(c["workload_key"], []).append(c)
@@ -204,15 +518,15 @@ def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], *, repeat
             order.append(cond.partition)
     first = True
     for kind in order:
-        part = create_gpu_partition(kind, total_sms=device.units)
-        with part, LocalRunner(part, device_kind="cuda", settings=settings) as runner:
+        part = create_partition("cpu") if on_cpu else create_gpu_partition(kind, total_sms=device.units)
+        with part, LocalRunner(part, device_kind="cpu" if on_cpu else "cuda", settings=settings) as runner:
             for cond in [c for c in conditions if c.partition == kind]:
                 share = part.grant_sms(cond.sms) if cond.sms is not None else part.grant(cond.ratio)
                 todo = [c for c in cands if c["id"] in pool and c["status"] == "ok"]
                 inputs = [RunInput(man["workloads"][c["workload_key"]], str(root / c["artifact"]),
                                    str(root / c["cubin"]) if c.get("cubin") else None) for c in todo]
                 t0 = time.perf_counter()
-                if cond.interference.startswith("tenant:"):
+                if cond.interference.startswith("tenant:") and register_tenant is not None:
                     _register_tenants(results, man, root, register_tenant)
                 res = runner.run(share, cond.interference, inputs)
                 rows = []
@@ -234,7 +548,7 @@ def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], *, repeat
                 results["conditions"].append(summary)
                 log.info("%s", json.dumps(summary))
                 if first and top:
-                    pool = set()
+                    pool = set(keep)
                     for wk, cs in by_wl.items():
                         ok = sorted((r for r in rows if r["workload_key"] == wk and r["status"] == "ok"),
                                     key=lambda r: r["median_s"])
@@ -461,8 +775,8 @@ def import_results(results_path: str, db, *, cost_model: str = "xgb") -> dict:
     man_p = rdir / "manifest.json"
     man = json.loads(man_p.read_text()) if man_p.exists() else load_manifest(res["bundle"])
     dev = DeviceInfo.from_dict(res["device"])
-    if dev.kind != "cuda" or not dev.units:
-        raise ConfigError(f"{results_path}: the results do not describe a GPU")
+    if dev.kind not in ("cuda", "cpu") or not dev.units:
+        raise ConfigError(f"{results_path}: the results do not describe a GPU (or this host's CPU)")
     db.add_device(dev)
     for w in man["workloads"].values():
         db.add_workload(Workload.from_dict(w))

@@ -287,6 +287,8 @@ def _add_bundle(sub) -> None:
                    help="with --db: shares to search (repeatable; default: every share measured without a neighbour)")
     b.add_argument("--transfer-top", type=int, default=2, help="with --db: each share's best configs measured at "
                    "every share")
+    b.add_argument("--explore", action="append", default=[], metavar="NAME=N",
+                   help="add N uniform samples of the design space for a workload (repeatable; no cost model)")
     b.add_argument("--cost-model", default="random", help="ranking without data (round 1, or a share with no "
                    "saved model)")
     b.set_defaults(func=_cmd_bundle_build)
@@ -314,15 +316,18 @@ def _add_bundle(sub) -> None:
 def _cmd_bundle_build(a) -> int:
     from .bundle import build_bundle
 
-    per_wl = {}
-    for item in a.workload_candidates:
-        name, sep, n = item.rpartition("=")
-        if not sep or not name or not n.strip().isdigit():
-            raise ConfigError(f"--workload-candidates {item!r}: expected NAME=N, e.g. mm_1024=8")
-        per_wl[name] = int(n)
+    per_wl, explore = {}, {}
+    for opt, items, into in (("--workload-candidates", a.workload_candidates, per_wl),
+                             ("--explore", a.explore, explore)):
+        for item in items:
+            name, sep, n = item.rpartition("=")
+            if not sep or not name or not n.strip().isdigit():
+                raise ConfigError(f"{opt} {item!r}: expected NAME=N, e.g. mm_1024=8")
+            into[name] = int(n)
     m = build_bundle(a.space, a.workload, a.out, candidates=a.candidates, target=a.target, arch=a.arch, seed=a.seed,
                      build_workers=a.build_workers, cost_model=a.cost_model, db_path=a.db, device_id=a.device,
-                     shares=a.share, workload_candidates=per_wl, transfer_top=a.transfer_top)
+                     shares=a.share, workload_candidates=per_wl, transfer_top=a.transfer_top,
+                     explore=explore)
     built = sum(c["status"] == "ok" for c in m["candidates"])
     print(f"bundle {a.out}: {built}/{len(m['candidates'])} candidates built for {m['arch']} "
           f"({', '.join(m['workloads'])}) in {m['build_s']} s")

@@ -168,7 +168,8 @@ def test_conditions():
     assert parse_condition("green:64sm") == Condition("green", sms=64)
     assert parse_condition("mps:50:tenant:mm_1024") == Condition("mps", ratio=50.0, interference="tenant:mm_1024")
     assert parse_condition("green:64sm").label == "green:64sm"
-    for bad in ("mps", "mps:64sm", "cpu:50", "mps:0", "mps:50:disk", "green:x"):
+    assert parse_condition("cpu:50") == Condition("cpu", ratio=50.0)  # a bundle built for this host's cores
+    for bad in ("mps", "mps:64sm", "cpu:8sm", "tpu:50", "mps:0", "mps:50:disk", "green:x"):
         with pytest.raises(ConfigError):
             parse_condition(bad)
 
