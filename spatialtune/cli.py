@@ -335,8 +335,8 @@ def _cmd_bundle_build(a) -> int:
         r = m["round"]
         for wk, info in r["workloads"].items():
             print(f"  {wk}: from {info['measured']} measurements on {r['device']} [{r['device_id']}]: "
-                  f"{info['new']} new, {info['transfer']} winners to measure at other shares, "
-                  f"{info['best']} winners re-measured")
+                  f"{info['new']} new, {info.get('explore', 0)} uniform samples, {info['transfer']} winners to "
+                  f"measure at other shares, {info['best']} winners re-measured")
     return 0
 
 
