@@ -38,9 +38,9 @@ import threading
 import time
 from bisect import bisect_right
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from .database import SCHEMA_VERSION, norm_ratio
 from .errors import ConfigError, DatabaseError
@@ -53,9 +53,12 @@ _MEMO_MAX = 1 << 16
 _TRACES_MAX = 1024
 
 
-@dataclass(frozen=True, slots=True)
-class LookupResult:
-    """One answer. ``found`` is False for a miss; the config fields are None then."""
+class LookupResult(NamedTuple):
+    """One answer, immutable. ``found`` is False for a miss; the config fields are None then.
+
+    A NamedTuple rather than a frozen dataclass: building one is ~6x cheaper (0.5 vs 3.3 us
+    here), and an uncached lookup builds one.
+    """
 
     workload: str  # what was asked (key or name)
     workload_key: str | None
@@ -79,7 +82,7 @@ class LookupResult:
         return self.match != "miss"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"found": self.found}
+        return self._asdict() | {"found": self.found}
 
 
 @dataclass(frozen=True, slots=True)
