@@ -324,12 +324,12 @@ def _next_round_candidates(w, tgt: dict, db, dev: dict, n: int, selectors: Seque
         log.info("%s %s: %d measured, model %s (%s samples), %d seeds -> %d new, %d winners of other shares to "
                  "measure here", w.key, labels[k], len(here), saved[0] if saved else cost_model,
                  saved[2] if saved else 0, len(others), len(got), len(moved))
-    # winners measured at every share: re-measured beside the new candidates
     cands = list(new)
     notes = list(new_notes)
-    for h, (c, to) in transfers.items():
+    for h, (c, to) in transfers.items():  # winners some share has not measured yet
         cands.append(c)
         notes.append({"source": "transfer", "shares": sorted(set(to))})
+    # winners measured at every share: re-measured beside the new candidates, as the run's reference
     seen = {c.mod_hash for c in cands}
     for k in shares:
         for m in best_of[k][:transfer_top]:
