@@ -73,12 +73,14 @@ def build_bundle(space: str, workload_names: Sequence[str], out: str, *, candida
 
     if target not in ("cuda", "cpu"):
         raise ConfigError(f"bundle target must be cuda (or cpu, to exercise the loop on this host), got {target!r}")
-    if candidates < 0 or (candidates == 0 and not db_path):
-        raise ConfigError(f"--candidates must be positive, got {candidates}")
+    if candidates < 0 or (candidates == 0 and not db_path and not any((explore or {}).values())):
+        raise ConfigError(f"--candidates must be positive (0 only with --db or --explore), got {candidates}")
     if transfer_top < 0 or seeds_per_share < 0:
         raise ConfigError("--transfer-top and --seeds-per-share must not be negative")
     workloads = load_space(space).select(workload_names)
-    per_wl = _per_workload_counts(workloads, candidates, workload_candidates or {}, allow_zero=bool(db_path))
+    # 0 search candidates: only the winners (--db) or only uniform samples (--explore: a random pool)
+    per_wl = _per_workload_counts(workloads, candidates, workload_candidates or {},
+                                  allow_zero=bool(db_path) or any((explore or {}).values()))
     n_explore = _per_workload_counts(workloads, 0, explore or {}, allow_zero=True)
     if target == "cpu":
         arch = detect_cpu().arch
@@ -110,7 +112,8 @@ def build_bundle(space: str, workload_names: Sequence[str], out: str, *, candida
                 if db is None:
                     model = create_cost_model(cost_model, seed=seed) if cost_model == "random" else \
                         create_cost_model(cost_model)
-                    cands = _fresh_candidates(EvolutionarySearch(w, tgt, model, batch=n, rand_state=seed), n)
+                    cands = _fresh_candidates(EvolutionarySearch(w, tgt, model, batch=n, rand_state=seed), n) \
+                        if n else []
                     notes = [{"source": "search", "shares": []} for _ in cands]
                 else:
                     cands, notes, info = _next_round_candidates(
@@ -454,13 +457,18 @@ def conditions_from(partition: str, ratios: Sequence[float], interference: Seque
 
 
 def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], *, repeat: int = 5, min_repeat_ms: int = 10,
-               timeout: float = 20.0, top: int | None = None, seed: int = 0) -> dict:
+               timeout: float = 20.0, top: int | None = None, seed: int = 0, vendor: bool = True) -> dict:
     """Measure the bundle's candidates under each condition; returns (and writes) the results.
 
     ``top``: after the first condition, measure only each workload's ``top`` fastest candidates
     of that condition (the first condition should be the whole device), and the winners a
     next-round bundle carries (``transfer`` and ``best``), which are there to be measured at
     every share.
+
+    ``vendor`` (CUDA only): after each condition's candidates, the same worker measures torch's
+    matmul (cuBLAS, fp32 without TF32) for every matmul/dense/batch_matmul workload, under the same
+    share and neighbour (:func:`measure_vendor`), into ``results["baselines"]``. Optional: a GPU
+    host without torch gives one log line and no baseline rows.
 
     A bundle built for ``cpu`` runs on this host's cores (conditions ``cpu:RATIO``), with the
     same runner: the loop of build, run and import can then be exercised without a GPU.
@@ -502,7 +510,7 @@ def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], *, repeat
     shutil.copy(root / "manifest.json", out_p / "manifest.json")
     settings = RunSettings(repeat=repeat, min_repeat_ms=min_repeat_ms, timeout=timeout, seed=seed)
     results = {"format": FORMAT, "device": dev, "bundle": str(root), "settings": vars(settings) | {"top": top},
-               "conditions": [], "measurements": [], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "conditions": [], "measurements": [], "baselines": [], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     cands = man["candidates"]
     pool = {c["id"] for c in cands}
     keep = {c["id"] for c in cands if c.get("source") in ("transfer", "best")}
@@ -517,6 +525,7 @@ def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], *, repeat
         if cond.partition not in order:
             order.append(cond.partition)
     first = True
+    vendor_state: dict = {"off": None} if vendor and not on_cpu else {"off": "not asked for"}
     for kind in order:
         part = create_partition("cpu") if on_cpu else create_gpu_partition(kind, total_sms=device.units)
         with part, LocalRunner(part, device_kind="cpu" if on_cpu else "cuda", settings=settings) as runner:
@@ -544,7 +553,9 @@ def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], *, repeat
                                          "interference": cond.interference, "condition": cond.label,
                                          "status": "build_error", "error": c.get("error", "")})
                 results["measurements"] += rows
-                summary = _condition_summary(cond, share, rows, time.perf_counter() - t0)
+                base = measure_vendor(runner, share, cond, man, vendor_state)
+                results["baselines"] += base
+                summary = _condition_summary(cond, share, rows, time.perf_counter() - t0, base)
                 results["conditions"].append(summary)
                 log.info("%s", json.dumps(summary))
                 if first and top:
@@ -575,7 +586,57 @@ def _register_tenants(results: dict, man: dict, root: Path, register) -> None:
                      str(root / c["cubin"]) if c.get("cubin") else None)
 
 
-def _condition_summary(cond: Condition, share, rows: list[dict], elapsed: float) -> dict:
+def measure_vendor(runner, share, cond: Condition, man: dict, state: dict) -> list[dict]:
+    """cuBLAS (torch's matmul) for each matmul-like workload of ``man``, in ``runner``'s worker for
+    ``share``, next to ``cond``'s neighbour. Never raises for a missing or failing torch: a row
+    with that status (and a log line); ``state["off"]`` set once torch is missing, so later
+    conditions skip it."""
+    from .gpu_runtime import VENDOR_OPS
+    from .interference import NeighbourReading, create_interference
+    from .worker import WorkerError
+
+    if state.get("off"):
+        return []
+    wks = [(wk, w) for wk, w in man["workloads"].items() if w.get("op") in VENDOR_OPS]
+    if not wks:
+        return []
+    out = []
+    worker = runner.worker_for(share)
+    neighbour = create_interference(cond.interference, partition=runner.partition, device_kind=runner.device_kind)
+    with neighbour.running(share) as meter:
+        for wk, w in wks:
+            before = meter.read()
+            t0 = time.perf_counter()
+            try:
+                r = worker.call("spatialtune.gpu_runtime:measure_torch", w, runner.settings, runner._seed(),
+                                timeout=max(60.0, 3 * runner.settings.timeout))
+            except WorkerError as e:
+                r = {"status": "timeout" if e.kind == "timeout" else "runtime_error", "error": str(e)[:500]}
+                if not worker.alive:
+                    log.info("restarting %s after the cuBLAS baseline (%s)", worker.name, e.kind)
+                    worker.restart()
+            row = {"workload_key": wk, "kind": "cublas", "partition": cond.partition, "ratio": share.ratio,
+                   "planned_units": share.units, "total_units": share.total, "interference": cond.interference,
+                   "condition": cond.label, "run_s": time.perf_counter() - t0} | r
+            reading = NeighbourReading.between(before, meter.read())
+            if reading is not None:
+                row |= {"neighbour_throughput": reading.throughput, "neighbour_unit": reading.unit}
+            out.append(row)
+            if r["status"] == "ok":
+                log.info("cuBLAS %s %s: %.1f us (%s SMs seen, rel err %.2g)", wk, cond.label, r["median_s"] * 1e6,
+                         r.get("granted_units"), r.get("rel_err") or 0.0)
+            else:
+                log.warning("cuBLAS baseline %s %s: %s: %s", wk, cond.label, r["status"], r.get("error", ""))
+            if r["status"] == "unavailable":
+                state["off"] = r.get("error") or "unavailable"
+                log.warning("no cuBLAS baselines in this run (%s); the candidates are measured as before",
+                            state["off"])
+                break
+    return out
+
+
+def _condition_summary(cond: Condition, share, rows: list[dict], elapsed: float,
+                       baselines: Sequence[dict] = ()) -> dict:
     import numpy as np
 
     out = {"condition": cond.label, "partition": cond.partition, "ratio": share.ratio, "planned_units": share.units,
@@ -594,7 +655,9 @@ def _condition_summary(cond: Condition, share, rows: list[dict], elapsed: float)
             "max_rel_err": max((r["rel_err"] for r in ok if r.get("rel_err") is not None), default=None),
             "median_load_s": float(np.median(loads)) if loads else None,
             "neighbour": float(np.median(nb)) if nb else None,
-            "neighbour_unit": next((r["neighbour_unit"] for r in rs if r.get("neighbour_unit")), "")}
+            "neighbour_unit": next((r["neighbour_unit"] for r in rs if r.get("neighbour_unit")), ""),
+            "cublas_s": next((b["median_s"] for b in baselines if b["workload_key"] == wk and b["status"] == "ok"),
+                             None)}
     return out
 
 
@@ -625,7 +688,8 @@ def format_table(results: dict) -> str:
     d = results["device"]
     lines.append(f"device: {d['name']} ({d['units']} SMs, driver {d['driver']}, {d['arch']})")
     hdr = (f"{'workload':<26} {'condition':<26} {'SMs seen':>8} {'ok':>7} {'best':>8} {'best us':>9} "
-           f"{'100%-best us':>12} {'regret':>6} {'vs100':>6} {'ideal':>6} {'neighbour':>16} {'load ms':>7}")
+           f"{'100%-best us':>12} {'regret':>6} {'vs100':>6} {'ideal':>6} {'neighbour':>16} {'load ms':>7} "
+           f"{'cuBLAS us':>9} {'best/cuBLAS':>11}")
     lines.append(hdr)
     lines.append("-" * len(hdr))
     wks = list(dict.fromkeys(m["workload_key"] for m in results["measurements"]))
@@ -655,10 +719,12 @@ def format_table(results: dict) -> str:
                 f"{_short(wk):<26} {c['condition']:<26} {seen:>8} {s['ok']:>3}/{s['measured']:<3} "
                 f"{'#' + best_idx:>8} {_us(s['best_s']):>9} {_us(refm and refm['median_s']):>12} "
                 f"{_x(regret):>6} {_x(vs):>6} {_x(_ideal(d, s)):>6} {nb:>16} "
-                f"{(s['median_load_s'] or 0) * 1e3:>7.1f}")
+                f"{(s['median_load_s'] or 0) * 1e3:>7.1f} {_us(s.get('cublas_s')):>9} "
+                f"{_x(s['best_s'] / s['cublas_s'] if s.get('cublas_s') and s['best_s'] else None):>11}")
         lines.append(f"  (100%-best config of {_short(wk)}: #{ref_id.split('/')[-1] if ref_id else '-'} at "
                      f"{ref_cond}; regret = its time here / best time here; vs100 = best here / best at the "
-                     f"whole device, same partition; ideal = all SMs / SMs seen)")
+                     f"whole device, same partition; ideal = all SMs / SMs seen; cuBLAS = torch's fp32 matmul "
+                     f"without TF32 in the same worker, best/cuBLAS < 1: the tuned kernel is faster)")
     return "\n".join(lines)
 
 
@@ -716,6 +782,9 @@ def check_targets(results: dict) -> list[str]:
                 out.append(f"INFO green {wk} {c['condition']}: best-kernel slowdown {slow:.2f}x vs SM ratio "
                            f"{ideal:.2f}x ({dev:+.0%}){note} (a matmul that does not fill the GPU scales "
                            f"sublinearly; the SM-count check is the FMA calibration)")
+    for b in results.get("baselines", []):
+        if b["status"] != "ok":
+            out.append(f"INFO cuBLAS {b['workload_key']} {b['condition']}: {b['status']}: {b.get('error', '')[:160]}")
     del conds
     return out
 
@@ -803,6 +872,15 @@ def import_results(results_path: str, db, *, cost_model: str = "xgb") -> dict:
         else:
             added += 1
         keys.add((dev.id, m["partition"], m["ratio"], m["interference"]))
+    baselines = 0
+    for b in res.get("baselines", []):  # the vendor baseline under the same share and neighbour
+        if b.get("status") != "ok" or not b.get("median_s"):
+            continue
+        if b["workload_key"] not in man["workloads"]:
+            raise ConfigError(f"{results_path}: baseline of unknown workload {b['workload_key']!r}")
+        db.record_baseline(b["workload_key"], dev.id, b["partition"], b["ratio"], b["interference"],
+                           b.get("kind") or "cublas", b["median_s"], b.get("granted_units"))
+        baselines += 1
     trained = 0
     for device_id, partition, ratio, interference in sorted(keys):
         rows = [r for r in db.measurements(device_id=device_id, partition=partition, ratio=ratio,
@@ -815,4 +893,4 @@ def import_results(results_path: str, db, *, cost_model: str = "xgb") -> dict:
         db.save_cost_model(device_id, partition, ratio, interference, model.kind, model.to_json(), len(rows))
         trained += 1
     return {"device_id": dev.id, "device": dev.name, "added": added, "skipped": skipped, "keys": len(keys),
-            "cost_models": trained}
+            "cost_models": trained, "baselines": baselines}

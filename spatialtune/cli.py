@@ -305,6 +305,8 @@ def _add_bundle(sub) -> None:
     r.add_argument("--min-repeat-ms", type=int, default=10)
     r.add_argument("--timeout", type=float, default=20.0, help="seconds per candidate")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-vendor", dest="vendor", action="store_false",
+                   help="leave out the cuBLAS baseline (torch's matmul in the same worker, when torch is there)")
     r.set_defaults(func=_cmd_bundle_run)
     i = bs.add_parser("import", help="record bundle results in the database and retrain the cost models")
     i.add_argument("results", help="results directory or results.json")
@@ -349,7 +351,7 @@ def _cmd_bundle_run(a) -> int:
     else:
         conds = conditions_from(a.partition, parse_ratios(a.ratios), [s.strip() for s in a.interference.split(",")])
     res = run_bundle(a.bundle, a.out, conds, repeat=a.repeat, min_repeat_ms=a.min_repeat_ms, timeout=a.timeout,
-                     top=a.top, seed=a.seed)
+                     top=a.top, seed=a.seed, vendor=a.vendor)
     print(format_table(res))
     return 0
 
@@ -360,7 +362,8 @@ def _cmd_bundle_import(a) -> int:
     with _open_db(a.db, create=True) as db:
         s = import_results(a.results, db, cost_model=a.cost_model)
     print(f"imported {s['added']} measurements ({s['skipped']} already there) for {s['device']} [{s['device_id']}] "
-          f"into {a.db or 'the default database'}; retrained {s['cost_models']} cost models")
+          f"into {a.db or 'the default database'}; retrained {s['cost_models']} cost models; "
+          f"{s['baselines']} cuBLAS baselines")
     return 0
 
 

@@ -188,3 +188,38 @@ def test_bundle_run_on_gpu(bundle, tmp_path):
     res = json.loads((tmp_path / "r" / "results.json").read_text())
     assert {m["status"] for m in res["measurements"]} <= {"ok", "build_error"}
     assert all(m["load_s"] < 0.1 for m in res["measurements"] if m.get("load_s"))
+
+
+def test_import_records_cublas_baselines(bundle, tmp_path):
+    """results["baselines"]: ok rows become cublas baselines under the same key; others are not recorded."""
+    from spatialtune.database import TuningDatabase
+
+    res, ok = _fake_results(bundle, tmp_path / "res")
+    wk = ok[0]["workload_key"]
+    res["baselines"] = [
+        {"workload_key": wk, "kind": "cublas", "partition": "mps", "ratio": 100.0, "planned_units": 132,
+         "total_units": 132, "interference": "none", "condition": "mps:100%", "status": "ok", "times": [7e-6] * 3,
+         "median_s": 7e-6, "rel_err": 2e-7, "granted_units": 132},
+        {"workload_key": wk, "kind": "cublas", "partition": "mps", "ratio": 25.0, "planned_units": 33,
+         "total_units": 132, "interference": "none", "condition": "mps:25%", "status": "ok", "times": [2e-5] * 3,
+         "median_s": 2e-5, "rel_err": 2e-7, "granted_units": 32},
+        {"workload_key": wk, "kind": "cublas", "partition": "green", "ratio": 100.0, "planned_units": 132,
+         "total_units": 132, "interference": "none", "condition": "green:100%", "status": "unavailable",
+         "error": "torch cannot be imported here"}]
+    for c in res["conditions"]:
+        c["workloads"][wk]["cublas_s"] = next(b["median_s"] for b in res["baselines"]
+                                              if b["condition"] == c["condition"])
+    (tmp_path / "res" / "results.json").write_text(json.dumps(res))
+    db_path = tmp_path / "db.sqlite"
+    r = run_cli("bundle", "import", tmp_path / "res", "--db", db_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "2 cuBLAS baselines" in r.stdout
+    with TuningDatabase(db_path, create=False) as db:
+        (dev,) = db.devices()
+        rows = db.baselines(device_id=dev["id"])
+        assert sorted((b["partition"], b["ratio"], b["kind"], b["median_s"], b["granted_units"]) for b in rows) == \
+            [("mps", 25.0, "cublas", 2e-5, 32), ("mps", 100.0, "cublas", 7e-6, 132)]
+    table = format_table(res)
+    row25 = next(ln for ln in table.splitlines() if "mps:25%" in ln)
+    assert "20.0" in row25 and "1.50" in row25  # cuBLAS 20 us; best 30 us / 20 us
+    assert f"INFO cuBLAS {wk} green:100%: unavailable: torch cannot be imported here" in check_targets(res)

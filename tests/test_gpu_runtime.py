@@ -134,3 +134,48 @@ def test_neighbour_runs_and_reports_throughput():
         time.sleep(0.5)
         tp = NeighbourReading.between(a, meter.read())
     assert tp is not None and tp.throughput > 100 and tp.unit == "GFLOP/s"
+
+
+# ---------------------------------------------------------------- vendor baseline (cuBLAS through torch)
+
+MM = {"op": "matmul", "dtype": "fp32", "params": {"M": 16, "N": 8, "K": 4}, "name": "mm_small"}
+
+
+def test_torch_baseline_without_torch_is_a_status(monkeypatch):
+    """No torch in this Python: a row saying so, no exception (the run goes on)."""
+    from spatialtune.runner import RunSettings
+    from spatialtune.spec import Workload
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError, torch installed or not
+    w = Workload.from_dict(MM).to_dict()
+    r = rt.measure_torch(w, RunSettings(repeat=2, min_repeat_ms=1), 0)
+    assert r["status"] == "unavailable" and "torch cannot be imported" in r["error"]
+    conv = Workload.from_dict({"op": "conv2d", "dtype": "fp32", "params": {
+        "N": 1, "C": 4, "H": 8, "W": 8, "K": 4, "R": 3, "S": 3, "stride": 1, "pad": 1}}).to_dict()
+    with pytest.raises(ConfigError, match="no cuBLAS baseline for conv2d"):
+        rt.measure_torch(conv, RunSettings(), 0)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-torch / no-GPU path through a real worker")
+def test_vendor_baselines_through_a_worker_without_torch_turn_off():
+    """measure_vendor calls the worker; without a usable torch it records one row and stops asking."""
+    from spatialtune.bundle import Condition, measure_vendor
+    from spatialtune.partition import create_partition
+    from spatialtune.runner import LocalRunner, RunSettings
+    from spatialtune.spec import Workload
+
+    w = Workload.from_dict(MM)
+    conv = Workload.from_dict({"op": "conv2d", "dtype": "fp32", "params": {
+        "N": 1, "C": 4, "H": 8, "W": 8, "K": 4, "R": 3, "S": 3, "stride": 1, "pad": 1}})
+    man = {"workloads": {w.key: w.to_dict(), conv.key: conv.to_dict()}}
+    part = create_partition("cpu")
+    state: dict = {"off": None}
+    with part, LocalRunner(part, device_kind="cpu", settings=RunSettings(timeout=60)) as runner:
+        share = part.grant(100.0)
+        rows = measure_vendor(runner, share, Condition("cpu", ratio=100.0), man, state)
+        assert [r["workload_key"] for r in rows] == [w.key]  # the conv has no cuBLAS baseline
+        (r,) = rows
+        assert r["status"] == "unavailable" and r["kind"] == "cublas" and r["condition"] == "cpu:100%"
+        assert r["ratio"] == 100.0 and r.get("median_s") is None
+        assert state["off"]
+        assert measure_vendor(runner, share, Condition("cpu", ratio=100.0), man, state) == []
