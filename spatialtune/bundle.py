@@ -609,15 +609,17 @@ def measure_vendor(runner, share, cond: Condition, man: dict, state: dict) -> li
             t0 = time.perf_counter()
             try:
                 r = worker.call("spatialtune.gpu_runtime:measure_torch", w, runner.settings, runner._seed(),
-                                timeout=max(60.0, 3 * runner.settings.timeout))
+                                timeout=max(45.0, 2 * runner.settings.timeout))  # the first imports torch
             except WorkerError as e:
                 r = {"status": "timeout" if e.kind == "timeout" else "runtime_error", "error": str(e)[:500]}
                 if not worker.alive:
                     log.info("restarting %s after the cuBLAS baseline (%s)", worker.name, e.kind)
                     worker.restart()
+                if e.kind != "error":  # a hang or a crash would repeat at every condition: stop asking
+                    state["off"] = f"the baseline {e.kind} at {cond.label}"
             row = {"workload_key": wk, "kind": "cublas", "partition": cond.partition, "ratio": share.ratio,
                    "planned_units": share.units, "total_units": share.total, "interference": cond.interference,
-                   "condition": cond.label, "run_s": time.perf_counter() - t0} | r
+                   "condition": cond.label} | r | {"run_s": time.perf_counter() - t0}
             reading = NeighbourReading.between(before, meter.read())
             if reading is not None:
                 row |= {"neighbour_throughput": reading.throughput, "neighbour_unit": reading.unit}
@@ -629,7 +631,8 @@ def measure_vendor(runner, share, cond: Condition, man: dict, state: dict) -> li
                 log.warning("cuBLAS baseline %s %s: %s: %s", wk, cond.label, r["status"], r.get("error", ""))
             if r["status"] == "unavailable":
                 state["off"] = r.get("error") or "unavailable"
-                log.warning("no cuBLAS baselines in this run (%s); the candidates are measured as before",
+            if state.get("off"):
+                log.warning("no more cuBLAS baselines in this run (%s); the candidates are measured as before",
                             state["off"])
                 break
     return out
