@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
 
-from .database import SCHEMA_VERSION, norm_ratio
+from .database import SCHEMA_VERSION, decode_trace, norm_ratio
 from .errors import ConfigError, DatabaseError
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class _Reader:
 
     def trace_of(self, measurement_id: int) -> str | None:
         row = self.conn.execute("SELECT trace FROM measurements WHERE id = ?", [measurement_id]).fetchone()
-        return row[0] if row else None
+        return decode_trace(row[0]) if row else None
 
     def close(self) -> None:
         self.conn.close()

@@ -90,7 +90,7 @@ def test_newer_schema_is_refused_with_both_versions(tmp_path):
     c.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     c.commit()
     c.close()
-    with pytest.raises(DatabaseError, match=r"v99 is newer .* \(v1\)"):
+    with pytest.raises(DatabaseError, match=rf"v99 is newer .* \(v{SCHEMA_VERSION}\)"):
         TuningDatabase(p)
 
 
@@ -118,7 +118,8 @@ def test_committed_v1_database_still_opens(tmp_path):
     with TuningDatabase(p) as db:
         assert db.schema_version == SCHEMA_VERSION
         (best,) = db.best()
-        assert (best.mod_hash, best.n_trials) == ("h1", 4)
+        assert (best.mod_hash, best.n_trials, best.trace) == ("h1", 4, "trace-h1")
+        assert {m.mod_hash: m.trace for m in db.measurements()} == {h: f"trace-{h}" for h in ("h0", "h1", "h2", "bad")}
         assert db.load_cost_model(CPU.id, "cpu", 100, "none")[0] == "random"
         assert db.integrity_check() == "ok"
 

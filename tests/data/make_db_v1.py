@@ -1,5 +1,5 @@
-"""Regenerate tests/data/db_v1.sqlite, the committed database of schema v1 (run with the v1 code only:
-later schemas must keep opening this file unchanged)."""
+"""Regenerate tests/data/db_v1.sqlite, the committed database of schema v1 (run it at a commit whose
+SCHEMA_VERSION is 1, e.g. 9e19bb1): later schemas must keep opening this file unchanged."""
 import sys
 from pathlib import Path
 
