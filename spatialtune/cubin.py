@@ -176,3 +176,15 @@ def check_cubin(path: str, arch: str = "sm_90") -> str:
     if want in (flags & 0xFF, (flags >> 8) & 0xFF) or f"-arch {arch}".encode() in blob:
         return f"elf: CUDA {arch}"
     raise DeviceError(f"{path}: ELF flags {flags:#x} do not say {arch}")
+
+
+def cached_build_path(env_var: str, source: str, name: str, suffix: str, cache_dir: str | None = None) -> tuple[str, bool]:
+    """Where a helper binary built from ``source`` lives: ``$env_var`` if it names an existing file,
+    else a per-source file in the user's cache. Returns (path, exists)."""
+    env = os.environ.get(env_var)
+    if env and os.path.exists(env):
+        return env, True
+    key = hashlib.sha256(source.encode()).hexdigest()[:12]
+    d = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "spatialtune")
+    out = os.path.join(d, f"{name}-{key}{suffix}")
+    return out, os.path.exists(out)

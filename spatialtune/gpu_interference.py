@@ -15,7 +15,6 @@ cuda-bindings, not torch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import mmap
@@ -68,15 +67,11 @@ def tenant_entry(name: str) -> dict:
 
 
 def neighbour_cubin_path(arch: str = "sm_90", cache_dir: str | None = None) -> str:
-    env = os.environ.get("SPATIALTUNE_NEIGHBOUR_CUBIN")
-    if env and os.path.exists(env):
-        return env
-    key = hashlib.sha256(NEIGHBOUR_CU.encode()).hexdigest()[:12]
-    d = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "spatialtune")
-    out = os.path.join(d, f"neighbour-{key}-{arch}.cubin")
-    if not os.path.exists(out):
-        from .cubin import compile_source
+    from .cubin import cached_build_path, compile_source
 
+    out, exists = cached_build_path("SPATIALTUNE_NEIGHBOUR_CUBIN", NEIGHBOUR_CU, "neighbour", f"-{arch}.cubin",
+                                    cache_dir)
+    if not exists:
         compile_source(NEIGHBOUR_CU, out, arch)
     return out
 

@@ -252,15 +252,10 @@ int cudaSetDevice(int device) {
 
 def green_shim_path(cache_dir: str | None = None) -> str:
     """Path of the compiled cudaSetDevice shim: $SPATIALTUNE_GREEN_SHIM, else built once with cc."""
-    env = os.environ.get("SPATIALTUNE_GREEN_SHIM")
-    if env and os.path.exists(env):
-        return env
-    key = hashlib.sha256(_SHIM_SRC.encode()).hexdigest()[:12]
-    d = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "spatialtune")
-    out = os.path.join(d, f"green_shim-{key}.so")
-    if os.path.exists(out):
-        return out
-    return build_green_shim(out)
+    from .cubin import cached_build_path
+
+    out, exists = cached_build_path("SPATIALTUNE_GREEN_SHIM", _SHIM_SRC, "green_shim", ".so", cache_dir)
+    return out if exists else build_green_shim(out)
 
 
 def build_green_shim(out: str) -> str:

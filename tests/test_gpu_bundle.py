@@ -11,9 +11,8 @@ import shutil
 
 import pytest
 
-from conftest import HAS_GPU, ROOT, run_cli
-from spatialtune.bundle import (Condition, check_targets, format_table, import_results, load_manifest,
-                                parse_condition)
+from conftest import HAS_GPU, run_cli
+from spatialtune.bundle import Condition, check_targets, format_table, load_manifest, parse_condition
 from spatialtune.errors import ConfigError
 
 SPACE = """
@@ -57,7 +56,7 @@ def test_bundle_manifest_and_cubins(bundle):
     (wk,) = m["workloads"]
     assert wk == "matmul_fp32_M64_N64_K64" and m["workloads"][wk]["flops"] == 2 * 64 ** 3
     cands = m["candidates"]
-    assert 1 <= len(cands) <= 3 and len({c["mod_hash"] for c in cands}) == len(cands)
+    assert len(cands) in (1, 2, 3) and len({c["mod_hash"] for c in cands}) == len(cands)
     built = [c for c in cands if c["status"] == "ok"]
     assert built
     for c in built:

@@ -1,5 +1,4 @@
 """Builder and runner for real: TVM builds on this CPU, measured under a core cap."""
-import numpy as np
 import pytest
 
 from spatialtune.builder import BuildInput, LocalBuilder, target_for
@@ -67,8 +66,6 @@ def test_a_wrong_kernel_is_caught_and_never_timed(builder, runner):
 
 
 def test_a_crashing_kernel_costs_only_itself(builder, runner):
-    from tvm import te
-
     # Reads ~1.3 GB past its input: a segfault in the measuring worker.
     crash = _te_module(DENSE, lambda X, W, i, j: X[i + 10_000_000, j % DENSE.params["K"]])
     good = default_candidate(DENSE)
