@@ -11,7 +11,6 @@ runner only loads machine code and never calls NVRTC.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -147,6 +146,3 @@ def target_for(kind: str, *, cores: int | None = None, arch: str = "sm_90") -> d
                 "thread_warp_size": 32}
     raise ConfigError(f"unknown target {kind!r} (known: cpu, cuda)")
 
-
-def target_key(target: dict) -> str:
-    return json.dumps(target, sort_keys=True)

@@ -23,7 +23,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import sqlite_utils
@@ -326,15 +326,6 @@ class TuningDatabase:
             [*key, row[0], row[1], n, _now()],
         )
 
-    def measured_hashes(self, workload_key: str, device_id: str, partition: str, ratio: float,
-                        interference: str) -> set[str]:
-        rows = self.db.execute(
-            "SELECT mod_hash FROM measurements WHERE workload_key = ? AND device_id = ? AND partition = ?"
-            " AND ratio = ? AND interference = ?",
-            [workload_key, device_id, partition, norm_ratio(ratio), interference],
-        ).fetchall()
-        return {r[0] for r in rows}
-
     def measurements(self, *, workload_key: str | None = None, device_id: str | None = None,
                      partition: str | None = None, ratio: float | None = None, interference: str | None = None,
                      status: str | None = None, with_features: bool = False) -> list[Measurement]:
@@ -361,13 +352,6 @@ class TuningDatabase:
             args,
         ).fetchall()
         return [BestConfig(*r[:9], decode_trace(r[9]), *r[10:]) for r in rows]
-
-    def iter_best_rows(self) -> Iterator[tuple]:
-        """All best rows as plain tuples, for bulk readers (the lookup index)."""
-        return iter((*r[:9], decode_trace(r[9]), *r[10:]) for r in self.db.execute(
-            "SELECT b.workload_key, b.device_id, b.partition, b.ratio, b.interference, b.measurement_id, b.median_s,"
-            " b.n_trials, m.mod_hash, m.trace, m.granted_units, m.granted_share, b.updated_at"
-            " FROM best b JOIN measurements m ON m.id = b.measurement_id").fetchall())
 
     # -- cost models and baselines -------------------------------------------------------------
 
@@ -467,8 +451,3 @@ def _row_to_measurement(r: dict[str, Any]) -> Measurement:
     r["neighbour_unit"] = r.get("neighbour_unit") or ""
     r["source"] = r.get("source") or ""
     return Measurement(**r)
-
-
-def open_db(path: str | Path, *, create: bool = True) -> TuningDatabase:
-    return TuningDatabase(path, create=create)
-

@@ -175,6 +175,3 @@ def parse_space(raw: Mapping[str, Any], where: str) -> SearchSpace:
             space.workloads.append(Workload(op=op.name, dtype=dt, params=params, name=wname, model=model))
     return space
 
-
-def default_space_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "search_spaces"
