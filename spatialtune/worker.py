@@ -156,6 +156,7 @@ class Worker:
             except (OSError, subprocess.TimeoutExpired):
                 pass
         self.kill()
+        self._log.close()  # one descriptor per worker object: a job makes many builders and runners
         try:
             os.unlink(self._log.name)
         except OSError:
