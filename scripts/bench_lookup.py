@@ -177,21 +177,19 @@ def main() -> int:
     reqs = [(k, r if r > 0 else 1.0) for k, r in reqs]
     for k, r in reqs:  # fill the memo: warm
         lk.lookup(k, ratio=r)
-    lat = []
-    clock = time.perf_counter_ns
-    look = lk.lookup
-    for k, r in reqs:
-        t = clock()
-        look(k, ratio=r)
-        lat.append(clock() - t)
+
+    def latencies(requests):
+        clock, look, lat = time.perf_counter_ns, lk.lookup, []
+        for k, r in requests:
+            t = clock()
+            look(k, ratio=r)
+            lat.append(clock() - t)
+        return lat
+
+    lat = latencies(reqs)
     print(f"spatialtune Lookup, warm, repeated requests : p50 {pct(lat, 50):6.2f} µs  p99 {pct(lat, 99):6.2f} µs"
           f"  ({a.n} lookups)")
-    fresh = [(rng.choice(keys), 0.01 + 99.98 * rng.random()) for _ in range(a.n)]
-    lat = []
-    for k, r in fresh:
-        t = clock()
-        look(k, ratio=r)
-        lat.append(clock() - t)
+    lat = latencies([(rng.choice(keys), 0.01 + 99.98 * rng.random()) for _ in range(a.n)])
     print(f"spatialtune Lookup, warm, uncached requests : p50 {pct(lat, 50):6.2f} µs  p99 {pct(lat, 99):6.2f} µs"
           f"  ({a.n} lookups, each ratio new)")
     lk.close()
