@@ -230,15 +230,17 @@ class LocalRunner(Runner):
         return (self.settings.seed * 1_000_003 + self._calls * 7919 + os.getpid()) % (2**31)
 
     def _measure(self, w: Worker, item: RunInput, meter) -> MeasureResult:
+        return self._call(w, meter, self.settings.timeout, "spatialtune.runner:measure_one", item.workload,
+                          item.artifact, item.cubin, self.settings, self._seed())
+
+    def _call(self, w: Worker, meter, timeout: float, fn: str, *args) -> MeasureResult:
+        """One measurement in ``w``; a failed call is a result, and a dead worker is restarted."""
         t0 = time.perf_counter()
         before = meter.read()
         try:
-            r = w.call("spatialtune.runner:measure_one", item.workload, item.artifact, item.cubin, self.settings,
-                       self._seed(), timeout=self.settings.timeout)
-            res = MeasureResult(**r)
+            res = MeasureResult(**w.call(fn, *args, timeout=timeout))
         except WorkerError as e:
-            status = "timeout" if e.kind == "timeout" else "runtime_error"
-            res = MeasureResult(status=status, error=str(e))
+            res = MeasureResult(status="timeout" if e.kind == "timeout" else "runtime_error", error=str(e))
             if not w.alive:  # a crash or a kill: a poisoned process never measures again
                 log.info("restarting %s after %s", w.name, e.kind)
                 w.restart()
@@ -252,21 +254,10 @@ class LocalRunner(Runner):
         w = self.worker_for(share)
         neighbour = create_interference(interference, partition=self.partition, device_kind=self.device_kind)
         with neighbour.running(share) as meter:
-            before = meter.read()
             if kind == "numpy":
-                t0 = time.perf_counter()
-                try:
-                    res = MeasureResult(**w.call("spatialtune.runner:measure_numpy", workload, self.settings,
-                                                 self._seed(), timeout=self.settings.timeout * 4))
-                except WorkerError as e:
-                    res = MeasureResult(status="timeout" if e.kind == "timeout" else "runtime_error", error=str(e))
-                    if not w.alive:
-                        w.restart()
-                res.run_s = time.perf_counter() - t0
-            else:
-                res = self._measure(w, RunInput(workload, artifact), meter)
-            _attach(res, NeighbourReading.between(before, meter.read()))
-        return res
+                return self._call(w, meter, self.settings.timeout * 4, "spatialtune.runner:measure_numpy", workload,
+                                  self.settings, self._seed())
+            return self._measure(w, RunInput(workload, artifact), meter)
 
     def close(self) -> None:
         for w in self._workers.values():
