@@ -7,11 +7,11 @@ import platform
 import tempfile
 import time
 
-from spatialtune.database import TuningDatabase
+from spatialtune.store.database import TuningDatabase
 from spatialtune.device import cpu_model
-from spatialtune.runner import RunSettings
-from spatialtune.spec import load_space
-from spatialtune.tune import TuneOptions, tune
+from spatialtune.measure.runner import RunSettings
+from spatialtune.workloads.spec import load_space
+from spatialtune.tuning import TuneOptions, tune
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--trials", type=int, default=32)

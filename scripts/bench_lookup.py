@@ -68,9 +68,9 @@ def make_traces(w, n: int, seed: int) -> list[str]:
 
 
 def build_db(path: Path, n_workloads: int, n_ratios: int) -> tuple[list, object]:
-    from spatialtune.database import Measurement, TuningDatabase
+    from spatialtune.store.database import Measurement, TuningDatabase
     from spatialtune.device import detect_cpu
-    from spatialtune.spec import Workload
+    from spatialtune.workloads.spec import Workload
 
     dev = detect_cpu()
     rng = random.Random(0)
@@ -111,7 +111,7 @@ import sys, time, json
 t0 = time.perf_counter()
 import tvm
 from tvm.s_tir import meta_schedule as ms
-from spatialtune.spec import Workload
+from spatialtune.workloads.spec import Workload
 t1 = time.perf_counter()
 w = Workload.from_dict(json.loads(sys.argv[2]))
 mod, target = w.ir_module(), tvm.target.Target({"kind": "llvm", "num-cores": 2})
@@ -157,7 +157,7 @@ def main() -> int:
     print(f"machine: {cpu_model()}, {len(usable_cores())} cores usable, Python {sys.version.split()[0]}")
     t0 = time.perf_counter()
     ws, dev = build_db(path, a.workloads, a.ratios)
-    from spatialtune.database import TuningDatabase
+    from spatialtune.store.database import TuningDatabase
 
     with TuningDatabase(path, create=False) as db:
         n_best = len(db.best_index_rows())
@@ -199,7 +199,7 @@ def main() -> int:
           f"  ({a.cold_runs} processes; import spatialtune.lookup {statistics.median(imp):.0f} ms apart)")
 
     # MetaSchedule: export one share, then query it the way a tvm.compile pipeline does
-    from spatialtune.interop import export_metaschedule
+    from spatialtune.lookup.metaschedule import export_metaschedule
 
     msdir = work / "ms"
     with TuningDatabase(path, create=False) as db:
@@ -209,14 +209,15 @@ def main() -> int:
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    target = tvm.target.Target({"kind": "llvm", "num-cores": dev.units})
+    from spatialtune.device import target_for
+
+    target = tvm.target.Target(target_for(dev))
     msdb = ms.database.JSONDatabase(path_workload=str(msdir / "database_workload.json"),
                                     path_tuning_record=str(msdir / "database_tuning_record.json"), allow_missing=False)
     mods = {w.key: w.ir_module() for w in ws}
     for k in keys:
         assert msdb.query_tuning_record(mods[k], target, k) is not None
-    q = msdb.query_tuning_record
-    lat = []
+    q, clock, lat = msdb.query_tuning_record, time.perf_counter_ns, []
     for i in range(a.ms_n):
         k = keys[i % len(keys)] if i % 2 else rng.choice(keys)
         m = mods[k]

@@ -45,7 +45,7 @@ def run_cli(*args, timeout=600, env=None, check=False):
 
 @pytest.fixture(scope="session")
 def demo_space():
-    from spatialtune.spec import load_space
+    from spatialtune.workloads.spec import load_space
 
     return load_space(DEMO)
 
@@ -54,9 +54,9 @@ def demo_space():
 def tuned_db(tmp_path_factory, demo_space):
     """A real small tuning run shared by tests that only read results: dense_small and conv_small
     at 100% and 50% of the cores, 12 trials each."""
-    from spatialtune.database import TuningDatabase
-    from spatialtune.runner import RunSettings
-    from spatialtune.tune import TuneOptions, tune
+    from spatialtune.store.database import TuningDatabase
+    from spatialtune.measure.runner import RunSettings
+    from spatialtune.tuning import TuneOptions, tune
 
     d = tmp_path_factory.mktemp("tuned")
     path = d / "tuned.sqlite"

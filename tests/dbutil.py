@@ -1,8 +1,8 @@
 """Hand-built database content for tests that need no tuning run."""
 
-from spatialtune.database import Measurement
+from spatialtune.store.database import Measurement
 from spatialtune.device import DeviceInfo
-from spatialtune.spec import Workload
+from spatialtune.workloads.spec import Workload
 
 CPU = DeviceInfo(kind="cpu", name="Test CPU", units=8, unit="core", driver="Linux 6", arch="x86_64",
                  tvm_version="0.27.0.post1")

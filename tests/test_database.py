@@ -4,9 +4,10 @@ import threading
 
 import pytest
 
-from spatialtune.database import SCHEMA_VERSION, TuningDatabase
+from spatialtune.store.database import TuningDatabase
+from spatialtune.store.schema import SCHEMA_VERSION
 from spatialtune.errors import DatabaseError
-from spatialtune.spec import Workload
+from spatialtune.workloads.spec import Workload
 
 from conftest import ROOT, run_cli
 from dbutil import CPU, DENSE, GPU, meas, populate

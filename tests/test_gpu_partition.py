@@ -14,9 +14,10 @@ import pytest
 
 from conftest import HAS_GPU, ROOT, run_cli
 from spatialtune.errors import DeviceError
-from spatialtune.gpu_partition import (GreenPartition, MpsPartition, mps_sms_for_ratio, ratio_for_sms,
-                                       sms_for_ratio)
-from spatialtune.partition import create_partition
+from spatialtune.partitions.green import GreenPartition
+from spatialtune.partitions.mps import MpsPartition
+from spatialtune.partitions.sm import mps_sms_for_ratio, ratio_for_sms, sms_for_ratio
+from spatialtune.partitions import create_partition
 
 FAKE_MPS = r"""#!/usr/bin/env bash
 # Fake MPS control: logs every call; -d "starts" a daemon (creates the control pipe), quit removes it.
@@ -70,7 +71,7 @@ def test_green_sm_mapping_hopper():
 def test_green_partition_grants_recorded_share():
     p = GreenPartition(total_sms=132, shim="/x/shim.so")
     s = p.grant_sms(64)
-    assert (s.partition, s.units, s.total, s.unit) == ("green", 64, 132, "SM")
+    assert (s.partition_kind, s.units, s.total, s.unit) == ("green", 64, 132, "SM")
     assert p.grant(s.ratio).units == 64  # the recorded ratio maps back to the granted SMs
     assert p.worker_env(p.grant(100)) == {}  # whole device: primary context, no shim
     env = p.worker_env(s)
@@ -126,7 +127,7 @@ def test_mps_uses_users_daemon_and_leaves_it(fake_mps, tmp_path, monkeypatch):
 
 def test_mps_missing_control_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr("spatialtune.gpu_partition.MPS_SEARCH_DIRS", (str(tmp_path),))
+    monkeypatch.setattr("spatialtune.partitions.mps.MPS_SEARCH_DIRS", (str(tmp_path),))
     with pytest.raises(DeviceError) as e:
         MpsPartition(total_sms=132).setup()
     assert "nvidia-cuda-mps-control" in str(e.value) and "\n" not in str(e.value)
@@ -157,7 +158,7 @@ def test_mps_daemon_quit_on_signal_or_error(fake_mps, tmp_path, how):
     _, log = fake_mps
     code = textwrap.dedent(f"""
         import os, signal, sys, time
-        from spatialtune.gpu_partition import MpsPartition
+        from spatialtune.partitions.mps import MpsPartition
         p = MpsPartition(total_sms=132)
         p.setup()
         print(p.pipe_dir, flush=True)
@@ -204,7 +205,7 @@ def _cc(src: str, out: Path, *extra: str) -> None:
 @pytest.mark.skipif(subprocess.run(["sh", "-c", "command -v cc"], capture_output=True).returncode != 0,
                     reason="no C compiler")
 def test_green_shim_redirects_cudaSetDevice(tmp_path):
-    from spatialtune.gpu_runtime import build_green_shim
+    from spatialtune.cuda.green import build_green_shim
 
     shim = build_green_shim(str(tmp_path / "shim.so"))
     _cc(FAKE_LIBCUDA, tmp_path / "libcuda.so.1")

@@ -13,8 +13,13 @@ import json
 import pytest
 
 from conftest import run_cli
-from spatialtune.bundle import build_bundle, import_results, load_manifest, parse_condition, run_bundle
-from spatialtune.database import TuningDatabase, norm_ratio
+from spatialtune.bundle.build import build_bundle
+from spatialtune.bundle.importer import import_results
+from spatialtune.bundle.manifest import load_manifest
+from spatialtune.bundle.run import run_bundle
+from spatialtune.terms import parse_condition
+from spatialtune.store.database import TuningDatabase
+from spatialtune.terms import norm_ratio
 from spatialtune.device import DeviceInfo
 
 SPACE = """
@@ -62,9 +67,11 @@ def test_round1_measured_for_real(rounds):
 def test_round2_proposes_nothing_already_measured(rounds):
     before, m2 = rounds["before"], rounds["m2"]
     measured = {h for (_, _, h) in before}
-    new = [c for c in m2["candidates"] if c["source"] == "search"]
-    explore = [c for c in m2["candidates"] if c["source"] == "explore"]
-    assert len(new) == 4 and len(explore) == 2
+    # --candidates 4 per share (the policy's own uniform picks are for a share too), --explore 2 per workload
+    new = [c for c in m2["candidates"] if c["source"] in ("search", "explore") and c["for"]]
+    explore = [c for c in m2["candidates"] if c["source"] == "explore" and not c["for"]]
+    assert len(new) == 8 and len(explore) == 2
+    assert sorted(sum((c["shares"] for c in new), [])) == ["cpu:100%"] * 4 + ["cpu:50%"] * 4
     assert not {c["mod_hash"] for c in new + explore} & measured
     assert all(len(c["features"]) > 10 for c in new + explore)
     assert len({c["mod_hash"] for c in m2["candidates"]}) == len(m2["candidates"])
@@ -75,10 +82,11 @@ def test_round2_proposes_nothing_already_measured(rounds):
     assert info["device_id"] == dev["id"]
     shares = info["workloads"]["matmul_fp32_M64_N64_K64"]["shares"]
     assert set(shares) == {"cpu:100%", "cpu:50%"}
-    # each share's search ranked with the model the import saved for it
-    assert shares["cpu:100%"]["cost_model"] == "xgb" and shares["cpu:100%"]["cost_model_samples"] >= 4
-    assert shares["cpu:50%"]["cost_model"] == "xgb" and shares["cpu:50%"]["cost_model_samples"] == 2
-    assert "4 new" in rounds["cli"].stdout
+    # each share's search ranked with the model the import saved for it, trained on both shares' rows
+    n_ok = sum(m.status == "ok" for m in before.values())
+    assert shares["cpu:100%"]["cost_model"] == "xgb" and shares["cpu:100%"]["cost_model_samples"] == n_ok
+    assert shares["cpu:50%"]["cost_model"] == "xgb" and shares["cpu:50%"]["cost_model_samples"] == n_ok
+    assert "8 new" in rounds["cli"].stdout
 
 
 def test_round2_measures_each_share_winners_at_every_share(rounds):

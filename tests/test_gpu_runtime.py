@@ -9,17 +9,19 @@ import sys
 import pytest
 
 from conftest import HAS_GPU
-from spatialtune import gpu_runtime as rt
+from spatialtune.cuda import tvm_runtime as rt
+from spatialtune.measure.vendor import measure_torch
 from spatialtune.errors import ConfigError, DeviceError
-from spatialtune.gpu_interference import GpuNeighbour, neighbour_cubin_path, register_tenant
-from spatialtune.gpu_partition import GreenPartition, MpsPartition
-from spatialtune.worker import Worker, WorkerCrashed, WorkerError
+from spatialtune.neighbours.gpu import GpuNeighbour, neighbour_cubin_path, register_tenant
+from spatialtune.partitions.green import GreenPartition
+from spatialtune.partitions.mps import MpsPartition
+from spatialtune.measure.worker import Worker, WorkerCrashed, WorkerError
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_precompiled_callback_returns_the_matching_cubin(tmp_path, monkeypatch):
-    monkeypatch.setattr(rt, "_state", {"cubins": {}, "pending": None, "green": None, "tvm": None})
+    monkeypatch.setattr(rt, "_state", {"cubins": {}, "pending": None, "tvm": None})
     src = 'extern "C" __global__ void main_kernel() {}'
     cub = tmp_path / "a.cubin"
     cub.write_bytes(b"\x7fELF-fake-cubin")
@@ -89,7 +91,7 @@ def test_mps_neighbour_gets_the_complement(tmp_path):
     _, env = n.config(p.grant(100))
     assert env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "100"
     argv, _, cores = n.command(p.grant(50))
-    assert argv[:3] == [sys.executable, "-m", "spatialtune.gpu_interference"] and cores is None
+    assert argv[:3] == [sys.executable, "-m", "spatialtune.neighbours.gpu"] and cores is None
     assert n.unit == "GFLOP/s" and GpuNeighbour("memory", p).unit == "GB/s"
 
 
@@ -113,7 +115,7 @@ def test_unknown_tenant_and_kind():
 
 
 def test_neighbour_cubin_builds(tmp_path):
-    from spatialtune.cubin import check_cubin, find_nvcc
+    from spatialtune.cuda.cubin import check_cubin, find_nvcc
 
     if not find_nvcc():
         pytest.skip("no nvcc on this machine")
@@ -125,7 +127,7 @@ def test_neighbour_cubin_builds(tmp_path):
 
 @pytest.mark.gpu
 def test_neighbour_runs_and_reports_throughput():
-    from spatialtune.interference import NeighbourReading
+    from spatialtune.neighbours.base import NeighbourReading
     import time
 
     n = GpuNeighbour("compute", None)
@@ -143,26 +145,27 @@ MM = {"op": "matmul", "dtype": "fp32", "params": {"M": 16, "N": 8, "K": 4}, "nam
 
 def test_torch_baseline_without_torch_is_a_status(monkeypatch):
     """No torch in this Python: a row saying so, no exception (the run goes on)."""
-    from spatialtune.runner import RunSettings
-    from spatialtune.spec import Workload
+    from spatialtune.measure.runner import RunSettings
+    from spatialtune.workloads.spec import Workload
 
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError, torch installed or not
     w = Workload.from_dict(MM).to_dict()
-    r = rt.measure_torch(w, RunSettings(repeat=2, min_repeat_ms=1), 0)
+    r = measure_torch(w, RunSettings(repeat=2, min_repeat_ms=1), 0)
     assert r["status"] == "unavailable" and "torch cannot be imported" in r["error"]
     conv = Workload.from_dict({"op": "conv2d", "dtype": "fp32", "params": {
         "N": 1, "C": 4, "H": 8, "W": 8, "K": 4, "R": 3, "S": 3, "stride": 1, "pad": 1}}).to_dict()
     with pytest.raises(ConfigError, match="no cuBLAS baseline for conv2d"):
-        rt.measure_torch(conv, RunSettings(), 0)
+        measure_torch(conv, RunSettings(), 0)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the no-torch / no-GPU path through a real worker")
 def test_vendor_baselines_through_a_worker_without_torch_turn_off():
     """measure_vendor calls the worker; without a usable torch it records one row and stops asking."""
-    from spatialtune.bundle import Condition, measure_vendor
-    from spatialtune.partition import create_partition
-    from spatialtune.runner import LocalRunner, RunSettings
-    from spatialtune.spec import Workload
+    from spatialtune.bundle.run import measure_vendor
+    from spatialtune.terms import Condition
+    from spatialtune.partitions import create_partition
+    from spatialtune.measure.runner import LocalRunner, RunSettings
+    from spatialtune.workloads.spec import Workload
 
     w = Workload.from_dict(MM)
     conv = Workload.from_dict({"op": "conv2d", "dtype": "fp32", "params": {

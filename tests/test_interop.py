@@ -10,9 +10,11 @@ import pytest
 
 from conftest import run_cli
 from dbutil import CPU, DENSE, GPU, meas, populate
-from spatialtune.database import TuningDatabase
+from spatialtune.store.database import TuningDatabase
 from spatialtune.errors import ConfigError, DatabaseError
-from spatialtune.interop import RECORD_FILE, WORKLOAD_FILE, export_metaschedule, import_metaschedule, merge_databases
+from spatialtune.lookup.metaschedule import export_metaschedule
+from spatialtune.store.merge import merge_databases
+from spatialtune.store.metaschedule import RECORD_FILE, WORKLOAD_FILE, import_metaschedule
 
 
 @pytest.fixture
@@ -29,9 +31,9 @@ def test_export_is_read_by_tvm_json_database(tuned_copy, tmp_path):
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from spatialtune.apply import replay_trace
+    from spatialtune.workloads.schedule import apply_trace as replay_trace
     from spatialtune.lookup import Lookup
-    from spatialtune.search import mod_hash
+    from spatialtune.workloads.schedule import mod_hash
 
     out = tmp_path / "ms"
     p = run_cli("db", "export-metaschedule", "--db", tuned_copy, "--ratio", "75", "--out", out, check=True)
@@ -143,8 +145,8 @@ def test_merge_keeps_everything_once_and_never_writes_the_sources(tmp_path):
 
 def test_imported_records_seed_the_other_shares(tuned_copy, tmp_path):
     """Tuning another share of an imported workload measures the imported kernel there first."""
-    from spatialtune.runner import RunSettings
-    from spatialtune.tune import TuneOptions, tune
+    from spatialtune.measure.runner import RunSettings
+    from spatialtune.tuning import TuneOptions, tune
 
     out = tmp_path / "ms"
     with TuningDatabase(tuned_copy, create=False) as db:

@@ -10,10 +10,10 @@ import pytest
 
 from conftest import run_cli
 from dbutil import CPU, DENSE, GPU, meas, populate
-from spatialtune.database import TuningDatabase
+from spatialtune.store.database import TuningDatabase
 from spatialtune.errors import ConfigError
 from spatialtune.lookup import Lookup, get_lookup, key_for
-from spatialtune.spec import Workload
+from spatialtune.workloads.spec import Workload
 
 ONLY_HALF = Workload(op="dense", dtype="fp32", params={"M": 8, "N": 8, "K": 8}, name="only_half")
 
@@ -200,8 +200,9 @@ def test_cli_prints_the_answer_as_json(hand_db, tmp_path):
 def test_applied_config_passes_the_reference_check(tuned_db, tmp_path):
     """A found config, rebuilt from its stored trace, is the kernel that was measured and
     computes the right answer; a miss builds TVM's default schedule."""
-    from spatialtune.apply import build_kernel, check_kernel, replay_trace
-    from spatialtune.search import mod_hash
+    from spatialtune.lookup.apply import build_kernel, check_kernel
+    from spatialtune.workloads.schedule import apply_trace as replay_trace
+    from spatialtune.workloads.schedule import mod_hash
 
     path = tmp_path / "copy.sqlite"
     shutil.copy(tuned_db[0], path)

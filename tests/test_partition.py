@@ -3,8 +3,10 @@ import os
 import pytest
 
 from spatialtune.errors import ConfigError
-from spatialtune.partition import CpuPartition, create_partition, parse_ratios
-from spatialtune.worker import Worker
+from spatialtune.partitions import create_partition
+from spatialtune.partitions.cpu import CpuPartition
+from spatialtune.terms import parse_ratios
+from spatialtune.measure.worker import Worker
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -45,7 +47,7 @@ def test_worker_applies_the_core_set_and_thread_count():
     share = p.grant(50)
     env = dict(os.environ) | p.worker_env(share)
     env["PYTHONPATH"] = TESTS + os.pathsep + env.get("PYTHONPATH", "")
-    with Worker(init="spatialtune.runner:init_measure_worker", init_args=("cpu", share, "cpu"), env=env) as w:
+    with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"), env=env) as w:
         assert w.init_result == share.units
         assert w.call("workerfns:affinity") == list(share.cores)
         assert w.call("workerfns:getenv", "TVM_NUM_THREADS") == str(share.units)

@@ -1,11 +1,14 @@
 """Builder and runner for real: TVM builds on this CPU, measured under a core cap."""
 import pytest
 
-from spatialtune.builder import BuildInput, LocalBuilder, target_for
-from spatialtune.partition import CpuPartition
-from spatialtune.runner import LocalRunner, RunInput, RunSettings
-from spatialtune.search import default_candidate
-from spatialtune.spec import Workload
+from spatialtune.measure.builder import BuildInput, LocalBuilder
+from spatialtune.device import detect_cpu, target_for
+from spatialtune.partitions.cpu import CpuPartition
+from spatialtune.measure.runner import LocalRunner, RunInput, RunSettings
+from spatialtune.search.space import default_candidate
+from spatialtune.workloads.spec import Workload
+
+TARGET = target_for(detect_cpu())
 
 TINY = {
     "matmul": dict(M=16, N=24, K=32),
@@ -44,8 +47,8 @@ def _te_module(w, body):
 @pytest.mark.parametrize("op", sorted(TINY))
 def test_every_operator_builds_runs_and_matches_its_reference(builder, runner, op, dtype):
     w = Workload(op=op, dtype=dtype, params=TINY[op])
-    c = default_candidate(w)
-    (b,) = builder.build([BuildInput(c.mod_json, f"{op}-{dtype}")], target_for("cpu"))
+    c = default_candidate(w, TARGET)
+    (b,) = builder.build([BuildInput(c.mod_json, f"{op}-{dtype}")], TARGET)
     assert b.ok, b.error
     (r,) = runner.run(CpuPartition().grant(100), "none", [RunInput(w.to_dict(), b.artifact)])
     assert r.status == "ok", r.error
@@ -58,7 +61,7 @@ def test_a_wrong_kernel_is_caught_and_never_timed(builder, runner):
     k = te.reduce_axis((0, DENSE.params["K"] - 1), name="k")  # an off-by-one tiling bug
     wrong = _te_module(DENSE, lambda X, W, i, j: te.sum(X[i, k] * W[j, k], axis=k))
     half = _te_module(DENSE, lambda X, W, i, j: X[i, 0] * W[j, 0])  # writes everything, wrongly
-    built = builder.build([BuildInput(wrong, "wrong"), BuildInput(half, "half")], target_for("cpu"))
+    built = builder.build([BuildInput(wrong, "wrong"), BuildInput(half, "half")], TARGET)
     res = runner.run(CpuPartition().grant(100), "none", [RunInput(DENSE.to_dict(), b.artifact) for b in built])
     for r in res:
         assert r.status == "wrong_result" and r.times == [] and r.median_s is None
@@ -68,8 +71,8 @@ def test_a_wrong_kernel_is_caught_and_never_timed(builder, runner):
 def test_a_crashing_kernel_costs_only_itself(builder, runner):
     # Reads ~1.3 GB past its input: a segfault in the measuring worker.
     crash = _te_module(DENSE, lambda X, W, i, j: X[i + 10_000_000, j % DENSE.params["K"]])
-    good = default_candidate(DENSE)
-    built = builder.build([BuildInput(crash, "crash"), BuildInput(good.mod_json, "good")], target_for("cpu"))
+    good = default_candidate(DENSE, TARGET)
+    built = builder.build([BuildInput(crash, "crash"), BuildInput(good.mod_json, "good")], TARGET)
     assert all(b.ok for b in built)
     res = runner.run(CpuPartition().grant(100), "none", [RunInput(DENSE.to_dict(), b.artifact) for b in built])
     assert res[0].status == "runtime_error" and "died" in res[0].error
@@ -78,8 +81,8 @@ def test_a_crashing_kernel_costs_only_itself(builder, runner):
 
 def test_a_hanging_kernel_times_out_and_the_next_one_runs(builder):
     big = Workload(op="dense", dtype="fp32", params={"M": 512, "N": 512, "K": 512})
-    slow = default_candidate(big)  # naive loops, well over the limit below
-    (b,) = builder.build([BuildInput(slow.mod_json, "slow")], target_for("cpu"))
+    slow = default_candidate(big, TARGET)  # naive loops, well over the limit below
+    (b,) = builder.build([BuildInput(slow.mod_json, "slow")], TARGET)
     with LocalRunner(CpuPartition(), settings=RunSettings(repeat=50, min_repeat_ms=1000, timeout=1.0)) as r:
         first, second = r.run(CpuPartition().grant(100), "none",
                               [RunInput(big.to_dict(), b.artifact), RunInput(big.to_dict(), b.artifact)])
@@ -88,13 +91,13 @@ def test_a_hanging_kernel_times_out_and_the_next_one_runs(builder):
 
 
 def test_a_build_failure_is_data(builder):
-    (b,) = builder.build([BuildInput("{not json", "broken")], target_for("cpu"))
+    (b,) = builder.build([BuildInput("{not json", "broken")], TARGET)
     assert not b.ok and "build error" in b.error
 
 
 def test_memory_neighbour_throughput_is_recorded(builder):
-    c = default_candidate(DENSE)
-    (b,) = builder.build([BuildInput(c.mod_json, "n")], target_for("cpu"))
+    c = default_candidate(DENSE, TARGET)
+    (b,) = builder.build([BuildInput(c.mod_json, "n")], TARGET)
     part = CpuPartition()
     with LocalRunner(part, settings=RunSettings(repeat=3, min_repeat_ms=50)) as r:
         (res,) = r.run(part.grant(50), "memory", [RunInput(DENSE.to_dict(), b.artifact)])

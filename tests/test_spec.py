@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from spatialtune.errors import SpecError
-from spatialtune.ops import OPERATORS, get_operator
-from spatialtune.spec import load_space, make_key
+from spatialtune.workloads.ops import OPERATORS, get_operator
+from spatialtune.workloads.spec import load_space, make_key
 
 from conftest import SPACES, run_cli
 

@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from spatialtune.cost_model import RandomModel, XGBModel, spearman
-from spatialtune.database import TuningDatabase
-from spatialtune.runner import RunSettings
-from spatialtune.tune import TuneOptions, tune
+from spatialtune.search.cost_model import RandomModel, XGBModel, spearman
+from spatialtune.store.database import TuningDatabase
+from spatialtune.measure.runner import RunSettings
+from spatialtune.tuning import TuneOptions, tune
 
 from conftest import DEMO, ROOT, run_cli
 
@@ -183,8 +183,8 @@ def test_cli_tune_prints_the_result_table(tuned_db, tmp_path):
 def test_replay_runner_returns_what_was_recorded(tuned_db, tmp_path, demo_space):
     """The hardware-free runner: recorded kernels come back as recorded, others as failures,
     and the tuning loop runs on it unchanged."""
-    from spatialtune.partition import CpuPartition
-    from spatialtune.runner import ReplayRunner, RunInput
+    from spatialtune.partitions.cpu import CpuPartition
+    from spatialtune.measure.runner import ReplayRunner, RunInput
 
     path, summary = tuned_db
     with TuningDatabase(path) as src:

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from spatialtune.worker import Worker, WorkerCrashed, WorkerError, WorkerTimeout
+from spatialtune.measure.worker import Worker, WorkerCrashed, WorkerError, WorkerTimeout
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,0 +1,111 @@
+"""``spatialtune bundle``: build candidates here, measure them on a GPU host, import the results."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .common import Parser, db_arg, open_db
+
+
+def add_bundle(sub) -> None:
+    p = sub.add_parser("bundle", help="build candidates here, measure them on a GPU host, import the results")
+    bs = p.add_subparsers(dest="bundle_command", metavar="ACTION", parser_class=Parser)
+    b = bs.add_parser("build", help="search and build candidates with cubins into a bundle directory")
+    b.add_argument("--space", required=True)
+    b.add_argument("--workload", action="append", default=[], metavar="NAME", help="repeatable; default: all")
+    b.add_argument("--target", default="cuda", choices=("cuda", "cpu"),
+                   help="cuda; cpu runs the same loop on this host's cores (for tests)")
+    b.add_argument("--arch", default="sm_90")
+    b.add_argument("--candidates", type=int, default=32, help="new candidates per workload")
+    b.add_argument("--workload-candidates", action="append", default=[], metavar="NAME=N",
+                   help="new candidates for one workload (repeatable; 0 with --db: only the winners)")
+    b.add_argument("--build-workers", type=int, default=2)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", required=True, help="bundle directory")
+    b.add_argument("--db", default=None, help="next round: search from the measurements and cost models of this "
+                   "database (after bundle import); without it, a fresh search")
+    b.add_argument("--device", default=None, metavar="ID", help="with --db: the device to continue from "
+                   "(needed when the database holds several of the target's kind)")
+    b.add_argument("--share", action="append", default=[], metavar="PART:SHARE[:INTERF]",
+                   help="with --db: shares to search (repeatable; default: every share measured without a neighbour)")
+    b.add_argument("--transfer-top", type=int, default=2, help="with --db: each share's best configs measured at "
+                   "every share")
+    b.add_argument("--explore", action="append", default=[], metavar="NAME=N",
+                   help="add N uniform samples of the design space for a workload (repeatable; no cost model)")
+    b.add_argument("--cost-model", default="random", help="ranking without data (round 1, or a share with no "
+                   "saved model)")
+    b.set_defaults(func=_cmd_bundle_build)
+    r = bs.add_parser("run", help="measure a bundle on this GPU (runtime-only TVM, numpy, cuda-bindings)")
+    r.add_argument("bundle")
+    r.add_argument("--out", required=True, help="results directory")
+    r.add_argument("--partition", default="mps", choices=("mps", "green"))
+    r.add_argument("--ratios", default="100", help="percent, e.g. 100,50,25,12")
+    r.add_argument("--interference", default="none", help="comma list: none,compute,memory,tenant:WORKLOAD")
+    r.add_argument("--condition", action="append", default=[], metavar="PART:SHARE[:INTERF]",
+                   help="explicit conditions instead (repeatable): mps:50, green:64sm, mps:50:compute")
+    r.add_argument("--top", type=int, default=None, help="after the first condition, measure only the top N")
+    r.add_argument("--repeat", type=int, default=5)
+    r.add_argument("--min-repeat-ms", type=int, default=10)
+    r.add_argument("--timeout", type=float, default=20.0, help="seconds per candidate")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-vendor", dest="vendor", action="store_false",
+                   help="leave out the cuBLAS baseline (torch's matmul in the same worker, when torch is there)")
+    r.set_defaults(func=_cmd_bundle_run)
+    i = bs.add_parser("import", help="record bundle results in the database and retrain the cost models")
+    i.add_argument("results", help="results directory or results.json")
+    i.add_argument("--cost-model", default="xgb")
+    db_arg(i)
+    i.set_defaults(func=_cmd_bundle_import)
+
+
+def _cmd_bundle_build(a) -> int:
+    from ..bundle.build import build_bundle
+
+    per_wl, explore = {}, {}
+    for opt, items, into in (("--workload-candidates", a.workload_candidates, per_wl),
+                             ("--explore", a.explore, explore)):
+        for item in items:
+            name, sep, n = item.rpartition("=")
+            if not sep or not name or not n.strip().isdigit():
+                raise ConfigError(f"{opt} {item!r}: expected NAME=N, e.g. mm_1024=8")
+            into[name] = int(n)
+    m = build_bundle(a.space, a.workload, a.out, candidates=a.candidates, target=a.target, arch=a.arch, seed=a.seed,
+                     build_workers=a.build_workers, cost_model=a.cost_model, db_path=a.db, device_id=a.device,
+                     shares=a.share, workload_candidates=per_wl, transfer_top=a.transfer_top,
+                     explore=explore)
+    built = sum(c["status"] == "ok" for c in m["candidates"])
+    print(f"bundle {a.out}: {built}/{len(m['candidates'])} candidates built for {m['arch']} "
+          f"({', '.join(m['workloads'])}) in {m['build_s']} s")
+    if "round" in m:
+        r = m["round"]
+        for wk, info in r["workloads"].items():
+            print(f"  {wk}: from {info['measured']} measurements on {r['device']} [{r['device_id']}]: "
+                  f"{info['new']} new, {info.get('explore', 0)} uniform samples, {info['transfer']} winners to "
+                  f"measure at other shares, {info['best']} winners re-measured")
+    return 0
+
+
+def _cmd_bundle_run(a) -> int:
+    from ..bundle.run import conditions_from, run_bundle
+    from ..bundle.table import format_table
+    from ..terms import parse_condition
+    from ..terms import parse_ratios
+
+    if a.condition:
+        conds = [parse_condition(c) for c in a.condition]
+    else:
+        conds = conditions_from(a.partition, parse_ratios(a.ratios), [s.strip() for s in a.interference.split(",")])
+    res = run_bundle(a.bundle, a.out, conds, repeat=a.repeat, min_repeat_ms=a.min_repeat_ms, timeout=a.timeout,
+                     top=a.top, seed=a.seed, vendor=a.vendor)
+    print(format_table(res))
+    return 0
+
+
+def _cmd_bundle_import(a) -> int:
+    from ..bundle.importer import import_results
+
+    with open_db(a.db, create=True) as db:
+        s = import_results(a.results, db, cost_model=a.cost_model)
+    print(f"imported {s['added']} measurements ({s['skipped']} already there) for {s['device']} [{s['device_id']}] "
+          f"into {a.db or 'the default database'}; retrained {s['cost_models']} cost models; "
+          f"{s['baselines']} cuBLAS baselines")
+    return 0

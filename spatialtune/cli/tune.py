@@ -1,0 +1,106 @@
+"""Commands to tune and to read what was tuned: ``tune``, ``workloads``, ``show``."""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import ConfigError
+from .common import db_arg, open_db
+
+
+def add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="tune workloads for shares of the device")
+    p.add_argument("--space", required=True, help="search-space file (search_spaces/*.toml)")
+    p.add_argument("--workload", action="append", default=[], metavar="NAME",
+                   help="workload name or key (repeatable; default: all in the space)")
+    p.add_argument("--ratios", default="100", help="shares to tune for, percent, e.g. 25,50,100")
+    p.add_argument("--interference", default="none", help="none, compute, memory or tenant:WORKLOAD")
+    p.add_argument("--trials", type=int, default=32, help="trials per (workload, share), earlier runs included")
+    p.add_argument("--batch", type=int, default=8, help="candidates built and measured per round")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop after this long")
+    p.add_argument("--target", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--partition", default=None, help="cpu (default for --target cpu), mps or green")
+    p.add_argument("--cost-model", default="xgb", help="xgb or random")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per candidate measurement")
+    p.add_argument("--repeat", type=int, default=5, help="timed repeats per candidate (median counts)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-baselines", action="store_true", help="skip TVM-default and numpy baselines")
+    db_arg(p)
+    p.set_defaults(func=_cmd_tune)
+
+
+def _cmd_tune(a) -> int:
+    from ..terms import parse_ratios
+    from .progress import Progress
+    from ..measure.runner import RunSettings
+    from ..workloads.spec import load_space
+    from ..tuning import TuneOptions, tune
+
+    ratios = parse_ratios(a.ratios)
+    space = load_space(a.space)
+    workloads = space.select(a.workload)
+    if a.timeout <= 0 or a.repeat < 1:
+        raise ConfigError("--timeout must be positive and --repeat at least 1")
+    opts = TuneOptions(trials=a.trials, batch=a.batch, time_budget_s=a.time_budget, target=a.target,
+                       partition=a.partition, interference=a.interference, cost_model=a.cost_model, seed=a.seed,
+                       baselines=not a.no_baselines, run=RunSettings(repeat=a.repeat, timeout=a.timeout, seed=a.seed))
+    opts.validate()
+    with open_db(a.db, create=True) as db:
+        bar = Progress(total_jobs=len(workloads) * len(ratios))
+        try:
+            summary = tune(workloads, ratios, db, opts, progress=bar.update)
+        finally:
+            bar.close()
+    from .tables import format_summary
+
+    print(format_summary(summary))
+    return 0
+
+
+# ---------------------------------------------------------------- workloads, show
+
+
+def add_workloads(sub) -> None:
+    p = sub.add_parser("workloads", help="list the workload keys of a search space")
+    p.add_argument("--space", required=True)
+    p.set_defaults(func=_cmd_workloads)
+
+
+def _cmd_workloads(a) -> int:
+    from ..workloads.spec import load_space
+
+    for w in load_space(a.space).workloads:
+        shape = " ".join(f"{k}={v}" for k, v in w.params.items())
+        print(f"{w.key}\t{w.name}\t{w.op}\t{w.dtype}\t{shape}\t{w.flops / 1e9:.3f} GFLOP")
+    return 0
+
+
+def add_show(sub) -> None:
+    p = sub.add_parser("show", help="best config per (workload, share, interference, device)")
+    db_arg(p)
+    p.add_argument("--workload", action="append", default=[], metavar="NAME", help="name or key (repeatable)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(func=_cmd_show)
+
+
+def _cmd_show(a) -> int:
+    from .tables import format_best_table
+
+    with open_db(a.db, create=False) as db:
+        keys: list[str | None] = [None]
+        if a.workload:
+            keys = []
+            for name in a.workload:
+                found = db.find_workload(name)
+                if not found:
+                    raise ConfigError(f"no workload {name!r} in {db.path}")
+                keys += found
+        rows = [b for k in keys for b in db.best(workload_key=k)]
+        devices = {d["id"]: d for d in db.devices()}
+        if a.json:
+            for b in rows:
+                d = b.to_dict() | {"device_name": devices.get(b.device_id, {}).get("name", "")}
+                print(json.dumps(d))
+        else:
+            print(format_best_table(rows, devices, db))
+    return 0

@@ -1,0 +1,12 @@
+"""Runtime lookup for schedulers: which tuned kernel for the share (and neighbour) just granted.
+
+``Lookup`` answers from an immutable in-memory index of the database's best configs, in about a
+microsecond, with fallback rules; ``apply.build_kernel`` turns an answer into a runnable module;
+``metaschedule.export_metaschedule`` writes the answers at one share for TVM's own pipelines.
+Importing this package loads neither TVM nor sqlite-utils.
+"""
+
+from .index import LookupResult
+from .service import Lookup, get_lookup, key_for
+
+__all__ = ["Lookup", "LookupResult", "get_lookup", "key_for"]

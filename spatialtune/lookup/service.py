@@ -1,0 +1,320 @@
+"""Runtime lookup: which tuned kernel should a scheduler launch for the share it just granted?
+
+A scheduler asks with a workload (key, spec name, :class:`~spatialtune.spec.Workload`, or
+``key_for(op, shape)``), the share it granted (a ratio in percent, or a count of cores/SMs), the
+interference it expects and, when the database holds several, the device. The answer is a
+:class:`LookupResult`: the config to use (``mod_hash``, ``measurement_id``; the trace through
+:meth:`Lookup.trace`), the share it was tuned for, its measured time, and why it was chosen.
+
+Rules, in order (the share rule runs within the requested interference condition first, then
+within ``none`` when nothing was tuned under the requested one):
+
+1. ``exact``: a config tuned for exactly the granted share;
+2. ``below``: the config tuned for the largest share at or below the granted one (a kernel
+   tuned for fewer SMs degrades gracefully when given more, the other way round it may not);
+3. ``whole-device``: the config tuned for 100 %;
+4. ``miss``: no config; ``found`` is False and ``reason`` says why. A miss never raises; only
+   malformed arguments (no share, both a ratio and units, a ratio outside (0, 100]) raise
+   :class:`~spatialtune.errors.ConfigError`.
+
+Concurrency and reloads. A :class:`Lookup` holds an immutable :class:`LookupIndex`: one
+snapshot of the database (its SQLite ``data_version`` and file identity). Answers are pure
+memory reads, memoised per index, and safe from any number of threads. The best rows of a
+workload are read the first time it is asked about (so opening a 10k-row database costs one
+indexed query, not a full load), all inside the same snapshot: if the database changed in the
+meantime a fresh index replaces the old one in one reference assignment, so an answer never
+mixes two versions. :meth:`Lookup.refresh` (called automatically every ``check_interval_s``
+seconds by ``lookup``) polls ``data_version`` and the file's inode, and swaps in a fresh index
+when the database was written or replaced. Traces are read on demand by measurement id:
+measurement rows are never updated, so a cached trace cannot go stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import ConfigError, DatabaseError
+from ..store.schema import SCHEMA_VERSION, decode_trace
+from ..terms import norm_ratio
+from .index import LookupIndex, LookupResult
+
+log = logging.getLogger(__name__)
+
+_MEMO_MAX = 1 << 16
+_TRACES_MAX = 1024
+
+
+class _Reader:
+    """A read-only SQLite connection for the lookup: no sqlite-utils (its plugin discovery alone
+    costs ~25 ms at first open), no migrations, and no way for a scheduler to write the file."""
+
+    _BEST = ("SELECT b.workload_key, b.device_id, b.partition, b.ratio, b.interference, b.measurement_id,"
+             " b.median_s, b.n_trials, m.mod_hash, m.granted_units, b.updated_at"
+             " FROM best b JOIN measurements m ON m.id = b.measurement_id")
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise DatabaseError(f"{path}: no such database")
+        try:
+            self.conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
+                                        check_same_thread=False)
+            row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise DatabaseError(f"{path}: not a spatialtune database ({e})") from None
+        version = int(row[0]) if row else 0
+        if version != SCHEMA_VERSION:
+            self.conn.close()
+            raise DatabaseError(f"{path}: schema v{version}, this spatialtune reads v{SCHEMA_VERSION}: "
+                                "open it once with `spatialtune show --db` to upgrade it")
+
+    def data_version(self) -> int:
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    @contextmanager
+    def snapshot(self):
+        self.conn.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self.conn.execute("COMMIT")
+
+    def workload_names(self) -> dict[str, str]:
+        return {k: n or "" for k, n in self.conn.execute("SELECT key, name FROM workloads")}
+
+    def device_units(self) -> dict[str, int]:
+        return {i: int(u) for i, u in self.conn.execute("SELECT id, units FROM devices")}
+
+    def best_rows(self, workload_key: str | None = None) -> list[tuple]:
+        if workload_key is None:
+            return self.conn.execute(self._BEST).fetchall()
+        return self.conn.execute(self._BEST + " WHERE b.workload_key = ?", [workload_key]).fetchall()
+
+    def trace_of(self, measurement_id: int) -> str | None:
+        row = self.conn.execute("SELECT trace FROM measurements WHERE id = ?", [measurement_id]).fetchone()
+        return decode_trace(row[0]) if row else None
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class Lookup:
+    """The lookup service over one database file. Build one per process (see :func:`get_lookup`).
+
+    Thread-safe: ``lookup`` may be called from any thread at any time, including while the
+    database is being written by another process. To deploy a new database file under a live
+    lookup, copy it in with SQLite's backup API (``sqlite3 LIVE ".restore NEW"``): renaming a file over
+    a WAL database leaves the old write-ahead log next to the new file.
+
+    ``check_interval_s``: how often ``lookup`` polls for a changed database (None: never; call
+    :meth:`refresh`). ``preload``: read every workload's best rows now instead of on first use.
+    """
+
+    def __init__(self, path: str | Path, *, check_interval_s: float | None = 1.0, preload: bool = False):
+        self.path = Path(path)
+        self.check_interval_s = check_interval_s
+        self.preload = preload
+        self._lock = threading.RLock()
+        self._traces: dict[int, str] = {}
+        self._db: _Reader | None = None
+        self._ino: tuple[int, int] | None = None
+        self._next_check = float("inf") if check_interval_s is None else time.monotonic() + check_interval_s
+        self._index = self._build_index()
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def _conn(self) -> _Reader:
+        # Reopen when the file was replaced: the old connection would keep reading the old inode.
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise DatabaseError(f"{self.path}: no such database") from None
+        ino = (st.st_dev, st.st_ino)
+        if self._db is None or ino != self._ino:
+            if self._db is not None:
+                self._db.close()
+            self._db = _Reader(self.path)
+            self._ino = ino
+        return self._db
+
+    def _version(self, db: _Reader) -> tuple:
+        return (self._ino, db.data_version())
+
+    def _build_index(self, with_keys: tuple[str, ...] = ()) -> LookupIndex:
+        """A fresh index, plus the groups of ``with_keys``, all from one read snapshot."""
+        with self._lock:
+            db = self._conn()
+            with db.snapshot():
+                wnames = db.workload_names()
+                names: dict[str, set[str]] = {}
+                for key, name in wnames.items():
+                    names.setdefault(key, set()).add(key)
+                    if name:
+                        names.setdefault(name, set()).add(key)
+                devices = db.device_units()
+                idx = LookupIndex(self._version(db), devices, {k: tuple(sorted(v)) for k, v in names.items()})
+                if self.preload:
+                    rows: dict[str, list[tuple]] = {k: [] for k in wnames}
+                    for r in db.best_rows():
+                        rows.setdefault(r[0], []).append(r)
+                    for k, rs in rows.items():
+                        idx.add_rows(k, rs)
+                for k in with_keys:
+                    if k not in idx.groups:
+                        idx.add_rows(k, db.best_rows(k))
+            log.debug("lookup index of %s at version %s", self.path, idx.version)
+            return idx
+
+    def _load_group(self, idx: LookupIndex, wkey: str) -> LookupIndex:
+        """An index holding ``wkey``'s rows: ``idx`` itself, or a fresh one if the database
+        moved on since ``idx`` was read (so one index never mixes two versions)."""
+        with self._lock:
+            if self._index is not idx:  # another thread swapped in a newer snapshot
+                idx = self._index
+            if wkey in idx.groups:
+                return idx
+            db = self._conn()
+            with db.snapshot():
+                rows = db.best_rows(wkey)
+                version = self._version(db)
+            if version == idx.version:
+                idx.add_rows(wkey, rows)
+                return idx
+            idx = self._build_index((wkey,))
+            self._index = idx
+            return idx
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Swap in a fresh index if the database changed (or ``force``); returns whether it did."""
+        with self._lock:
+            if self.check_interval_s is not None:
+                self._next_check = time.monotonic() + self.check_interval_s
+            try:
+                st = os.stat(self.path)
+                changed = (force or (st.st_dev, st.st_ino) != self._ino
+                           or self._version(self._conn()) != self._index.version)
+                if changed:
+                    self._index = self._build_index()
+            except (OSError, sqlite3.Error, DatabaseError) as e:  # keep answering from the snapshot we have
+                log.warning("lookup: cannot check %s (%s); keeping the loaded index", self.path, e)
+                return False
+            return changed
+
+    @property
+    def index(self) -> LookupIndex:
+        return self._index
+
+    # -- answers -------------------------------------------------------------------------------
+
+    def lookup(self, workload: Any, *, ratio: float | None = None, units: int | None = None,
+               interference: str = "none", device: str | None = None,
+               partition: str | None = None) -> LookupResult:
+        """The config to use for ``workload`` under the granted share. Never raises on a miss.
+
+        ``workload``: a key, a spec name, or a Workload. Give exactly one of ``ratio`` (percent
+        of the device, (0, 100]) or ``units`` (cores or SMs granted; needs the device's size,
+        so ``device`` must be given or unique in the database).
+        """
+        if time.monotonic() >= self._next_check:
+            self.refresh()
+        idx = self._index
+        asked = workload if isinstance(workload, str) else workload.key
+        mkey = (asked, ratio, units, interference, device, partition)
+        hit = idx.memo.get(mkey)
+        if hit is not None:
+            return hit
+        r = self._slow(idx, asked, ratio, units, interference, device, partition)
+        return r
+
+    def _slow(self, idx, asked, ratio, units, interference, device, partition) -> LookupResult:
+        if (ratio is None) == (units is None):
+            raise ConfigError("lookup: give exactly one of ratio (percent) or units (cores/SMs)")
+        if ratio is not None and not (0 < ratio <= 100):
+            raise ConfigError(f"lookup: ratio must be a percentage in (0, 100], got {ratio!r}")
+        if units is not None and (isinstance(units, bool) or not isinstance(units, int) or units < 1):
+            raise ConfigError(f"lookup: units must be a positive integer, got {units!r}")
+        try:
+            for k in idx.names.get(asked, ()):
+                if k not in idx.groups:
+                    idx = self._load_group(idx, k)
+        except (sqlite3.Error, OSError, DatabaseError) as e:  # not memoised: the next call retries
+            log.warning("lookup: cannot read %s: %s", self.path, e)
+            return LookupResult(asked, None, ratio, interference, "miss", f"database unreadable: {e}")
+        if units is not None:
+            dev = device
+            if dev is None:
+                devs = sorted({d for k in idx.names.get(asked, ()) for d, _, _ in idx.groups.get(k, {})})
+                dev = devs[0] if len(devs) == 1 else None
+            total = idx.devices.get(dev) if dev else None
+            if not total:
+                res = LookupResult(asked, None, None, interference, "miss",
+                                   f"cannot turn {units} units into a share: pass a device known to the database"
+                                   if dev is None else f"device {dev} is not in the database")
+                return self._memo(idx, (asked, None, units, interference, device, partition), res)
+            share = norm_ratio(min(100.0, 100.0 * units / total))
+        else:
+            share = norm_ratio(ratio)
+        res = idx.resolve(asked, share, interference, device, partition)
+        return self._memo(idx, (asked, ratio, units, interference, device, partition), res)
+
+    @staticmethod
+    def _memo(idx: LookupIndex, key: tuple, res: LookupResult) -> LookupResult:
+        if len(idx.memo) < _MEMO_MAX:  # bounded: an adversarial stream of ratios cannot grow it forever
+            idx.memo[key] = res
+        return res
+
+    def trace(self, result: LookupResult) -> str | None:
+        """The stored MetaSchedule trace (``tvm.ir.save_json``) of a found config, else None."""
+        if result.measurement_id is None:
+            return None
+        t = self._traces.get(result.measurement_id)
+        if t is None:
+            with self._lock:
+                t = self._conn().trace_of(result.measurement_id)
+            if t is not None:
+                if len(self._traces) >= _TRACES_MAX:  # ~10 KB each; a scheduler reuses a few
+                    self._traces.clear()
+                self._traces[result.measurement_id] = t
+        return t
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> "Lookup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_PER_PROCESS: dict[Path, Lookup] = {}
+_PER_PROCESS_LOCK = threading.Lock()
+
+
+def get_lookup(path: str | Path, **kwargs: Any) -> Lookup:
+    """The process-wide :class:`Lookup` for ``path`` (created on first use, then shared)."""
+    p = Path(path).resolve()
+    lk = _PER_PROCESS.get(p)
+    if lk is None:
+        with _PER_PROCESS_LOCK:
+            lk = _PER_PROCESS.get(p)
+            if lk is None:
+                lk = _PER_PROCESS[p] = Lookup(p, **kwargs)
+    return lk
+
+
+def key_for(op: str, shape: Mapping[str, int], dtype: str = "fp32") -> str:
+    """The workload key of an operator and shape, as the database stores it (see spec.make_key)."""
+    from ..workloads.ops import get_operator
+    from ..workloads.spec import make_key
+
+    return make_key(op, dtype, get_operator(op).check_params(shape))

@@ -1,0 +1,87 @@
+"""The measuring worker's side: hold the share, then check and time one kernel per call.
+
+For each candidate the worker loads the artifact (a cubin on CUDA: no compile at load), draws
+fresh random inputs, fills the output with NaN, runs the kernel once and compares it with the
+float64 reference (:mod:`spatialtune.workloads.check`): a wrong kernel is ``wrong_result`` and is
+never timed. Then it times the kernel (warm-up, the median of ``repeat`` timed runs).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..terms import Share
+
+if TYPE_CHECKING:
+    from .runner import RunSettings
+
+_state: dict[str, Any] = {}
+
+
+def init_measure_worker(partition_kind: str, share: Share, device_kind: str) -> int | None:
+    """Apply the share inside this worker; return the units it sees (cores or SMs)."""
+    from ..partitions import create_partition
+
+    part = create_partition(partition_kind) if partition_kind == "cpu" else None
+    seen = part.enter(share) if part is not None else None
+    if device_kind == "cuda":
+        from .cuda_worker import enter_cuda_worker
+
+        seen = enter_cuda_worker(partition_kind, share)
+    _state.update(device_kind=device_kind, seen=seen, share=share)
+    return seen
+
+
+def granted_units() -> int | None:
+    """The cores or SMs this worker's kernels can use, as read when the share was applied."""
+    return _state.get("seen")
+
+
+def _device():
+    import tvm
+
+    return tvm.cuda(0) if _state.get("device_kind") == "cuda" else tvm.cpu(0)
+
+
+def _load(artifact: str, cubin: str | None):
+    if _state.get("device_kind") == "cuda":
+        from ..cuda.tvm_runtime import load_module
+
+        return load_module(artifact, cubin)
+    import tvm
+
+    return tvm.runtime.load_module(artifact)
+
+
+def measure_one(workload: dict, artifact: str, cubin: str | None, settings: RunSettings, seed: int) -> dict:
+    """Check then time one kernel in this worker. Returns MeasureResult fields."""
+    import tvm
+
+    from ..workloads.ops import TOLERANCE, relative_error
+    from ..workloads.spec import Workload
+
+    w = Workload.from_dict(workload)
+    op = w.operator
+    dev = _device()
+    t0 = time.perf_counter()
+    mod = _load(artifact, cubin)
+    load_s = time.perf_counter() - t0
+    rng = np.random.default_rng(seed)
+    xs = op.random_inputs(w.params, w.dtype, rng)
+    ref = op.reference(w.params, xs)
+    args = [tvm.runtime.tensor(x, dev) for x in xs]
+    out = tvm.runtime.tensor(np.full(op.output_shape(w.params), np.nan, dtype=op.out_dtype(w.dtype)), dev)
+    f = mod["main"]
+    f(*args, out)
+    dev.sync()
+    err = relative_error(out.numpy(), ref)
+    res = {"granted_units": _state.get("seen"), "load_s": load_s, "rel_err": err}
+    if not err <= TOLERANCE[w.dtype]:
+        return res | {"status": "wrong_result",
+                      "error": f"relative error {err:.3g} exceeds {TOLERANCE[w.dtype]:g} against the float64 reference"}
+    ev = mod.time_evaluator("main", dev, number=1, repeat=settings.repeat, min_repeat_ms=int(settings.min_repeat_ms))
+    times = [float(t) for t in ev(*args, out).results]
+    return res | {"status": "ok", "times": times, "median_s": float(np.median(times))}

@@ -1,0 +1,158 @@
+"""Vendor baselines, measured in the measuring worker under the same share and neighbour as the
+candidates: numpy (BLAS) on the CPU, torch's matmul (cuBLAS) on a GPU."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..cuda.green import check_green_current, current_shim
+from ..cuda.tvm_runtime import die_if_poisoned
+from ..errors import ConfigError, DeviceError
+
+if TYPE_CHECKING:
+    from .runner import RunSettings
+
+
+def measure_numpy(workload: dict, settings: RunSettings, seed: int) -> dict:
+    """The vendor baseline on the CPU: numpy (BLAS for the matmuls) with this worker's cores."""
+    from ..workloads.spec import Workload
+    from .in_worker import granted_units
+
+    w = Workload.from_dict(workload)
+    op = w.operator
+    rng = np.random.default_rng(seed)
+    xs = op.random_inputs(w.params, w.dtype, rng)
+    fn = _numpy_impl(w)
+    fn(xs)
+    times = []
+    for _ in range(settings.repeat):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn(xs)
+            n += 1
+            el = time.perf_counter() - t0
+            if el * 1e3 >= settings.min_repeat_ms:
+                break
+        times.append(el / n)
+    return {"status": "ok", "times": times, "median_s": float(np.median(times)), "granted_units": granted_units()}
+
+
+def _numpy_impl(w):
+    p = w.params
+    if w.op == "matmul":
+        return lambda xs: xs[0] @ xs[1]
+    if w.op == "dense":
+        return lambda xs: xs[0] @ xs[1].T
+    if w.op == "batch_matmul":
+        return (lambda xs: xs[0] @ xs[1].transpose(0, 2, 1)) if p["transpose_b"] else (lambda xs: xs[0] @ xs[1])
+    # Convolutions in the input precision, the way a numpy user would write them (im2col + GEMM).
+    from ..workloads.ops import conv_reference
+
+    dw = w.op == "depthwise_conv2d"
+    return lambda xs: conv_reference(p, [xs[0].astype(np.float32), xs[1].astype(np.float32)], dw)
+
+
+# ---------------------------------------------------------------- torch / cuBLAS
+
+VENDOR_OPS = ("matmul", "dense", "batch_matmul")
+
+
+def measure_torch(workload: dict, settings: RunSettings, seed: int) -> dict:
+    """The vendor baseline in this measuring worker, under its share: torch's matmul (cuBLAS).
+
+    Runs in the same worker process as the candidates, so the MPS percentage (the process's client
+    connection) or the green context applies: the green context is current for the CUDA runtime
+    that torch calls through (the ``cudaSetDevice`` shim keeps it current, the way torch's own
+    ``GreenContext.set_context`` does with ``cuCtxSetCurrent``), and it is checked to be still
+    current after the baseline ran. fp32 with TF32 disabled. The output is checked against the
+    float64 numpy reference like a kernel's, then timed with CUDA events: warm-up, then the median
+    of ``settings.repeat`` repeats of at least ``settings.min_repeat_ms`` each.
+
+    Returns MeasureResult-like fields plus ``impl``; status ``unavailable`` when this Python has
+    no torch with CUDA (the run goes on without a baseline).
+    """
+    from ..workloads.ops import TOLERANCE, relative_error
+    from ..workloads.spec import Workload
+
+    w = Workload.from_dict(workload)
+    if w.op not in VENDOR_OPS:
+        raise ConfigError(f"no cuBLAS baseline for {w.op} (only {', '.join(VENDOR_OPS)})")
+    try:
+        import torch
+    except Exception as e:  # ImportError, or a broken install that fails at import
+        return {"status": "unavailable", "error": f"torch cannot be imported here: {type(e).__name__}: {e}"}
+    if not torch.cuda.is_available():
+        return {"status": "unavailable", "error": f"torch {torch.__version__} sees no CUDA device"}
+    from .in_worker import granted_units
+
+    seen = granted_units()
+    shim = current_shim()
+    calls0 = int(shim.spatialtune_green_calls()) if shim is not None else None
+    t0 = time.perf_counter()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    if torch.backends.cuda.matmul.allow_tf32:
+        return {"status": "runtime_error", "error": "torch did not turn TF32 off"}
+    impl = f"torch {torch.__version__} (CUDA {torch.version.cuda}) matmul, cuBLAS, fp32 without TF32"
+    op, p = w.operator, w.params
+    rng = np.random.default_rng(seed)
+    xs = op.random_inputs(p, w.dtype, rng)
+    ref = op.reference(p, xs)
+    try:
+        dev = torch.device("cuda", 0)
+        a, b = (torch.from_numpy(np.ascontiguousarray(x)).to(dev) for x in xs)
+        if w.op == "dense":
+            b = b.t()
+        elif w.op == "batch_matmul" and p.get("transpose_b"):
+            b = b.transpose(1, 2)
+        out_dt = torch.from_numpy(np.zeros(0, op.out_dtype(w.dtype))).dtype
+        if out_dt != a.dtype:
+            return {"status": "unsupported", "impl": impl,
+                    "error": f"{w.dtype} in, {op.out_dtype(w.dtype)} out: torch's matmul has no such cuBLAS call"}
+        out = torch.full(tuple(op.output_shape(p)), float("nan"), dtype=out_dt, device=dev)
+
+        def fn():
+            torch.matmul(a, b, out=out)
+
+        fn()
+        torch.cuda.synchronize()
+        check_green_current()
+        err = relative_error(out.cpu().numpy(), ref)
+        # what torch reads as the SM count (MPS lowers it; a green context does not: its SMs are granted_units)
+        res = {"granted_units": seen, "rel_err": err, "impl": impl,
+               "torch_sms": int(torch.cuda.get_device_properties(dev).multi_processor_count)}
+        if not err <= TOLERANCE[w.dtype]:
+            return res | {"status": "wrong_result", "run_s": time.perf_counter() - t0,
+                          "error": f"relative error {err:.3g} exceeds {TOLERANCE[w.dtype]:g} against the float64 "
+                                   f"reference"}
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def timed(n: int) -> float:
+            start.record()
+            for _ in range(n):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / n
+
+        once = timed(3)  # warm-up (cuBLAS picks its kernel, the allocator settles) and a first estimate
+        number = max(1, int(np.ceil(settings.min_repeat_ms / 1e3 / max(once, 1e-7))))
+        timed(number)
+        times = [timed(number) for _ in range(settings.repeat)]
+        check_green_current()
+    except DeviceError:
+        raise  # the green context was lost: the parent sees a failed call, not a baseline of the whole GPU
+    except Exception as e:
+        die_if_poisoned(e)
+        return {"status": "runtime_error", "error": f"{type(e).__name__}: {str(e)[:300]}", "impl": impl,
+                "run_s": time.perf_counter() - t0}
+    res |= {"status": "ok", "times": times, "median_s": float(np.median(times)), "number": number,
+            "run_s": time.perf_counter() - t0}
+    if shim is not None:
+        res["green_shim_calls"] = int(shim.spatialtune_green_calls()) - calls0
+    a = b = out = None  # free the device memory before empty_cache
+    torch.cuda.empty_cache()
+    return res

@@ -1,0 +1,38 @@
+"""Neighbours: a named, reproducible co-runner on the rest of the device while we measure.
+
+Conditions (part of every database key, see :mod:`spatialtune.terms`):
+
+- ``none``: nothing else runs;
+- ``compute``: an arithmetic-bound loop (a cache-resident GEMM on the CPU, FMA on a GPU);
+- ``memory``: a streaming copy far larger than the last-level cache;
+- ``tenant:WORKLOAD``: the tuned kernel of another workload, in a loop (GPU).
+
+Each kind is a :class:`~spatialtune.neighbours.base.Interference`; ``create_interference`` picks
+the implementation for the device kind.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from ..terms import check_interference
+from .base import Interference, NoInterference
+
+
+def create_interference(spec: str | Interference, *, partition=None, device_kind: str = "cpu") -> Interference:
+    if isinstance(spec, Interference):
+        return spec
+    check_interference(spec)
+    if spec == "none":
+        return NoInterference()
+    if device_kind == "cuda":
+        from .gpu import GpuNeighbour
+
+        return GpuNeighbour(spec, partition)
+    if spec.startswith("tenant:"):
+        raise ConfigError("interference 'tenant:WORKLOAD' runs on GPUs only (use none, compute or memory on the CPU)")
+    from .cpu import CpuNeighbour
+
+    return CpuNeighbour(spec, partition)
+
+
+__all__ = ["Interference", "create_interference", "check_interference"]

@@ -1,0 +1,207 @@
+"""Reports: what tuning for a share buys, computed from the database, then rendered.
+
+:func:`compute_report` reads a :class:`~spatialtune.database.TuningDatabase` into plain
+dataclasses (:class:`ReportData`); :func:`render` turns those into ``report.md``, a self-contained
+``report.html`` (plots inlined as base64 PNG) and the PNG files. Tests check the data without
+plotting. Every number comes from the database and carries the device it was measured on and the
+date of the measurement.
+
+Definitions, per series (one workload on one device, partition and interference condition):
+
+- *ratio-tuned*: the best config measured at share r (``best``);
+- *100 %-tuned*: the config that is best at 100 %, as measured at share r (same ``mod_hash``);
+- *regret* at r: 100 %-tuned time / ratio-tuned time (:func:`spatialtune.terms.regret`; > 1:
+  tuning for the share paid off, the whole-device config is that much slower);
+- *rank correlation* between shares a and b: Spearman's rho of the times of the candidates
+  measured at both (same ``mod_hash``), when at least 3 are;
+- *interference effect* at r: best time under the condition / best time with no neighbour.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..store.database import TuningDatabase
+from ..terms import norm_ratio, regret
+
+log = logging.getLogger(__name__)
+
+VENDOR_BASELINES = {"cpu": ("numpy",), "cuda": ("cublas", "torch")}
+MIN_COMMON = 3
+SECTIONS = ("Devices", "Time vs share", "Speedup of ratio-tuned over 100%-tuned", "Regret heat map",
+            "Rank correlation between shares", "Interference")
+
+
+@dataclass
+class SharePoint:
+    ratio: float
+    units: int | None
+    tuned_s: float
+    tuned_hash: str
+    tuned_date: str  # when the best measurement was taken
+    n_trials: int
+    whole_config_s: float | None  # the 100%-best config measured at this share
+    whole_config_date: str | None
+    baseline_kind: str | None  # vendor baseline (numpy / cuBLAS) under the same cap
+    baseline_s: float | None
+    baseline_date: str | None
+    default_s: float | None  # TVM's untuned default schedule
+
+    @property
+    def speedup(self) -> float | None:
+        """The regret of the 100%-tuned config here (a time ratio, >= 1 when tuned here is faster)."""
+        return regret(self.whole_config_s, self.tuned_s)
+
+
+@dataclass
+class Series:
+    workload_key: str
+    name: str
+    device_id: str
+    partition: str
+    interference: str
+    points: list[SharePoint] = field(default_factory=list)  # ascending ratio
+
+    @property
+    def label(self) -> str:
+        base = self.name or self.workload_key
+        return base if self.interference == "none" else f"{base} [{self.interference}]"
+
+
+@dataclass
+class Correlation:
+    label: str
+    device_id: str
+    ratio_a: float
+    ratio_b: float
+    n_common: int
+    rho: float | None  # None when fewer than MIN_COMMON common candidates
+    same_best: bool  # the same kernel is best at both shares
+
+
+@dataclass
+class InterferenceEffect:
+    label: str  # workload name
+    device_id: str
+    ratio: float
+    condition: str
+    best_s: float
+    quiet_s: float  # best with no neighbour, same share
+    slowdown: float
+    neighbour_throughput: float | None  # median over the condition's measurements
+    neighbour_unit: str
+    same_config: bool
+    date: str
+
+
+@dataclass
+class ReportData:
+    db_path: str
+    generated_at: str
+    devices: list[dict[str, Any]]
+    date_range: tuple[str, str] | None
+    series: list[Series]
+    geomean_speedup: dict[float, float]  # share -> geometric mean over series with both configs
+    regret_rows: list[str]
+    regret_cols: list[float]
+    regret: list[list[float | None]]  # rows x cols, time ratio (1.1 = the 100% config is 10 % slower)
+    correlations: list[Correlation]
+    interference: list[InterferenceEffect]
+
+
+# ---------------------------------------------------------------- compute
+
+
+def day(ts: str | None) -> str:
+    return (ts or "")[:10]
+
+
+def compute_report(db: TuningDatabase) -> ReportData:
+    """Read everything the report shows from ``db``. Pure data; no plotting."""
+    from scipy.stats import spearmanr
+
+    names = db.workload_names()
+    devices = db.devices()
+    dev_kind = {d["id"]: d["kind"] for d in devices}
+    groups: dict[tuple, list] = {}
+    for b in db.best():
+        groups.setdefault((b.workload_key, b.device_id, b.partition, b.interference), []).append(b)
+    series: list[Series] = []
+    correlations: list[Correlation] = []
+    ok_by_group: dict[tuple, dict[float, dict[str, Any]]] = {}
+    dates: list[str] = []
+    for gk in sorted(groups):
+        wkey, dev, part, interf = gk
+        ms = db.measurements(workload_key=wkey, device_id=dev, partition=part, interference=interf, status="ok")
+        by_ratio: dict[float, dict[str, Any]] = {}
+        for m in ms:
+            by_ratio.setdefault(norm_ratio(m.ratio), {})[m.mod_hash] = m
+        ok_by_group[gk] = by_ratio
+        bests = {norm_ratio(b.ratio): b for b in groups[gk]}
+        whole = bests.get(100.0)
+        base = {}
+        for row in db.baselines(workload_key=wkey, device_id=dev, partition=part, interference=interf):
+            base[(norm_ratio(row["ratio"]), row["kind"])] = row
+        s = Series(wkey, names.get(wkey, ""), dev, part, interf)
+        for r in sorted(bests):
+            b = bests[r]
+            tm = by_ratio.get(r, {}).get(b.mod_hash)
+            wm = by_ratio.get(r, {}).get(whole.mod_hash) if whole else None
+            vendor = next((base[(r, k)] for k in VENDOR_BASELINES.get(dev_kind.get(dev, ""), ()) if (r, k) in base),
+                          None)
+            default = base.get((r, "tvm-default"))
+            p = SharePoint(r, b.granted_units, b.median_s, b.mod_hash, day(tm.created_at if tm else b.updated_at),
+                           b.n_trials, wm.median_s if wm else None, day(wm.created_at) if wm else None,
+                           vendor["kind"] if vendor else None, vendor["median_s"] if vendor else None,
+                           day(vendor["created_at"]) if vendor else None,
+                           default["median_s"] if default else None)
+            dates += [d for d in (p.tuned_date, p.whole_config_date, p.baseline_date) if d]
+            s.points.append(p)
+        series.append(s)
+        for ra, rb in itertools.combinations(sorted(by_ratio), 2):
+            common = sorted(set(by_ratio[ra]) & set(by_ratio[rb]))
+            rho = None
+            if len(common) >= MIN_COMMON:
+                v = spearmanr([by_ratio[ra][h].median_s for h in common], [by_ratio[rb][h].median_s for h in common])
+                rho = None if math.isnan(v.statistic) else float(v.statistic)
+            same = ra in bests and rb in bests and bests[ra].mod_hash == bests[rb].mod_hash
+            correlations.append(Correlation(s.label, dev, ra, rb, len(common), rho, same))
+
+    logs: dict[float, list[float]] = {}
+    for s in series:
+        for p in s.points:
+            if p.speedup:
+                logs.setdefault(p.ratio, []).append(math.log(p.speedup))
+    geo = {r: math.exp(sum(v) / len(v)) for r, v in sorted(logs.items())}
+
+    cols = sorted({p.ratio for s in series for p in s.points})
+    rows = [f"{s.label} ({s.device_id})" for s in series]
+    grid = [[next((p.speedup for p in s.points if p.ratio == c and p.speedup), None) for c in cols]
+            for s in series]
+
+    effects: list[InterferenceEffect] = []
+    quiet = {(s.workload_key, s.device_id, s.partition): s for s in series if s.interference == "none"}
+    for s in series:
+        q = quiet.get((s.workload_key, s.device_id, s.partition))
+        if s.interference == "none" or q is None:
+            continue
+        qp = {p.ratio: p for p in q.points}
+        for p in s.points:
+            if p.ratio not in qp:
+                continue
+            ms = ok_by_group[(s.workload_key, s.device_id, s.partition, s.interference)].get(p.ratio, {}).values()
+            thr = sorted(m.neighbour_throughput for m in ms if m.neighbour_throughput is not None)
+            unit = next((m.neighbour_unit for m in ms if m.neighbour_unit), "")
+            effects.append(InterferenceEffect(s.name or s.workload_key, s.device_id, p.ratio, s.interference,
+                                              p.tuned_s, qp[p.ratio].tuned_s, p.tuned_s / qp[p.ratio].tuned_s,
+                                              thr[len(thr) // 2] if thr else None, unit,
+                                              p.tuned_hash == qp[p.ratio].tuned_hash, p.tuned_date))
+    return ReportData(str(db.path), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), devices,
+                      (min(dates), max(dates)) if dates else None, series, geo, rows, cols, grid, correlations,
+                      effects)

@@ -1,0 +1,209 @@
+"""Rendering a :class:`~spatialtune.report.data.ReportData`: report.md, a self-contained
+report.html (plots inlined as base64 PNG) and the PNG plots."""
+
+from __future__ import annotations
+
+import base64
+import html
+import itertools
+from pathlib import Path
+
+from .data import MIN_COMMON, SECTIONS, ReportData, Series, day
+
+
+def _us(x: float | None) -> str:
+    return "–" if x is None else f"{x * 1e6:.1f} µs"
+
+
+def _plot_series(s: Series, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    xs = [p.ratio for p in s.points]
+    ax.plot(xs, [p.tuned_s * 1e6 for p in s.points], "o-", label="tuned for the share")
+    pairs = [(p.ratio, p.whole_config_s * 1e6) for p in s.points if p.whole_config_s]
+    if pairs:
+        ax.plot(*zip(*pairs), "s--", label="100%-tuned config")
+    pairs = [(p.ratio, p.baseline_s * 1e6) for p in s.points if p.baseline_s]
+    if pairs:
+        kind = next(p.baseline_kind for p in s.points if p.baseline_s)
+        ax.plot(*zip(*pairs), "^:", label=f"vendor ({kind})")
+    pairs = [(p.ratio, p.default_s * 1e6) for p in s.points if p.default_s]
+    if pairs:
+        ax.plot(*zip(*pairs), "x:", color="grey", label="TVM default")
+    ax.set_xlabel("share of the device (%)")
+    ax.set_ylabel("time (µs)")
+    ax.set_yscale("log")
+    ax.set_xticks(xs)
+    ax.set_title(f"{s.label} on {s.device_id}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_regret(d: ReportData, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.array([[np.nan if v is None else v for v in row] for row in d.regret], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 * len(d.regret_cols) + 4, 0.45 * len(d.regret_rows) + 1.5))
+    im = ax.imshow(grid, cmap="Reds", aspect="auto", vmin=1.0, vmax=max(1.1, float(np.nanmax(grid))
+                                                                        if np.isfinite(grid).any() else 1.1))
+    ax.set_xticks(range(len(d.regret_cols)), [f"{c:g}%" for c in d.regret_cols])
+    ax.set_yticks(range(len(d.regret_rows)), d.regret_rows, fontsize=7)
+    for i, j in itertools.product(range(grid.shape[0]), range(grid.shape[1])):
+        if np.isfinite(grid[i, j]):
+            ax.text(j, i, f"{grid[i, j]:.2f}x", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=ax, label="regret of the 100% config (time ratio)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_interference(d: ReportData, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    labels = [f"{e.label} {e.ratio:.4g}% {e.condition}" for e in d.interference]
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(labels) + 1.5))
+    ax.barh(range(len(labels)), [e.slowdown for e in d.interference])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("best time under interference / best time alone")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
+    """The report as a list of blocks, rendered by both the Markdown and the HTML writers."""
+    taken = f"; measurements taken {d.date_range[0]} to {d.date_range[1]}." if d.date_range else "."
+    B: list[tuple] = [("h1", "spatialtune report"), ("p", f"Database {d.db_path}; generated {d.generated_at}{taken}")]
+    B.append(("h2", SECTIONS[0]))
+    B.append(("table", ["device id", "kind", "name", "units", "driver", "arch", "TVM", "registered"],
+              [[x["id"], x["kind"], x["name"], f"{x['units']} {x['unit']}s", x.get("driver") or "",
+                x.get("arch") or "", x.get("tvm_version") or "", day(x["created_at"])] for x in d.devices]))
+    B.append(("h2", SECTIONS[1]))
+    B.append(("p", "Per workload: the config tuned for each share, the 100%-tuned config measured at that share, "
+                   "and the vendor baseline measured under the same cap where one exists."))
+    for i, s in enumerate(d.series):
+        B.append(("h3", f"{s.label} — {s.workload_key} on {s.device_id} ({s.partition})"))
+        if f"series{i}" in plots:
+            B.append(("img", plots[f"series{i}"], f"time vs share for {s.label} ({s.partition})"))
+        B.append(("table", ["share", "granted", "ratio-tuned", "100%-tuned", "vendor", "TVM default", "trials",
+                            "measured"],
+                  [[f"{p.ratio:.4g}%", "" if p.units is None else str(p.units), _us(p.tuned_s), _us(p.whole_config_s),
+                    f"{_us(p.baseline_s)} ({p.baseline_kind})" if p.baseline_s else "–", _us(p.default_s),
+                    str(p.n_trials), p.tuned_date] for p in s.points]))
+    B.append(("h2", SECTIONS[2]))
+    rows = [[s.label, s.device_id, f"{p.ratio:.4g}%", _us(p.tuned_s), _us(p.whole_config_s), f"{p.speedup:.3f}x",
+             p.tuned_date] for s in d.series for p in s.points if p.speedup]
+    if rows:
+        B.append(("table", ["workload", "device", "share", "ratio-tuned", "100%-tuned", "speedup", "measured"], rows))
+        B.append(("table", ["share", "geometric mean speedup", "series"],
+                  [[f"{r:g}%", f"{g:.3f}x", str(sum(1 for s in d.series for p in s.points
+                                                      if p.ratio == r and p.speedup))]
+                   for r, g in d.geomean_speedup.items()]))
+    else:
+        B.append(("p", "No share has both its own best config and the 100%-tuned config measured."))
+    B.append(("h2", SECTIONS[3]))
+    if "regret" in plots:
+        B.append(("img", plots["regret"], "regret heat map"))
+        B.append(("p", "Regret: how much slower the 100%-tuned config is than the ratio-tuned one at each share "
+                       "(empty: not measured)."))
+    else:
+        B.append(("p", "No regret to show: no share has the 100%-tuned config measured."))
+    B.append(("h2", SECTIONS[4]))
+    if d.correlations:
+        B.append(("table", ["workload", "device", "shares", "common candidates", "Spearman rho", "same best"],
+                  [[c.label, c.device_id, f"{c.ratio_a:g}% vs {c.ratio_b:g}%", str(c.n_common),
+                    "–" if c.rho is None else f"{c.rho:.3f}", "yes" if c.same_best else "no"]
+                   for c in d.correlations]))
+        B.append(("p", f"rho needs at least {MIN_COMMON} candidates measured at both shares."))
+    else:
+        B.append(("p", "No workload was measured at two shares."))
+    B.append(("h2", SECTIONS[5]))
+    if d.interference:
+        if "interference" in plots:
+            B.append(("img", plots["interference"], "interference slowdown"))
+        B.append(("table", ["workload", "device", "share", "condition", "best alone", "best under it", "slowdown",
+                            "neighbour throughput", "same config", "measured"],
+                  [[e.label, e.device_id, f"{e.ratio:.4g}%", e.condition, _us(e.quiet_s), _us(e.best_s),
+                    f"{e.slowdown:.2f}x",
+                    "–" if e.neighbour_throughput is None else f"{e.neighbour_throughput:.3g} {e.neighbour_unit}",
+                    "yes" if e.same_config else "no", e.date] for e in d.interference]))
+    else:
+        conds = sorted({s.interference for s in d.series})
+        B.append(("p", f"No condition other than 'none' was tuned next to a quiet run (conditions: "
+                       f"{', '.join(conds) or 'none'})."))
+    return B
+
+
+def _markdown(blocks: list[tuple], out: Path) -> str:
+    lines: list[str] = []
+    for b in blocks:
+        if b[0] in ("h1", "h2", "h3"):
+            lines += ["#" * int(b[0][1]) + " " + b[1], ""]
+        elif b[0] == "p":
+            lines += [b[1], ""]
+        elif b[0] == "img":
+            lines += [f"![{b[2]}]({b[1].relative_to(out).as_posix()})", ""]
+        elif b[0] == "table":
+            cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731
+            lines += ["| " + " | ".join(map(cell, b[1])) + " |", "|" + "---|" * len(b[1])]
+            lines += ["| " + " | ".join(map(cell, r)) + " |" for r in b[2]] + [""]
+    return "\n".join(lines)
+
+
+def _html(blocks: list[tuple]) -> str:
+    e = html.escape
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>spatialtune report</title><style>"
+             "body{font-family:sans-serif;max-width:70em;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.2em .6em;"
+             "text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}img{max-width:100%}"
+             "</style></head><body>"]
+    for b in blocks:
+        if b[0] in ("h1", "h2", "h3"):
+            parts.append(f"<{b[0]}>{e(b[1])}</{b[0]}>")
+        elif b[0] == "p":
+            parts.append(f"<p>{e(b[1])}</p>")
+        elif b[0] == "img":
+            data = base64.b64encode(b[1].read_bytes()).decode()
+            parts.append(f"<p><img alt='{e(b[2])}' src='data:image/png;base64,{data}'></p>")
+        elif b[0] == "table":
+            parts.append("<table><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in b[1]) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in b[2]]
+            parts.append("</table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def render(d: ReportData, out: Path) -> list[Path]:
+    """Write report.md, report.html and the PNG plots of ``d`` under ``out``; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    plots: dict[str, Path] = {}
+    for i, s in enumerate(d.series):
+        # One file per series: a workload tuned under two partitions has two plots of one label.
+        p = out / "plots" / f"share_{i:02d}_{_slug(s.label)}_{s.partition}.png"
+        _plot_series(s, p)
+        plots[f"series{i}"] = p
+    if any(v is not None for row in d.regret for v in row):
+        plots["regret"] = out / "plots" / "regret.png"
+        _plot_regret(d, plots["regret"])
+    if d.interference:
+        plots["interference"] = out / "plots" / "interference.png"
+        _plot_interference(d, plots["interference"])
+    blocks = _blocks(d, plots)
+    md, page = out / "report.md", out / "report.html"
+    md.write_text(_markdown(blocks, out))
+    page.write_text(_html(blocks))
+    return [md, page, *plots.values()]
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in s)[:60]

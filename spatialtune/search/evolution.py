@@ -1,0 +1,235 @@
+"""Evolutionary search over a design space, ranked by our cost model for one share.
+
+:class:`EvolutionarySearch` drives MetaSchedule's own machinery: the ``post-order-apply`` design
+spaces, its ``EvolutionarySearch`` strategy (C++) with the target's mutators and postprocessors,
+and a cost model of ours behind MetaSchedule's ``PyCostModel`` interface. It fixes what that
+strategy assumes and we cannot give it as is:
+
+- **Scores.** The strategy picks parents in proportion to the score clamped at 0 and keeps the
+  best-scoring candidates across its iterations; our model's :meth:`~.cost_model.CostModel.score`
+  is a predicted relative throughput in (0, 1] (random before the model is trained).
+- **Measured kernels.** The strategy only knows what it handed out itself, so kernels measured
+  earlier (read from the database) come back out of it. It is asked for enough candidates to
+  cover those; they are dropped, and the fresh ones not used yet wait in a pool that is re-ranked
+  with the newest model at the next ``ask``. Repeats never end the search.
+- **Exploration.** MetaSchedule's epsilon-greedy share rounds down to zero random picks at small
+  batches. Here a fraction ``explore`` of every batch (carried over between batches, so it adds
+  up at any batch size) is drawn uniformly from the design space (:mod:`.uniform`).
+- **Seeds.** ``measured`` are (trace, time) of this share; ``seeds`` are configs of other shares
+  whose times the caller has put on this share's scale (:mod:`.policy`). Both enter the
+  strategy's database, so the best of them are parents of the first population.
+
+A kernel is identified by the structural hash of its scheduled IRModule; ``ask`` never returns
+one already measured under this share (the resume guarantee rests on that).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..workloads.schedule import mod_hash
+from .cost_model import CostModel, with_share
+from .space import Candidate, DesignSpace, Search, stamp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvolutionConfig:
+    population: int = 256  # MetaSchedule's default is 512
+    genetic_iters: int = 3  # MetaSchedule's default is 4
+    mutate_prob: float = 0.85
+    init_measured_ratio: float = 0.2  # of the first population, taken from the best measured
+    explore: float = 0.15  # fraction of each batch drawn uniformly from the design space
+
+
+class EvolutionarySearch(Search):
+    def __init__(self, workload, target: dict, cost_model: CostModel, *,
+                 measured: Sequence[tuple[str, float | None]] = (), seeds: Sequence[tuple[str, float]] = (),
+                 batch: int = 16, config: EvolutionConfig = EvolutionConfig(), rand_state: int = 0,
+                 share_units: tuple[int, int] = (1, 1), threads: int | None = None):
+        """``measured``: (trace, time or None) already measured under this share; ``seeds``:
+        (trace, time on this share's scale) of other shares, best first; ``share_units``: (units
+        granted, units of the whole device), the share features of the cost model."""
+        from tvm.s_tir import meta_schedule as ms
+
+        t0 = time.perf_counter()
+        self.workload, self.cost_model, self.batch, self.config = workload, cost_model, max(1, batch), config
+        self.share_units = share_units
+        self.rand_state = rand_state
+        self._ms = ms
+        self.space = DesignSpace(workload, target, rand_state=rand_state,
+                                 threads=threads or len(os.sched_getaffinity(0)),
+                                 strategy=ms.search_strategy.EvolutionarySearch(
+                                     population_size=config.population, init_measured_ratio=config.init_measured_ratio,
+                                     init_min_unmeasured=min(config.population, max(16, self.batch)),
+                                     genetic_num_iters=config.genetic_iters, genetic_mutate_prob=config.mutate_prob,
+                                     eps_greedy=0.0, max_fail_count=10))
+        self.msdb = ms.database.MemoryDatabase()
+        self.ms_workload = self.msdb.commit_workload(self.space.mod)
+        self.measured: set[str] = set()
+        for trace, t in measured:
+            sch = self._commit(trace, t)
+            if sch is not None:
+                self.measured.add(mod_hash(sch.mod))
+        for trace, t in seeds:
+            self._commit(trace, t)
+        # Enough per generation to cover the measured kernels that can come back (they are parents)
+        per_iter = self.batch + min(len(self.measured), int(config.population * config.init_measured_ratio))
+        self.strategy = self.space.ctx.search_strategy
+        self.strategy.pre_tuning(max_trials=1 << 30, num_trials_per_iter=per_iter, design_spaces=self.space.spaces,
+                                 database=self.msdb, cost_model=_ms_cost_model(self))
+        self.pool: list[Candidate] = []
+        self._uniform = None
+        self._explore_credit = 0.0
+        self._evolution_done = False
+        self.setup_s = time.perf_counter() - t0
+
+    # -- scores for MetaSchedule ---------------------------------------------------------------
+
+    def _features(self, feats: np.ndarray) -> np.ndarray:
+        return with_share(feats, *self.share_units)
+
+    def scores(self, feats: np.ndarray) -> np.ndarray:
+        return np.asarray(self.cost_model.score(self._features(feats)), dtype="float64")
+
+    # -- the strategy's database ---------------------------------------------------------------
+
+    def _commit(self, trace: str, t: float | None):
+        sch = self.space.replay(trace)
+        if sch is not None and t is not None and np.isfinite(t) and t > 0:
+            ms = self._ms
+            self.msdb.commit_tuning_record(ms.database.TuningRecord(
+                sch.trace, self.ms_workload, run_secs=[float(t)], target=self.space.target,
+                args_info=self.space.args_info))
+        return sch
+
+    # -- ask / tell ----------------------------------------------------------------------------
+
+    def ask(self, n: int) -> list[Candidate]:
+        t0 = time.perf_counter()
+        self._explore_credit += self.config.explore * n
+        n_rand = min(n, int(self._explore_credit))
+        self._explore_credit -= n_rand
+        out = self._from_evolution(n - n_rand)
+        out += self._from_uniform(n - len(out))
+        return stamp(out, t0)
+
+    def _from_evolution(self, n: int) -> list[Candidate]:
+        if n <= 0:
+            return []
+        tries = 0
+        while len(self.pool) < n and not self._evolution_done and tries < 4:
+            tries += 1
+            got = self.strategy.generate_measure_candidates()
+            if not got:
+                self._evolution_done = True
+                log.info("%s: MetaSchedule's evolution has nothing more; sampling uniformly", self.workload.key)
+                break
+            fresh, stale = [], []
+            known = self.measured | {c.mod_hash for c in self.pool}
+            for c in got:
+                h = mod_hash(c.sch.mod)
+                (stale if h in known else fresh).append(c)
+                known.add(h)
+            if stale:  # keep the strategy's count of handed-out candidates in step
+                self.strategy.notify_runner_results(stale, [self._ms.runner.RunnerResult(None, "duplicate")] * len(stale))
+            if fresh:
+                feats = self.space.features_of(fresh)
+                self.pool += [self.space.candidate(c.sch, "search", c, f) for c, f in zip(fresh, feats)]
+        if not self.pool:
+            return []
+        # the newest model ranks everything waiting, from this generation and earlier ones
+        order = np.argsort(-self.cost_model.predict(self._features(np.stack([c.features for c in self.pool]))),
+                           kind="stable")
+        ranked = [self.pool[i] for i in order]
+        self.pool = ranked[n:][: 4 * self.batch]
+        return ranked[:n]
+
+    def _from_uniform(self, n: int) -> list[Candidate]:
+        if n <= 0:
+            return []
+        if self._uniform is None:
+            from .uniform import UniformSampler
+
+            self._uniform = UniformSampler(self.workload, self.space.target_dict, seed=self.rand_state)
+        got = self._uniform.sample(n, exclude=self.measured | {c.mod_hash for c in self.pool})
+        for c in got:
+            c.source = "explore"
+        return got
+
+    def replayed(self, traces: Sequence[str], source: str = "transfer") -> list[Candidate]:
+        """Candidates replayed from traces tuned elsewhere, skipping any measured here."""
+        out: list[Candidate] = []
+        for tr in traces:
+            sch = self.space.replay(tr)
+            if sch is None:
+                continue
+            h = mod_hash(sch.mod)
+            if h not in self.measured and all(o.mod_hash != h for o in out):
+                out.append(self.space.candidate(sch, source))
+        return out
+
+    def tell(self, candidates: Sequence[Candidate], times: Sequence[float | None]) -> None:
+        ms_cands, ms_results = [], []
+        for c, t in zip(candidates, times):
+            self.measured.add(c.mod_hash)
+            ok = t is not None and np.isfinite(t) and t > 0
+            if c.trace:
+                self._commit(c.trace, t if ok else None)
+            if c._ms is not None:
+                ms_cands.append(c._ms)
+                ms_results.append(self._ms.runner.RunnerResult([float(t)] if ok else None, None if ok else "failed"))
+        if ms_cands:
+            self.strategy.notify_runner_results(ms_cands, ms_results)
+
+    def close(self) -> None:
+        try:
+            self.strategy.post_tuning()
+        except Exception:
+            pass
+
+
+def _make_adapter():
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    @derived_object
+    class _Adapter(ms.cost_model.PyCostModel):
+        """Lets MetaSchedule's evolution rank with our per-share model."""
+
+        def __init__(self, search: "EvolutionarySearch"):
+            super().__init__()
+            self.search = search
+
+        def load(self, path: str) -> None:
+            pass
+
+        def save(self, path: str) -> None:
+            pass
+
+        def update(self, context, candidates, results) -> None:
+            pass  # trained by the tuning loop from the database, across workloads and shares
+
+        def predict(self, context, candidates) -> np.ndarray:
+            if not candidates:
+                return np.zeros(0)
+            return self.search.scores(self.search.space.features_of(candidates))
+
+    return _Adapter
+
+
+_ADAPTER = None
+
+
+def _ms_cost_model(search):
+    global _ADAPTER
+    if _ADAPTER is None:
+        _ADAPTER = _make_adapter()
+    return _ADAPTER(search)

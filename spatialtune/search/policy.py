@@ -1,0 +1,187 @@
+"""The one policy that picks the next candidates for a (workload, condition): used by ``tune``
+batch by batch, and by ``bundle build --db`` for a whole GPU round at once.
+
+For a tuning key (workload, device, partition, ratio, interference) it starts from everything the
+database holds for that workload on that device:
+
+1. **Transfers** (measured first, before any search): the configs that are best elsewhere, so every
+   comparison the report makes is measured under this condition. The ``transfer_top`` best of
+   each other share under the same neighbour; the best config of each other neighbour at this
+   share; and the whole-device quiet config (100 %, no neighbour), the one an ordinary tuner
+   would hand out.
+2. **Seeds**: the ``seeds_per_share`` best configs of each other condition of the partition
+   become parents of the evolution, their times put on this share's scale first (each divided by
+   its own share's best time, times this share's best): at a small share, the whole-device winners
+   must not crowd out what this share measured itself.
+3. **Search**: :class:`~.evolution.EvolutionarySearch` ranked by this share's cost model, which
+   is trained on every share of the device with the share as a feature (this share's groups
+   weighted ``own_share_weight``), so a new share starts from what the others learned; a
+   fraction of every batch is drawn uniformly from the design space.
+
+Nothing already measured under the key is ever proposed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..terms import WHOLE, norm_ratio
+from .cost_model import CostModel, with_share
+from .evolution import EvolutionarySearch, EvolutionConfig
+from .space import Candidate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    cost_model: str = "xgb"
+    transfer_top: int = 2  # configs measured here from each other share
+    seeds_per_share: int = 16  # parents taken from each other share
+    own_share_weight: float = 3.0
+    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+
+
+@dataclass(frozen=True)
+class KeyId:
+    """A tuning key without the workload and device: what varies between a workload's rows."""
+
+    partition: str
+    ratio: float
+    interference: str
+
+    @classmethod
+    def of(cls, m) -> "KeyId":
+        return cls(m.partition, norm_ratio(m.ratio), m.interference)
+
+
+# ---------------------------------------------------------------- cost models
+
+
+@dataclass
+class TrainingSet:
+    """Measured rows of one (device, partition, interference), every workload and share: the
+    data every share's model of that condition learns from."""
+
+    total_units: int
+    features: list[np.ndarray] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)  # workload@ratio
+    ratios: list[float] = field(default_factory=list)
+
+    def add(self, features, time_s: float, workload_key: str, ratio: float, units: int | None) -> None:
+        if features is None or time_s is None:
+            return
+        self.features.append(with_share(features, units or self.total_units, self.total_units)[0])
+        self.times.append(float(time_s))
+        self.groups.append(f"{workload_key}@{norm_ratio(ratio):g}")
+        self.ratios.append(norm_ratio(ratio))
+
+    def add_rows(self, rows) -> None:
+        for m in rows:
+            if m.status == "ok":
+                self.add(m.features, m.median_s, m.workload_key, m.ratio, m.granted_units)
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+
+def fit_share_model(model: CostModel, data: TrainingSet, ratio: float, own_share_weight: float = 3.0) -> bool:
+    """Fit ``model`` (for share ``ratio``) on ``data``; returns whether it was fit."""
+    if len(data) < 2:
+        return False
+    r = norm_ratio(ratio)
+    weights = {g: (own_share_weight if rr == r else 1.0) for g, rr in zip(data.groups, data.ratios)}
+    model.fit(np.stack(data.features), data.times, data.groups, group_weight=weights)
+    return True
+
+
+# ---------------------------------------------------------------- the policy for one key
+
+
+class SharePolicy:
+    """What to measure next for one workload under one condition.
+
+    ``rows``: every measurement of the workload on the device (any key), with features;
+    ``share_units``: (units granted, units of the device) for the cost model's share features.
+    """
+
+    def __init__(self, workload, target: dict, key: KeyId, rows: Sequence, model: CostModel, *,
+                 share_units: tuple[int, int], options: PolicyOptions = PolicyOptions(), batch: int = 16,
+                 seed: int = 0, threads: int | None = None):
+        self.workload, self.key, self.options = workload, key, options
+        by_key: dict[KeyId, list] = {}
+        for m in rows:
+            by_key.setdefault(KeyId.of(m), []).append(m)
+        self.here = by_key.pop(key, [])
+        self.best_of = {k: sorted((m for m in ms if m.status == "ok"), key=lambda m: m.median_s)
+                        for k, ms in by_key.items()}
+        self.best_of = {k: v for k, v in self.best_of.items() if v}
+        measured = [(m.trace, m.median_s if m.status == "ok" else None) for m in self.here]
+        rs = (seed * 7919 + len(self.here) * 31 + zlib.crc32(f"{key.partition}:{key.ratio:g}:{key.interference}"
+                                                              .encode())) % (2**31 - 1)
+        t0 = time.perf_counter()
+        seeds = self._seeds()
+        self.n_seeds = len(seeds)
+        self.search = EvolutionarySearch(workload, target, model, measured=measured, seeds=seeds,
+                                         batch=batch, config=options.evolution, rand_state=rs,
+                                         share_units=share_units, threads=threads)
+        self.setup_s = time.perf_counter() - t0
+
+    def _seeds(self) -> list[tuple[str, float]]:
+        ok_here = [m.median_s for m in self.here if m.status == "ok"]
+        scale = min(ok_here) if ok_here else 1.0
+        out = []
+        for k, ms in self.best_of.items():
+            if k.partition != self.key.partition:
+                continue
+            best = ms[0].median_s
+            out += [(m.trace, m.median_s / best * scale) for m in ms[: self.options.seeds_per_share]]
+        out.sort(key=lambda s: s[1])
+        return out
+
+    def transfer_traces(self) -> list[str]:
+        """Traces of the configs best elsewhere that belong measured here (see the module doc)."""
+        k, top = self.key, self.options.transfer_top
+        out: list[str] = []
+        for kk, ms in sorted(self.best_of.items(), key=lambda kv: (-kv[0].ratio, kv[0].interference)):
+            if kk.partition != k.partition:
+                continue
+            if kk.interference == k.interference:
+                out += [m.trace for m in ms[:top]]  # other shares, same neighbour
+            elif kk.ratio == k.ratio:
+                out += [m.trace for m in ms[:1]]  # this share, other neighbours
+            elif kk.ratio == WHOLE and kk.interference == "none":
+                out += [m.trace for m in ms[:1]]  # the config an ordinary tuner gives
+        return out
+
+    def transfers(self) -> list[Candidate]:
+        return self.search.replayed(self.transfer_traces(), "transfer")
+
+    def ask(self, n: int) -> list[Candidate]:
+        return self.search.ask(n)
+
+    def tell(self, candidates: Sequence[Candidate], times: Sequence[float | None]) -> None:
+        self.search.tell(candidates, times)
+
+    def propose(self, n: int, exclude: Callable[[str], bool] = lambda h: False) -> list[Candidate]:
+        """``n`` new candidates at once, none measured and none ``exclude``d (an open-loop round,
+        as a GPU bundle is: asked in batches, each told as not measured yet)."""
+        out: list[Candidate] = []
+        empty = 0
+        while len(out) < n and empty < 3:
+            got = self.search.ask(min(self.search.batch, n - len(out)))
+            self.search.tell(got, [None] * len(got))
+            keep = [c for c in got if not exclude(c.mod_hash) and all(c.mod_hash != o.mod_hash for o in out)]
+            empty = empty + 1 if not keep else 0
+            out += keep
+        return out
+
+    def close(self) -> None:
+        self.search.close()

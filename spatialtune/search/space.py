@@ -1,0 +1,120 @@
+"""The design space of a workload for a target, and candidates drawn from it.
+
+:class:`DesignSpace` holds MetaSchedule's ``post-order-apply`` design spaces of one workload for
+one target (the sketches whose sampling decisions the search fills in), the feature extractor,
+and turns schedules into :class:`Candidate` objects: what a builder needs (the scheduled module),
+what the database stores (the trace, the features) and the kernel's identity (``mod_hash``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ..workloads.schedule import apply_trace, ensure_tensor_intrinsics, mod_hash, trace_to_json
+from .cost_model import pool_features
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    mod_hash: str
+    trace: str  # tvm.ir.save_json of the MetaSchedule trace (replayed by workloads.schedule.apply_trace)
+    mod_json: str  # tvm.ir.save_json of the scheduled module (what the builder compiles)
+    features: np.ndarray | None
+    source: str  # search | explore | transfer | best | default
+    search_s: float = 0.0
+    _ms: object = None  # the MetaSchedule MeasureCandidate it came from, if any
+
+
+class Search(ABC):
+    """Ask/tell contract: ``ask(n)`` returns at most n new candidates (an empty list means the
+    space is exhausted); each must be passed back once through ``tell`` with its time in seconds
+    (None for a failure) before the next ``ask``."""
+
+    @abstractmethod
+    def ask(self, n: int) -> list[Candidate]: ...
+
+    @abstractmethod
+    def tell(self, candidates: Sequence[Candidate], times: Sequence[float | None]) -> None: ...
+
+
+class DesignSpace:
+    """MetaSchedule's design spaces of ``workload`` for ``target`` (a JSON-dict target)."""
+
+    def __init__(self, workload, target: dict, *, rand_state: int = 0, threads: int = 1,
+                 strategy=None, task_name: str | None = None):
+        import tvm
+        from tvm.s_tir import meta_schedule as ms
+
+        self.ms = ms
+        self.workload = workload
+        self.mod = workload.ir_module()
+        self.target = tvm.target.Target(target)
+        self.target_dict = dict(target)
+        # Traces of tensorized kernels name intrinsics this import registers; the design space
+        # generator needs them too (slow, once per process).
+        ensure_tensor_intrinsics()
+        self.ctx = ms.TuneContext(mod=self.mod, target=self.target, space_generator="post-order-apply",
+                                  search_strategy=strategy, task_name=task_name or workload.key,
+                                  rand_state=rand_state, num_threads=max(1, int(threads)))
+        self.spaces = self.ctx.space_generator.generate_design_space(self.mod)
+        self.extractor = ms.feature_extractor.PerStoreFeature()
+        self.args_info = ms.arg_info.ArgInfo.from_prim_func(self.mod["main"])
+
+    def features(self, schedules) -> np.ndarray:
+        """Pooled per-store features, one row per schedule."""
+        cands = [self.ms.MeasureCandidate(s, self.args_info) for s in schedules]
+        if not cands:
+            return np.zeros((0, 0), dtype=np.float32)
+        return self.features_of(cands)
+
+    def features_of(self, measure_candidates) -> np.ndarray:
+        return np.stack([pool_features(f.numpy()) for f in self.extractor.extract_from(self.ctx, measure_candidates)])
+
+    def candidate(self, sch, source: str, ms_cand=None, features: np.ndarray | None = None) -> Candidate:
+        import tvm
+
+        if features is None:
+            features = self.features([sch])[0]
+        return Candidate(mod_hash=mod_hash(sch.mod), trace=trace_to_json(sch.trace), mod_json=tvm.ir.save_json(sch.mod),
+                         features=features, source=source, _ms=ms_cand)
+
+    def replay(self, trace: str):
+        """A schedule from a stored trace, or None when it does not replay here."""
+        try:
+            return apply_trace(self.workload, trace)
+        except Exception as e:  # a trace from another TVM version: not a candidate, not fatal
+            log.debug("a stored trace does not replay on %s: %s", self.workload.key, e)
+            return None
+
+
+def default_candidate(workload, target: dict) -> Candidate:
+    """TVM's untuned default for ``target``: on a CPU the PrimFunc as ``tvm.compile`` takes it;
+    on a GPU, where an unscheduled loop nest has no thread binding and cannot build, the
+    ``DefaultGPUSchedule`` pass Relax's own pipeline falls back to (one thread per output
+    element, no tiling)."""
+    import tvm
+
+    mod = workload.ir_module()
+    if target.get("kind") == "cuda":
+        import tvm.s_tir.transform
+
+        with tvm.target.Target(target):
+            mod = tvm.s_tir.transform.DefaultGPUSchedule()(mod)
+    return Candidate(mod_hash=mod_hash(mod), trace="", mod_json=tvm.ir.save_json(mod), features=None,
+                     source="default")
+
+
+def stamp(cands: list[Candidate], t0: float) -> list[Candidate]:
+    """Spread the search time since ``t0`` over the candidates it produced."""
+    per = (time.perf_counter() - t0) / max(1, len(cands))
+    for c in cands:
+        c.search_s = per
+    return cands

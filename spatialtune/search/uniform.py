@@ -1,0 +1,63 @@
+"""Uniform samples of a design space: every sampling decision drawn at random, no cost model.
+
+The exploration part of every search batch, the extra samples of a GPU round, and the baseline
+the search is benchmarked against all come from here (MetaSchedule's ``ReplayTrace`` strategy).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Collection
+
+from ..workloads.schedule import mod_hash
+from .space import Candidate, DesignSpace, stamp
+
+log = logging.getLogger(__name__)
+
+
+class UniformSampler:
+    """Draws candidates uniformly from a workload's design space, never one in ``exclude`` and
+    never the same one twice."""
+
+    def __init__(self, workload, target: dict, *, seed: int = 0, chunk: int = 64):
+        from tvm.s_tir import meta_schedule as ms
+
+        self.space = DesignSpace(workload, target, rand_state=(seed * 7919 + 17) % (2**31 - 1),
+                                 strategy=ms.search_strategy.ReplayTrace(max_fail_count=2000))
+        self.chunk = chunk
+        self.seen: set[str] = set()
+        self._buffer: list = []
+        self._dry = 0
+
+    def _refill(self) -> None:
+        strat = self.space.ctx.search_strategy
+        strat.pre_tuning(max_trials=self.chunk, num_trials_per_iter=self.chunk, design_spaces=self.space.spaces)
+        try:
+            got = strat.generate_measure_candidates() or []
+        finally:
+            strat.post_tuning()
+        self._buffer.extend(got)
+
+    def sample(self, n: int, exclude: Collection[str] = ()) -> list[Candidate]:
+        """Up to ``n`` new candidates (fewer only when the space seems exhausted)."""
+        t0 = time.perf_counter()
+        out: list[Candidate] = []
+        while len(out) < n and self._dry < 3:
+            if not self._buffer:
+                self._refill()
+                if not self._buffer:
+                    self._dry += 1
+                    continue
+            fresh = 0
+            while self._buffer and len(out) < n:
+                c = self._buffer.pop()
+                h = mod_hash(c.sch.mod)
+                if h in self.seen or h in exclude:
+                    continue
+                self.seen.add(h)
+                out.append(self.space.candidate(c.sch, "explore"))
+                fresh += 1
+            if not fresh and not self._buffer:
+                self._dry += 1  # a whole chunk of repeats: a small space, nearly exhausted
+        return stamp(out, t0)

@@ -1,0 +1,93 @@
+"""What a tuning job is asked to do, and what it reports back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..device import DeviceInfo
+from ..errors import ConfigError
+from ..measure.runner import RunSettings
+from ..partitions import Partition
+from ..search.cost_model import create_cost_model
+from ..search.evolution import EvolutionConfig
+from ..search.policy import PolicyOptions
+from ..terms import check_interference, regret
+
+
+@dataclass
+class TuneOptions:
+    trials: int = 32  # per (workload, share), counting transfers and earlier runs
+    batch: int = 16  # candidates built and measured per round
+    time_budget_s: float | None = None  # whole job; checked between batches
+    target: str = "cpu"  # cpu | cuda
+    partition: str | Partition | None = None  # default: cpu for the CPU target, mps for cuda
+    interference: str = "none"
+    cost_model: str = "xgb"
+    transfer_top: int = 2  # configs taken from each other share
+    seeds_per_share: int = 16  # parents taken from each other condition
+    population: int = EvolutionConfig.population
+    genetic_iters: int = EvolutionConfig.genetic_iters
+    explore: float = EvolutionConfig.explore  # fraction of each batch sampled uniformly
+    mcpu: str | None = None  # CPU: LLVM CPU to compile for (default: this machine's)
+    arch: str | None = None  # CUDA: sm_XY to compile for (default: the device's)
+    seed: int = 0
+    baselines: bool = True
+    artifact_dir: str | None = None
+    build_workers: int | None = None
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def validate(self) -> None:
+        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
+            raise ConfigError(f"--trials must be a positive integer, got {self.trials!r}")
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
+            raise ConfigError(f"--batch must be a positive integer, got {self.batch!r}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ConfigError(f"--time-budget must be positive, got {self.time_budget_s!r}")
+        if self.target not in ("cpu", "cuda"):
+            raise ConfigError(f"--target must be cpu or cuda, got {self.target!r}")
+        if not (isinstance(self.population, int) and self.population >= 8):
+            raise ConfigError(f"--population must be an integer of at least 8, got {self.population!r}")
+        if not (isinstance(self.genetic_iters, int) and self.genetic_iters >= 0):
+            raise ConfigError(f"--genetic-iters must be a non-negative integer, got {self.genetic_iters!r}")
+        if not (0.0 <= self.explore <= 1.0):
+            raise ConfigError(f"--explore must be a fraction in [0, 1], got {self.explore!r}")
+        if self.transfer_top < 0 or self.seeds_per_share < 0:
+            raise ConfigError("--transfer-top and --seeds-per-share must not be negative")
+        check_interference(self.interference)
+        create_cost_model(self.cost_model)
+
+    def policy(self) -> PolicyOptions:
+        return PolicyOptions(cost_model=self.cost_model, transfer_top=self.transfer_top,
+                             seeds_per_share=self.seeds_per_share,
+                             evolution=EvolutionConfig(population=self.population, genetic_iters=self.genetic_iters,
+                                                       explore=self.explore))
+
+
+@dataclass
+class ShareResult:
+    workload_key: str
+    workload_name: str
+    ratio: float  # the key's ratio (what the share granted, see spatialtune.terms)
+    granted_units: int
+    unit: str
+    best_s: float | None
+    n_trials: int
+    new_trials: int
+    whole_device_config_s: float | None  # the 100%-best config measured at this share
+    default_s: float | None  # TVM's untuned default at this share
+    numpy_s: float | None
+
+    @property
+    def regret(self) -> float | None:
+        return regret(self.whole_device_config_s, self.best_s)
+
+
+@dataclass
+class TuneSummary:
+    device: DeviceInfo
+    partition: str
+    interference: str
+    results: list[ShareResult]
+    elapsed_s: float
+    timings: dict[str, float]  # seconds spent in search, build, run, train
+    stopped_early: bool = False

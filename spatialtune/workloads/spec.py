@@ -1,0 +1,177 @@
+"""Search spaces as data: ``search_spaces/*.toml`` files of named workloads.
+
+A file looks like::
+
+    [space]
+    name = "bert-base"
+    description = "..."
+
+    [[workload]]
+    name = "bert_qkv"          # human name, unique within the file
+    op = "dense"               # an operator from spatialtune.ops
+    dtype = "fp32"             # or a list: ["fp32", "fp16"] expands to one workload per dtype
+    shape = { M = 128, N = 2304, K = 768 }
+    model = "BERT-base, seq 128"   # optional provenance
+
+A workload's *key* is derived from what it computes only (operator, dtype, shape), so the same
+spec always gets the same key whatever file or name it comes from, and it reads as what it is:
+``dense_fp32_M128_N2304_K768``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from ..errors import SpecError
+from .ops import DTYPES, Operator, get_operator
+
+
+@dataclass(frozen=True)
+class Workload:
+    op: str
+    dtype: str
+    params: Mapping[str, int]
+    name: str = ""
+    model: str = ""
+
+    @property
+    def operator(self) -> Operator:
+        return get_operator(self.op)
+
+    @property
+    def key(self) -> str:
+        return make_key(self.op, self.dtype, self.params)
+
+    @property
+    def flops(self) -> int:
+        return self.operator.flops(self.params)
+
+    @property
+    def spec_hash(self) -> str:
+        """Hash of what is computed: changes iff the kernel's semantics change."""
+        canon = json.dumps({"op": self.op, "dtype": self.dtype, "params": dict(self.params)}, sort_keys=True)
+        return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"op": self.op, "dtype": self.dtype, "params": dict(self.params), "name": self.name, "model": self.model}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Workload":
+        op = get_operator(d["op"])
+        return cls(op=d["op"], dtype=d["dtype"], params=op.check_params(d["params"]), name=d.get("name", ""),
+                   model=d.get("model", ""))
+
+    def prim_func(self):
+        return self.operator.prim_func(self.params, self.dtype)
+
+    def ir_module(self):
+        import tvm
+
+        return tvm.IRModule({"main": self.prim_func()})
+
+
+def make_key(op: str, dtype: str, params: Mapping[str, int]) -> str:
+    return "_".join([op, dtype] + [f"{k}{v}" for k, v in params.items()])
+
+
+@dataclass
+class SearchSpace:
+    name: str
+    path: str
+    description: str = ""
+    workloads: list[Workload] = field(default_factory=list)
+
+    def select(self, names: Iterable[str] | None) -> list[Workload]:
+        """Workloads by name or key, in the order asked; all of them when names is empty."""
+        names = list(names or [])
+        if not names:
+            return list(self.workloads)
+        out = []
+        for n in names:
+            hits = [w for w in self.workloads if n in (w.name, w.key)]
+            if not hits:
+                raise SpecError(
+                    f"{self.path}: no workload named {n!r} (have: {', '.join(w.name for w in self.workloads)})"
+                )
+            out.extend(h for h in hits if h not in out)
+        return out
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Parse and validate a search-space file; every problem is a SpecError naming file and field."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such search-space file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e.strerror}") from None
+    return parse_space(raw, str(path))
+
+
+def parse_space(raw: Mapping[str, Any], where: str) -> SearchSpace:
+    head = raw.get("space", {})
+    if not isinstance(head, dict):
+        raise SpecError(f"{where}: [space] must be a table")
+    unknown = set(raw) - {"space", "workload"}
+    if unknown:
+        raise SpecError(f"{where}: unknown top-level field {sorted(unknown)[0]!r} (expected [space] and [[workload]])")
+    entries = raw.get("workload")
+    if not isinstance(entries, list) or not entries:
+        raise SpecError(f"{where}: no [[workload]] entries")
+    space = SearchSpace(name=str(head.get("name", Path(where).stem)), path=where,
+                        description=str(head.get("description", "")))
+    seen_names: dict[str, str] = {}
+    for i, e in enumerate(entries):
+        at = f"{where}: workload[{i}]"
+        if not isinstance(e, dict):
+            raise SpecError(f"{at}: must be a table")
+        extra = set(e) - {"name", "op", "dtype", "shape", "model"}
+        if extra:
+            raise SpecError(f"{at}.{sorted(extra)[0]}: unknown field (fields: name, op, dtype, shape, model)")
+        for req in ("name", "op", "shape"):
+            if req not in e:
+                raise SpecError(f"{at}.{req}: missing")
+        name = e["name"]
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise SpecError(f"{at}.name: must be a non-empty string without spaces, got {name!r}")
+        try:
+            op = get_operator(e["op"]) if isinstance(e["op"], str) else None
+        except SpecError as err:
+            raise SpecError(f"{at}.op: {err}") from None
+        if op is None:
+            raise SpecError(f"{at}.op: must be a string")
+        if not isinstance(e["shape"], dict):
+            raise SpecError(f"{at}.shape: must be a table like {{ M = 128, N = 768, K = 768 }}")
+        try:
+            params = op.check_params(e["shape"])
+            op.output_shape(params)
+        except SpecError as err:
+            raise SpecError(f"{at}.shape: {err}") from None
+        dtypes = e.get("dtype", "fp32")
+        dtypes = [dtypes] if isinstance(dtypes, str) else dtypes
+        if not isinstance(dtypes, list) or not dtypes:
+            raise SpecError(f"{at}.dtype: must be a string or a list of strings")
+        for dt in dtypes:
+            if dt not in DTYPES:
+                raise SpecError(f"{at}.dtype: unknown dtype {dt!r} (known: {', '.join(DTYPES)})")
+            if dt not in op.dtypes:
+                raise SpecError(f"{at}.dtype: {op.name} does not support {dt}")
+        model = e.get("model", "")
+        if not isinstance(model, str):
+            raise SpecError(f"{at}.model: must be a string")
+        for dt in dtypes:
+            wname = name if len(dtypes) == 1 else f"{name}_{dt}"
+            if wname in seen_names:
+                raise SpecError(f"{at}.name: duplicate workload name {wname!r}")
+            seen_names[wname] = dt
+            space.workloads.append(Workload(op=op.name, dtype=dt, params=params, name=wname, model=model))
+    return space
+
