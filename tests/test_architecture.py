@@ -166,3 +166,15 @@ def test_the_checks_see_a_violation(tmp_path, monkeypatch):
         test_no_import_cycle()
     with pytest.raises(AssertionError, match="private names"):
         test_no_private_names_across_modules()
+
+
+def test_the_cli_and_the_measuring_side_import_light():
+    """A GPU host that runs bundles has a runtime-only TVM, numpy and cuda-bindings: neither the CLI
+    nor the measuring worker may import the database layer, xgboost or the full TVM at start, and
+    the lookup library loads no TVM at all."""
+    import subprocess
+
+    code = ("import sys, spatialtune.cli, spatialtune.measure.in_worker, spatialtune.bundle.run, spatialtune.lookup;"
+            "print(sorted(m for m in ('tvm', 'sqlite_utils', 'xgboost', 'matplotlib', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,3 +1,4 @@
+import dataclasses
 import shutil
 import sqlite3
 import threading
@@ -55,11 +56,21 @@ def test_the_same_kernel_is_recorded_once_per_key(db):
 
 
 def test_keys_separate_devices(db):
-    db.add_device(GPU)
+    """Another driver or instruction set is another device; another unit of the same model is not."""
+    other_stack = dataclasses.replace(CPU, driver="Linux 7")
+    other_isa = dataclasses.replace(CPU, mattr="-avx512f")
+    twin = dataclasses.replace(CPU, uuid="another-unit-of-the-same-model")
+    assert len({CPU.id, other_stack.id, other_isa.id, GPU.id}) == 4 and twin.id == CPU.id
+    for d in (GPU, other_stack, other_isa):
+        db.add_device(d)
     db.record(meas(h="a", t=1e-3))
     db.record(meas(h="a", t=9e-6, dev=GPU, partition="mps"))
-    assert {b.device_id: b.median_s for b in db.best()} == {CPU.id: 1e-3, GPU.id: 9e-6}
-    assert CPU.id != GPU.id
+    db.record(meas(h="a", t=5e-4, dev=other_stack))
+    db.record(meas(h="b", t=1e-4, dev=other_isa))
+    assert {b.device_id: (b.mod_hash, b.median_s) for b in db.best()} == {
+        CPU.id: ("a", 1e-3), GPU.id: ("a", 9e-6), other_stack.id: ("a", 5e-4), other_isa.id: ("b", 1e-4)}
+    assert [m.median_s for m in db.measurements(device_id=CPU.id)] == [1e-3]
+    assert {d["id"]: d["mattr"] for d in db.devices()}[other_isa.id] == "-avx512f"
 
 
 def test_ok_without_a_time_is_refused(db):
@@ -70,9 +81,16 @@ def test_ok_without_a_time_is_refused(db):
 
 
 def test_same_key_other_spec_is_refused(db):
-    clash = Workload(op="dense", dtype="fp32", params=DENSE.params, name="x")
-    db.add_workload(clash)  # same computation: fine
-    assert db.workload(DENSE.key).params == dict(DENSE.params)
+    """A database written when the operator computed something else under the same key (another
+    revision of its definition) is refused, naming both, and left as it was."""
+    renamed = Workload(op="dense", dtype="fp32", params=DENSE.params, name="x")
+    db.add_workload(renamed)  # same computation under another name: the same workload
+    db.record(meas(h="a"))
+    db.db.execute("UPDATE workloads SET spec_hash = 'older-definition' WHERE key = ?", [DENSE.key])
+    with pytest.raises(DatabaseError, match=f"workload {DENSE.key}: database has spec older-definition, "
+                                            f"this spec is {DENSE.spec_hash}"):
+        db.add_workload(DENSE)
+    assert db.count_measurements() == 1 and db.workload(DENSE.key).params == dict(DENSE.params)
 
 
 def test_cost_model_and_baselines_round_trip(db):
@@ -164,8 +182,46 @@ def test_cli_show_json(tmp_path):
         populate(d)
         d.record(meas(h="a", t=2e-3))
         d.record(meas(h="b", t=1e-3))
+    d2 = dataclasses.replace(CPU, name="Second CPU")
+    with TuningDatabase(path) as d:
+        d.add_device(d2)
+        d.record(meas(h="c", t=3e-3, dev=d2))
     p = run_cli("show", "--db", path, "--json", check=True)
-    (row,) = [json.loads(ln) for ln in p.stdout.splitlines()]
-    assert row["mod_hash"] == "b" and row["n_trials"] == 2 and row["device_name"] == "Test CPU"
+    rows = json.loads(p.stdout)  # one JSON document: an array (the sqlite-utils convention)
+    assert isinstance(rows, list) and len(rows) == 2
+    by_dev = {r["device_name"]: r for r in rows}
+    assert by_dev["Test CPU"]["mod_hash"] == "b" and by_dev["Test CPU"]["n_trials"] == 2
+    assert by_dev["Second CPU"]["mod_hash"] == "c"
+    p = run_cli("show", "--db", path, "--nl", check=True)
+    assert [json.loads(ln)["mod_hash"] for ln in p.stdout.splitlines()] == [r["mod_hash"] for r in rows]
     p = run_cli("show", "--db", path, "--workload", "tiny_dense", check=True)
     assert "tiny_dense" in p.stdout and "1.0 us" not in p.stdout and "1.00 ms" in p.stdout
+
+
+def test_committed_v2_database_is_rekeyed_by_the_granted_share(tmp_path):
+    """v2 keyed core sets and green contexts by the ratio asked; v3 by what was granted: 25 % and
+    50 % of 2 cores were both 1 core, one condition; a kernel measured under both keeps its first
+    measurement; a 25 % green context of 132 SMs was 32 SMs, 24.2424 %, as a green:32sm bundle says."""
+    p = tmp_path / "v2.sqlite"
+    shutil.copy(ROOT / "tests" / "data" / "db_v2.sqlite", p)
+    with TuningDatabase(p) as db:
+        assert db.schema_version == SCHEMA_VERSION
+        cpu = {(m.ratio, m.mod_hash): m.median_s for m in db.measurements(device_id="cpu-v2")}
+        assert cpu == {(50.0, "a"): 4e-3, (50.0, "b"): 3e-3, (50.0, "c"): 5e-3, (100.0, "a"): 2e-3}
+        (best50,) = db.best(device_id="cpu-v2", ratio=50)
+        assert (best50.mod_hash, best50.median_s, best50.n_trials) == ("b", 3e-3, 3)
+        assert [(m.ratio, m.granted_units) for m in db.measurements(device_id="cuda-v2")] == [(24.2424, 32)]
+        assert [b["ratio"] for b in db.baselines(device_id="cpu-v2")] == [50.0]
+        assert db.load_cost_model("cpu-v2", "cpu", 25, "none") is None  # retrained from the rows
+        assert db.integrity_check() == "ok"
+        assert [d["mattr"] for d in db.devices()] == [None, None]
+
+
+def test_add_workload_twice_from_two_connections_is_not_an_error(tmp_path):
+    """Two jobs starting on one database both register the workload: no constraint error."""
+    p = tmp_path / "w.sqlite"
+    with TuningDatabase(p) as a, TuningDatabase(p) as b:
+        populate(a)
+        b.add_workload(DENSE)  # already there, same spec
+        a.add_workload(DENSE)
+        assert [w.key for w in b.workloads()] == [DENSE.key]

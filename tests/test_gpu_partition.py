@@ -252,3 +252,41 @@ def test_mps_real_daemon_roundtrip():
     with p:
         assert p.control_cmd("get_server_list") is not None
     assert not p.started
+
+
+def test_tvm_default_on_a_gpu_is_a_schedule_that_builds():
+    """TVM's untuned baseline for CUDA: the unscheduled loop nest has no thread binding, and TVM 0.27
+    compiles it to host code alone (loops over device memory on the CPU, no kernel); the default
+    GPU schedule Relax falls back to gives a CUDA kernel (no GPU needed to compile)."""
+    import tvm
+
+    from spatialtune.device import target_for
+    from spatialtune.search.space import default_candidate
+    from spatialtune.workloads.spec import Workload
+
+    w = Workload(op="dense", dtype="fp32", params={"M": 64, "N": 64, "K": 64})
+    target = target_for({"kind": "cuda", "name": "H200", "units": 132, "arch": "sm_90"})
+    unscheduled = tvm.compile(w.ir_module(), target=tvm.target.Target(target))
+    assert not any(m.kind == "cuda" for m in unscheduled.mod.imports)
+    c = default_candidate(w, target)
+    lib = tvm.compile(tvm.ir.load_json(c.mod_json), target=tvm.target.Target(target))
+    assert any(m.kind == "cuda" for m in lib.mod.imports)
+
+
+def test_the_search_runs_on_the_hosts_cores_not_the_shares_sms():
+    """MetaSchedule's evolution gets this machine's core count as its thread count, whatever the
+    share's units (before: a 132-SM share asked for 132 CPU threads)."""
+    import os
+
+    from spatialtune.device import detect_cpu, target_for
+    from spatialtune.search.cost_model import create_cost_model
+    from spatialtune.search.policy import KeyId, SharePolicy
+    from spatialtune.workloads.spec import Workload
+
+    w = Workload(op="dense", dtype="fp32", params={"M": 16, "N": 16, "K": 16})
+    policy = SharePolicy(w, target_for(detect_cpu()), KeyId("mps", 50.0, "none"), [], create_cost_model("random"),
+                         share_units=(66, 132))
+    try:
+        assert policy.search.space.ctx.num_threads == len(os.sched_getaffinity(0))
+    finally:
+        policy.close()

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from dbutil import CPU, DENSE, GPU, meas, populate
 from spatialtune.store.database import TuningDatabase
 from spatialtune.errors import ConfigError
@@ -220,3 +220,21 @@ def test_applied_config_passes_the_reference_check(tuned_db, tmp_path):
         assert not miss.found
         k = build_kernel(miss, db.workload(db.find_workload("dense_small")[0]), None)
         assert not k.tuned and check_kernel(k) < 1e-4
+
+
+def test_units_mean_what_the_share_granted_on_the_shipped_h200_data(tmp_path):
+    """MPS 25 % on the H200 gives a client 32 SMs, MPS 12 % gives 14: a scheduler that granted 32
+    SMs gets the 25 % config, 14 SMs the 12 % one (before, units became a fraction of the device
+    compared with the ratio asked: 32 SMs answered with the 12 % config, 14 with 100 %)."""
+    db = tmp_path / "shipped.sqlite"
+    shutil.copy(ROOT / "tuning_db" / "spatialtune.sqlite", db)
+    with Lookup(db, check_interval_s=None) as lk:
+        w = "matmul_fp32_M1024_N1024_K1024"
+        for units, ratio, tuned_units, match in ((32, 25.0, 32, "exact"), (14, 12.0, 14, "exact"),
+                                                 (66, 50.0, 66, "exact"), (40, 25.0, 32, "below"),
+                                                 (132, 100.0, 132, "exact")):
+            r = lk.lookup(w, units=units, partition="mps")
+            assert (r.match, r.tuned_ratio, r.tuned_units, r.requested_units) == (match, ratio, tuned_units, units)
+        # a green context asked as 25 % is a 32-SM context: the same key as green:32sm
+        assert lk.lookup(w, units=32, partition="green").tuned_ratio == 24.2424
+        assert lk.lookup(w, ratio=24.2424, partition="green").match == "exact"

@@ -41,14 +41,29 @@ def test_unknown_partition_lists_the_valid_ones():
         create_partition("mig")
 
 
-def test_worker_applies_the_core_set_and_thread_count():
-    """The real cap, applied where measurements run: a worker process holding one share."""
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to hold one back")
+def test_every_thread_of_a_measuring_worker_stays_on_the_share():
+    """The threads that run kernels and the baseline, not just the main thread: a BLAS whose pool
+    starts at import (numpy's OpenBLAS, here told to start two threads) has its threads moved to
+    the share's cores too, and the TVM thread count matches the share."""
     p = CpuPartition()
-    share = p.grant(50)
-    env = dict(os.environ) | p.worker_env(share)
+    share = p.grant(100 / len(p.cores))  # one core
+    env = dict(os.environ) | p.worker_env(share) | {"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
     env["PYTHONPATH"] = TESTS + os.pathsep + env.get("PYTHONPATH", "")
-    with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"), env=env) as w:
-        assert w.init_result == share.units
-        assert w.call("workerfns:affinity") == list(share.cores)
-        assert w.call("workerfns:getenv", "TVM_NUM_THREADS") == str(share.units)
+    with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"),
+                env=env) as w:
+        assert w.init_result == share.units == 1
+        w.call("workerfns:blas_matmul", 256)
+        cpus = w.call("workerfns:thread_cpus")
+        assert len(cpus) >= 2, "the BLAS pool did not start: the test would prove nothing"
+        assert set(cpus.values()) == {str(share.cores[0])}, cpus
+        assert w.call("workerfns:getenv", "TVM_NUM_THREADS") == "1"
     assert sorted(os.sched_getaffinity(0)) == p.cores  # the parent is untouched
+
+
+def test_key_ratio_is_what_was_granted():
+    """Core sets are keyed by the cores granted, not the percentage asked (see spatialtune.terms)."""
+    p = CpuPartition(cores=[0, 1])
+    assert [p.grant(r).key_ratio for r in (25, 50, 75, 100)] == [50.0, 50.0, 100.0, 100.0]
+    three = CpuPartition(cores=[0, 1, 2])
+    assert three.grant(50).key_ratio == 66.6667

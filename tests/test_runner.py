@@ -32,13 +32,13 @@ def runner():
         yield r
 
 
-def _te_module(w, body):
+def _te_module(w, body, in_dtype="float32"):
     """A module with the workload's signature but another computation (for failure tests)."""
     import tvm
     from tvm import te
 
-    X = te.placeholder((w.params["M"], w.params["K"]), "float32", name="X")
-    W = te.placeholder((w.params["N"], w.params["K"]), "float32", name="W")
+    X = te.placeholder((w.params["M"], w.params["K"]), in_dtype, name="X")
+    W = te.placeholder((w.params["N"], w.params["K"]), in_dtype, name="W")
     Y = te.compute((w.params["M"], w.params["N"]), lambda i, j: body(X, W, i, j), name="Y")
     return tvm.ir.save_json(tvm.IRModule({"main": te.create_prim_func([X, W, Y]).with_attr("global_symbol", "main")}))
 
@@ -108,3 +108,79 @@ def test_memory_neighbour_throughput_is_recorded(builder):
 def test_numpy_baseline(runner):
     r = runner.measure_baseline(CpuPartition().grant(100), "none", DENSE.to_dict(), "numpy")
     assert r.status == "ok" and r.median_s > 0
+
+
+def test_one_wrong_element_of_a_large_fp16_output_is_caught(builder, runner):
+    """A dense that is right everywhere but one element: its whole-array error (about 1e-3 here)
+    is inside the fp16 tolerance, so only the per-element check can catch it."""
+    import tvm
+    from tvm import te, tirx
+
+    big = Workload(op="dense", dtype="fp16", params={"M": 512, "N": 512, "K": 32})
+    k = te.reduce_axis((0, 32), name="k")
+
+    def body(X, W, i, j):
+        acc = te.sum(X[i, k].astype("float32") * W[j, k].astype("float32"), axis=k)
+        return acc
+
+    right = _te_module(big, body, "float16")
+    # the same kernel with one element off: Y[7, 9] gets its value plus 1 (about half the typical |Y|, 1.9)
+    X, W = (te.placeholder((512, 32), "float16", name=n) for n in ("X", "W"))
+    Y = te.compute((512, 512), lambda i, j: te.sum(X[i, k].astype("float32") * W[j, k].astype("float32"), axis=k),
+                   name="Y")
+    Z = te.compute((512, 512), lambda i, j: Y[i, j] + tirx.if_then_else(tirx.all(i == 7, j == 9),
+                                                                         tirx.const(1.0, "float32"),
+                                                                         tirx.const(0.0, "float32")), name="Z")
+    wrong = tvm.ir.save_json(tvm.IRModule({"main": te.create_prim_func([X, W, Z]).with_attr("global_symbol", "main")}))
+    built = builder.build([BuildInput(right, "right16"), BuildInput(wrong, "wrong16")], TARGET)
+    ok, bad = runner.run(CpuPartition().grant(100), "none", [RunInput(big.to_dict(), b.artifact) for b in built])
+    assert ok.status == "ok", ok.error
+    assert bad.status == "wrong_result" and bad.median_s is None and bad.times == []
+    assert bad.rel_err < 2e-3  # what the whole-array check alone would have let through
+    assert "1 elements off" in bad.error and "(7, 9)" in bad.error
+
+
+def test_an_exception_in_the_worker_restarts_it_and_costs_one_candidate(tmp_path):
+    """A Python exception inside a measuring call leaves a process nobody vouches for: it is
+    restarted, the candidate is a runtime_error, the next one is measured in a fresh process."""
+    import os
+
+    from spatialtune.measure.runner import metered_call
+    from spatialtune.measure.worker import Worker
+    from spatialtune.neighbours.base import Meter
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    flag = tmp_path / "flag"
+    flag.write_text("raise")
+    env = dict(os.environ, PYTHONPATH=tests + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with Worker(env=env, name="raiser") as w:
+        pid = w.pid
+        r = metered_call(w, Meter(), 30, "workerfns:raise_then_answer", str(flag))
+        assert r["status"] == "runtime_error" and "a kernel raised" in r["error"]
+        assert w.alive and w.pid != pid and w.restarts == 1
+        flag.write_text("answer")
+        r = metered_call(w, Meter(), 30, "workerfns:raise_then_answer", str(flag))
+        assert r["status"] == "ok" and r["pid"] == w.pid != pid
+
+
+def test_a_worker_that_cannot_restart_costs_one_candidate_not_the_job(tmp_path):
+    """A crash, then a restart that fails (the device is not ready): that candidate's result says
+    so, and the next candidate starts the worker again and is measured."""
+    import os
+
+    from spatialtune.measure.runner import metered_call
+    from spatialtune.measure.worker import Worker
+    from spatialtune.neighbours.base import Meter
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    flag = tmp_path / "not-ready"
+    env = dict(os.environ, PYTHONPATH=tests + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with Worker(init="workerfns:fail_on_start", init_args=(str(flag),), env=env, name="flaky") as w:
+        first = metered_call(w, Meter(), 30, "workerfns:die")
+        assert first["status"] == "runtime_error" and "died" in first["error"]
+        flag.write_text("")
+        second = metered_call(w, Meter(), 30, "workerfns:answer")
+        assert second["status"] == "runtime_error" and "the device is not ready" in second["error"]
+        flag.unlink()
+        third = metered_call(w, Meter(), 30, "workerfns:answer")
+        assert third["status"] == "ok" and third["pid"] == w.pid

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..errors import ConfigError
+from ..tuning.options import TuneOptions
 from .common import db_arg, open_db
 
 
@@ -16,7 +17,7 @@ def add_tune(sub) -> None:
     p.add_argument("--ratios", default="100", help="shares to tune for, percent, e.g. 25,50,100")
     p.add_argument("--interference", default="none", help="none, compute, memory or tenant:WORKLOAD")
     p.add_argument("--trials", type=int, default=32, help="trials per (workload, share), earlier runs included")
-    p.add_argument("--batch", type=int, default=8, help="candidates built and measured per round")
+    p.add_argument("--batch", type=int, default=TuneOptions.batch, help="candidates built and measured per round")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop after this long")
     p.add_argument("--target", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--partition", default=None, help="cpu (default for --target cpu), mps or green")
@@ -25,16 +26,26 @@ def add_tune(sub) -> None:
     p.add_argument("--repeat", type=int, default=5, help="timed repeats per candidate (median counts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baselines", action="store_true", help="skip TVM-default and numpy baselines")
+    p.add_argument("--build-workers", type=int, default=None, help="parallel build processes (default: one per core)")
+    s = p.add_argument_group("search")
+    s.add_argument("--population", type=int, default=TuneOptions.population, help="evolution's population")
+    s.add_argument("--genetic-iters", type=int, default=TuneOptions.genetic_iters, help="generations per batch")
+    s.add_argument("--explore", type=float, default=TuneOptions.explore,
+                   help="fraction of every batch sampled uniformly from the design space")
+    s.add_argument("--transfer-top", type=int, default=TuneOptions.transfer_top,
+                   help="configs of each other share measured first at a new share")
+    s.add_argument("--mcpu", default=None, help="CPU: LLVM CPU to compile for (default: this machine's)")
+    s.add_argument("--arch", default=None, help="CUDA: sm_XY to compile for (default: the device's)")
     db_arg(p)
     p.set_defaults(func=_cmd_tune)
 
 
 def _cmd_tune(a) -> int:
-    from ..terms import parse_ratios
-    from .progress import Progress
     from ..measure.runner import RunSettings
+    from ..terms import parse_ratios
+    from ..tuning import tune
     from ..workloads.spec import load_space
-    from ..tuning import TuneOptions, tune
+    from .progress import Progress
 
     ratios = parse_ratios(a.ratios)
     space = load_space(a.space)
@@ -43,7 +54,9 @@ def _cmd_tune(a) -> int:
         raise ConfigError("--timeout must be positive and --repeat at least 1")
     opts = TuneOptions(trials=a.trials, batch=a.batch, time_budget_s=a.time_budget, target=a.target,
                        partition=a.partition, interference=a.interference, cost_model=a.cost_model, seed=a.seed,
-                       baselines=not a.no_baselines, run=RunSettings(repeat=a.repeat, timeout=a.timeout, seed=a.seed))
+                       baselines=not a.no_baselines, build_workers=a.build_workers, population=a.population,
+                       genetic_iters=a.genetic_iters, explore=a.explore, transfer_top=a.transfer_top, mcpu=a.mcpu,
+                       arch=a.arch, run=RunSettings(repeat=a.repeat, timeout=a.timeout, seed=a.seed))
     opts.validate()
     with open_db(a.db, create=True) as db:
         bar = Progress(total_jobs=len(workloads) * len(ratios))
@@ -79,7 +92,9 @@ def add_show(sub) -> None:
     p = sub.add_parser("show", help="best config per (workload, share, interference, device)")
     db_arg(p)
     p.add_argument("--workload", action="append", default=[], metavar="NAME", help="name or key (repeatable)")
-    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    fmt.add_argument("--nl", action="store_true", help="newline-delimited JSON: one object per line")
     p.set_defaults(func=_cmd_show)
 
 
@@ -97,10 +112,9 @@ def _cmd_show(a) -> int:
                 keys += found
         rows = [b for k in keys for b in db.best(workload_key=k)]
         devices = {d["id"]: d for d in db.devices()}
-        if a.json:
-            for b in rows:
-                d = b.to_dict() | {"device_name": devices.get(b.device_id, {}).get("name", "")}
-                print(json.dumps(d))
+        if a.json or a.nl:
+            objs = [b.to_dict() | {"device_name": devices.get(b.device_id, {}).get("name", "")} for b in rows]
+            print("\n".join(json.dumps(o) for o in objs) if a.nl else json.dumps(objs, indent=2))
         else:
             print(format_best_table(rows, devices, db))
     return 0

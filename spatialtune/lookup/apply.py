@@ -84,7 +84,7 @@ def check_kernel(kernel: Kernel, *, seed: int = 0) -> float:
     reference. Raises ConfigError when it exceeds the operator's tolerance."""
     import tvm
 
-    from ..workloads.ops import TOLERANCE, relative_error
+    from ..workloads.check import check_output
 
     w = kernel.workload
     op = w.operator
@@ -95,7 +95,7 @@ def check_kernel(kernel: Kernel, *, seed: int = 0) -> float:
     out = tvm.runtime.tensor(np.full(op.output_shape(w.params), np.nan, dtype=op.out_dtype(w.dtype)), dev)
     kernel.func(*args, out)
     dev.sync()
-    err = relative_error(out.numpy(), ref)
-    if not err <= TOLERANCE[w.dtype]:
-        raise ConfigError(f"{w.key}: relative error {err:.3g} exceeds {TOLERANCE[w.dtype]:g}")
+    err, wrong = check_output(out.numpy(), ref, w.dtype)
+    if wrong:
+        raise ConfigError(f"{w.key}: {wrong}")
     return err

@@ -1,10 +1,16 @@
 """Runtime lookup: which tuned kernel should a scheduler launch for the share it just granted?
 
-A scheduler asks with a workload (key, spec name, :class:`~spatialtune.spec.Workload`, or
-``key_for(op, shape)``), the share it granted (a ratio in percent, or a count of cores/SMs), the
-interference it expects and, when the database holds several, the device. The answer is a
-:class:`LookupResult`: the config to use (``mod_hash``, ``measurement_id``; the trace through
-:meth:`Lookup.trace`), the share it was tuned for, its measured time, and why it was chosen.
+A scheduler asks with a workload (key, spec name, :class:`~spatialtune.workloads.spec.Workload`,
+or ``key_for(op, shape)``), the share it granted, the interference it expects and, when the
+database holds several, the device. The answer is a :class:`LookupResult`: the config to use
+(``mod_hash``, ``measurement_id``; the trace through :meth:`Lookup.trace`), the share it was
+tuned for, its measured time, and why it was chosen.
+
+The share is given one of two ways (see :class:`spatialtune.terms.Share` for what the database
+stores): ``ratio``, a percentage compared with the ratio each config is keyed by (for core sets
+and green contexts the fraction granted, for MPS the active-thread percentage), or ``units``,
+the cores or SMs granted, compared with the units each config's measurements really had (for
+MPS, the SMs the client saw: MPS 25 % on an H200 gives 32).
 
 Rules, in order (the share rule runs within the requested interference condition first, then
 within ``none`` when nothing was tuned under the requested one):
@@ -62,10 +68,25 @@ class _Reader:
     def __init__(self, path: Path):
         if not path.is_file():
             raise DatabaseError(f"{path}: no such database")
+        self.immutable = False
         try:
-            self.conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
-                                        check_same_thread=False)
-            row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            row = self._open(path, "mode=ro")
+        except sqlite3.OperationalError as e:
+            # A WAL database whose directory we cannot write: SQLite cannot create the shared-memory
+            # file a WAL reader needs. With no log left to read, the main file is the whole database
+            # and can be read as immutable (no writer can change it here).
+            wal = Path(f"{path}-wal")
+            if os.access(path.parent, os.W_OK) or (wal.exists() and wal.stat().st_size > 0):
+                raise DatabaseError(
+                    f"{path}: cannot be read ({e})" + ("; its directory is read-only and its write-ahead log holds "
+                                                       "data: checkpoint it where it is writable (spatialtune db "
+                                                       "vacuum) or read a copy" if wal.exists() else "")) from None
+            try:
+                row = self._open(path, "mode=ro&immutable=1")
+            except sqlite3.DatabaseError as e2:
+                raise DatabaseError(f"{path}: not a spatialtune database ({e2})") from None
+            self.immutable = True
+            log.info("%s: read-only directory, reading the database as immutable", path)
         except sqlite3.DatabaseError as e:
             raise DatabaseError(f"{path}: not a spatialtune database ({e})") from None
         version = int(row[0]) if row else 0
@@ -73,6 +94,15 @@ class _Reader:
             self.conn.close()
             raise DatabaseError(f"{path}: schema v{version}, this spatialtune reads v{SCHEMA_VERSION}: "
                                 "open it once with `spatialtune show --db` to upgrade it")
+
+    def _open(self, path: Path, params: str):
+        self.conn = sqlite3.connect(f"{path.resolve().as_uri()}?{params}", uri=True, isolation_level=None,
+                                    check_same_thread=False)
+        try:
+            return self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except sqlite3.DatabaseError:
+            self.conn.close()
+            raise
 
     def data_version(self) -> int:
         return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
@@ -90,6 +120,9 @@ class _Reader:
 
     def device_units(self) -> dict[str, int]:
         return {i: int(u) for i, u in self.conn.execute("SELECT id, units FROM devices")}
+
+    def device_unit_names(self) -> dict[str, str]:
+        return {i: u for i, u in self.conn.execute("SELECT id, unit FROM devices")}
 
     def best_rows(self, workload_key: str | None = None) -> list[tuple]:
         if workload_key is None:
@@ -158,7 +191,8 @@ class Lookup:
                     if name:
                         names.setdefault(name, set()).add(key)
                 devices = db.device_units()
-                idx = LookupIndex(self._version(db), devices, {k: tuple(sorted(v)) for k, v in names.items()})
+                idx = LookupIndex(self._version(db), devices, {k: tuple(sorted(v)) for k, v in names.items()},
+                                  db.device_unit_names())
                 if self.preload:
                     rows: dict[str, list[tuple]] = {k: [] for k in wnames}
                     for r in db.best_rows():
@@ -246,21 +280,8 @@ class Lookup:
         except (sqlite3.Error, OSError, DatabaseError) as e:  # not memoised: the next call retries
             log.warning("lookup: cannot read %s: %s", self.path, e)
             return LookupResult(asked, None, ratio, interference, "miss", f"database unreadable: {e}")
-        if units is not None:
-            dev = device
-            if dev is None:
-                devs = sorted({d for k in idx.names.get(asked, ()) for d, _, _ in idx.groups.get(k, {})})
-                dev = devs[0] if len(devs) == 1 else None
-            total = idx.devices.get(dev) if dev else None
-            if not total:
-                res = LookupResult(asked, None, None, interference, "miss",
-                                   f"cannot turn {units} units into a share: pass a device known to the database"
-                                   if dev is None else f"device {dev} is not in the database")
-                return self._memo(idx, (asked, None, units, interference, device, partition), res)
-            share = norm_ratio(min(100.0, 100.0 * units / total))
-        else:
-            share = norm_ratio(ratio)
-        res = idx.resolve(asked, share, interference, device, partition)
+        res = idx.resolve(asked, None if ratio is None else norm_ratio(ratio), interference, device, partition,
+                          units)
         return self._memo(idx, (asked, ratio, units, interference, device, partition), res)
 
     @staticmethod

@@ -60,7 +60,7 @@ def measure_one(workload: dict, artifact: str, cubin: str | None, settings: RunS
     """Check then time one kernel in this worker. Returns MeasureResult fields."""
     import tvm
 
-    from ..workloads.ops import TOLERANCE, relative_error
+    from ..workloads.check import check_output
     from ..workloads.spec import Workload
 
     w = Workload.from_dict(workload)
@@ -77,11 +77,10 @@ def measure_one(workload: dict, artifact: str, cubin: str | None, settings: RunS
     f = mod["main"]
     f(*args, out)
     dev.sync()
-    err = relative_error(out.numpy(), ref)
+    err, wrong = check_output(out.numpy(), ref, w.dtype)
     res = {"granted_units": _state.get("seen"), "load_s": load_s, "rel_err": err}
-    if not err <= TOLERANCE[w.dtype]:
-        return res | {"status": "wrong_result",
-                      "error": f"relative error {err:.3g} exceeds {TOLERANCE[w.dtype]:g} against the float64 reference"}
+    if wrong:
+        return res | {"status": "wrong_result", "error": wrong}
     ev = mod.time_evaluator("main", dev, number=1, repeat=settings.repeat, min_repeat_ms=int(settings.min_repeat_ms))
     times = [float(t) for t in ev(*args, out).results]
     return res | {"status": "ok", "times": times, "median_s": float(np.median(times))}

@@ -98,7 +98,8 @@ class LocalRunner(Runner):
         self._workers: dict[tuple, Worker] = {}
         self._calls = 0
 
-    def worker_for(self, share: Share) -> Worker:
+    def worker_for(self, share: Share, *, start: bool = True) -> Worker:
+        """The worker holding ``share`` (started unless ``start`` is False)."""
         key = (share.partition_kind, share.units, share.cores)
         w = self._workers.get(key)
         if w is None:
@@ -107,7 +108,7 @@ class LocalRunner(Runner):
                        init_args=(share.partition_kind, share, self.device_kind),
                        env=env, name=f"measure-{share.partition_kind}-{share.units}{share.unit}")
             self._workers[key] = w
-        if not w.alive:
+        if start and not w.alive:
             w.start()
         return w
 
@@ -115,7 +116,7 @@ class LocalRunner(Runner):
             on_result: ResultFn | None = None) -> list[MeasureResult]:
         if not inputs:
             return []
-        w = self.worker_for(share)
+        w = self.worker_for(share, start=False)  # metered_call starts it: a failed start costs one candidate
         neighbour = create_interference(interference, partition=self.partition, device_kind=self.device_kind)
         out = []
         with neighbour.running(share) as meter:
@@ -140,7 +141,7 @@ class LocalRunner(Runner):
     def measure_baseline(self, share: Share, interference: str, workload: dict, kind: str,
                          artifact: str | None = None, cubin: str | None = None) -> MeasureResult:
         """``tvm-default`` (TVM's untuned kernel, given as artifact) or ``numpy``."""
-        w = self.worker_for(share)
+        w = self.worker_for(share, start=False)
         neighbour = create_interference(interference, partition=self.partition, device_kind=self.device_kind)
         with neighbour.running(share) as meter:
             if kind == "numpy":
@@ -193,20 +194,22 @@ def metered_call(w: Worker, meter, timeout: float, fn: str, *args) -> dict[str, 
 
     Returns the call's result fields, plus ``run_s`` and the neighbour's throughput during the
     call. A failed call is a result (``timeout`` or ``runtime_error`` with the message), never an
-    exception; a worker that died (a crash, a kill after a timeout) is restarted here, and a
-    restart that fails is reported in the result instead of aborting the job: the next call
-    starts the worker again.
+    exception. A worker that died (a crash, a kill after a timeout) is started again by the next
+    call; one that raised is restarted at once, since nobody vouches for its state; a start that
+    fails is that call's result, not the job's end.
     """
     t0 = time.perf_counter()
     before = meter.read()
     try:
+        if not w.alive:
+            w.start()  # a worker that did not restart after the last candidate gets another chance
         res = dict(w.call(fn, *args, timeout=timeout))
     except WorkerError as e:
         res = {"status": "timeout" if e.kind == "timeout" else "runtime_error", "error": str(e)}
         # A crash or a kill leaves no process; an exception raised inside the kernel's call leaves
         # one whose state (TVM's, the device's) nobody vouches for. Neither measures again.
-        if not w.alive or e.kind == "error":
-            log.info("restarting %s after %s", w.name, e.kind)
+        if w.alive and e.kind == "error":
+            log.info("restarting %s after an exception in the call", w.name)
             try:
                 w.restart()
             except WorkerError as e2:

@@ -74,7 +74,7 @@ def measure_torch(workload: dict, settings: RunSettings, seed: int) -> dict:
     Returns MeasureResult-like fields plus ``impl``; status ``unavailable`` when this Python has
     no torch with CUDA (the run goes on without a baseline).
     """
-    from ..workloads.ops import TOLERANCE, relative_error
+    from ..workloads.check import check_output
     from ..workloads.spec import Workload
 
     w = Workload.from_dict(workload)
@@ -120,14 +120,12 @@ def measure_torch(workload: dict, settings: RunSettings, seed: int) -> dict:
         fn()
         torch.cuda.synchronize()
         check_green_current()
-        err = relative_error(out.cpu().numpy(), ref)
+        err, wrong = check_output(out.cpu().numpy(), ref, w.dtype)
         # what torch reads as the SM count (MPS lowers it; a green context does not: its SMs are granted_units)
         res = {"granted_units": seen, "rel_err": err, "impl": impl,
                "torch_sms": int(torch.cuda.get_device_properties(dev).multi_processor_count)}
-        if not err <= TOLERANCE[w.dtype]:
-            return res | {"status": "wrong_result", "run_s": time.perf_counter() - t0,
-                          "error": f"relative error {err:.3g} exceeds {TOLERANCE[w.dtype]:g} against the float64 "
-                                   f"reference"}
+        if wrong:
+            return res | {"status": "wrong_result", "run_s": time.perf_counter() - t0, "error": wrong}
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
         def timed(n: int) -> float:

@@ -41,6 +41,14 @@ class CpuPartition(Partition):
                 "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
     def enter(self, share: Share) -> int:
+        # Every thread of the worker, not only the calling one: a BLAS loaded before this point
+        # (numpy's OpenBLAS starts its pool at import) would keep its threads on every core.
+        # Threads started later inherit the mask of the thread that starts them.
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), share.cores)
+            except (ProcessLookupError, PermissionError):  # a thread that just ended
+                pass
         os.sched_setaffinity(0, share.cores)
         try:
             import tvm

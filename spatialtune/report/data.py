@@ -24,7 +24,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..store.database import TuningDatabase

@@ -171,10 +171,13 @@ class XGBModel(CostModel):
         self._spread = (0.0, 1.0)
         if state and state.get("booster"):
             xgb = _xgb()
-            self._booster = xgb.Booster()
-            self._booster.load_model(bytearray(state["booster"].encode()))
-            self._n = int(state.get("n_samples", 0))
-            if state.get("calibration"):
+            booster = xgb.Booster()
+            booster.load_model(bytearray(state["booster"].encode()))
+            # a model of another feature layout (saved before the share features) is not used:
+            # the caller retrains from the measurements
+            if booster.num_features() == N_FEATURES + N_SHARE_FEATURES and state.get("calibration"):
+                self._booster = booster
+                self._n = int(state.get("n_samples", 0))
                 self._calib = tuple(state["calibration"])
                 self._spread = tuple(state.get("spread", (0.0, 1.0)))
 

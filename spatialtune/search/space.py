@@ -58,9 +58,8 @@ class DesignSpace:
         self.mod = workload.ir_module()
         self.target = tvm.target.Target(target)
         self.target_dict = dict(target)
-        # Traces of tensorized kernels name intrinsics this import registers; the design space
-        # generator needs them too (slow, once per process).
-        ensure_tensor_intrinsics()
+        # The design space generator's rules name tensor intrinsics (VNNI on x86, MMA on CUDA)
+        ensure_tensor_intrinsics(target["kind"])
         self.ctx = ms.TuneContext(mod=self.mod, target=self.target, space_generator="post-order-apply",
                                   search_strategy=strategy, task_name=task_name or workload.key,
                                   rand_state=rand_state, num_threads=max(1, int(threads)))

@@ -112,23 +112,15 @@ class TuningDatabase:
     # -- schema ------------------------------------------------------------------------------
 
     def _open_schema(self) -> None:
-        tables = set(self.db.table_names())
-        if not tables:
-            self.db.enable_wal()
-            version = 0
-        elif "meta" not in tables:
-            raise DatabaseError(f"{self.path}: not a spatialtune database (tables: {', '.join(sorted(tables))})")
-        else:
-            version = self.schema_version
-        if version > SCHEMA_VERSION:
-            raise DatabaseError(
-                f"{self.path}: database schema v{version} is newer than this spatialtune supports "
-                f"(v{SCHEMA_VERSION}): upgrade spatialtune to open it"
-            )
+        version = self._version_on_disk()
         if version < SCHEMA_VERSION:
             if self.db.journal_mode != "wal":
                 self.db.enable_wal()
-            with self.db.atomic():
+            # Several jobs may open a new or old file at once: the first to hold the write lock
+            # creates or upgrades it, the others find it done when they get the lock.
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                version = self._version_on_disk()
                 if version == 0:
                     self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
                 for v in range(version + 1, SCHEMA_VERSION + 1):
@@ -137,6 +129,25 @@ class TuningDatabase:
                 self.db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)]
                 )
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.conn.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+
+    def _version_on_disk(self) -> int:
+        tables = set(self.db.table_names())
+        if not tables:
+            return 0
+        if "meta" not in tables:
+            raise DatabaseError(f"{self.path}: not a spatialtune database (tables: {', '.join(sorted(tables))})")
+        version = self.schema_version
+        if version > SCHEMA_VERSION:
+            raise DatabaseError(
+                f"{self.path}: database schema v{version} is newer than this spatialtune supports "
+                f"(v{SCHEMA_VERSION}): upgrade spatialtune to open it"
+            )
+        return version
 
     @property
     def schema_version(self) -> int:
@@ -158,18 +169,18 @@ class TuningDatabase:
     # -- workloads and devices ----------------------------------------------------------------
 
     def add_workload(self, w) -> None:
-        """Register a workload (a spec.Workload). The same key with another spec is refused."""
-        row = self.db.execute("SELECT spec_hash FROM workloads WHERE key = ?", [w.key]).fetchone()
-        if row and row[0] != w.spec_hash:
-            raise DatabaseError(f"workload {w.key}: database has spec {row[0]}, this spec is {w.spec_hash}")
-        if row:
-            return
+        """Register a workload (a workloads.spec.Workload). The same key with another spec (an
+        operator whose definition changed since the database was written) is refused. Safe when
+        several jobs register the same workload at once."""
         with self.db.atomic():
             self.db.execute(
-                "INSERT INTO workloads (key, op, dtype, params, spec_hash, name, model, flops, created_at)"
+                "INSERT OR IGNORE INTO workloads (key, op, dtype, params, spec_hash, name, model, flops, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [w.key, w.op, w.dtype, json.dumps(dict(w.params)), w.spec_hash, w.name, w.model, w.flops, _now()],
             )
+        row = self.db.execute("SELECT spec_hash FROM workloads WHERE key = ?", [w.key]).fetchone()
+        if row[0] != w.spec_hash:
+            raise DatabaseError(f"workload {w.key}: database has spec {row[0]}, this spec is {w.spec_hash}")
 
     def workload(self, key: str):
         from ..workloads.spec import Workload
@@ -193,10 +204,10 @@ class TuningDatabase:
         """Register a device (a device.DeviceInfo); returns its id."""
         with self.db.atomic():
             self.db.execute(
-                "INSERT OR IGNORE INTO devices (id, kind, name, uuid, units, unit, driver, arch, tvm_version, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO devices (id, kind, name, uuid, units, unit, driver, arch, tvm_version, mattr,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [dev.id, dev.kind, dev.name, dev.uuid, dev.units, dev.unit, dev.driver, dev.arch, dev.tvm_version,
-                 _now()],
+                 dev.mattr, _now()],
             )
         return dev.id
 

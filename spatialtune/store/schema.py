@@ -16,14 +16,16 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("ok", "build_error", "wrong_result", "runtime_error", "timeout")
 KEY_FIELDS = ("workload_key", "device_id", "partition", "ratio", "interference")
 
 
 def _migrate_to_1(db: sqlite_utils.Database) -> None:
-    db.executescript(
-        """
+    # Statement by statement: executescript() would commit the caller's transaction first, and with
+    # it the lock that keeps two jobs from creating the same file at once.
+    _script(
+        db, """
         CREATE TABLE workloads (
             key TEXT PRIMARY KEY, op TEXT NOT NULL, dtype TEXT NOT NULL, params TEXT NOT NULL,
             spec_hash TEXT NOT NULL, name TEXT, model TEXT, flops INTEGER, created_at TEXT NOT NULL);
@@ -76,4 +78,64 @@ def _migrate_to_2(db: sqlite_utils.Database) -> None:
     db.conn.executemany("UPDATE measurements SET trace = ? WHERE id = ?", [(encode_trace(t), i) for i, t in rows])
 
 
-MIGRATIONS: dict[int, Callable[["sqlite_utils.Database"], None]] = {1: _migrate_to_1, 2: _migrate_to_2}
+def granted_ratio(granted_units: int, total: int) -> float:
+    """The key ratio of an exact share (core set, green context): its units over the device's."""
+    return 100.0 if granted_units >= total else round(100.0 * granted_units / total, 4)
+
+
+def _migrate_to_3(db: "sqlite_utils.Database") -> None:
+    # v3: devices record the LLVM features turned off for the host (mattr); measurements of core
+    # sets and green contexts are keyed by the share they were granted, not the percentage asked
+    # (25 % of 2 cores is 1 core, the same condition as 50 %; a 32-SM green context is 24.2424 %
+    # however it was asked for). A kernel measured under both old keys keeps its first measurement.
+    db.execute("ALTER TABLE devices ADD COLUMN mattr TEXT")
+    rows = db.execute(
+        "SELECT m.id, m.ratio, m.granted_units, d.units FROM measurements m JOIN devices d ON d.id = m.device_id"
+        " WHERE m.partition IN ('cpu', 'green') AND m.granted_units IS NOT NULL ORDER BY m.id").fetchall()
+    moves = [(mid, granted_ratio(units, total)) for mid, ratio, units, total in rows
+             if granted_ratio(units, total) != ratio]
+    if moves:  # best rows point at measurements: rebuilt below from what is left
+        db.execute("DELETE FROM best")
+    for mid, new in moves:
+        clash = db.execute(
+            "SELECT o.id FROM measurements o JOIN measurements m ON o.workload_key = m.workload_key AND"
+            " o.device_id = m.device_id AND o.partition = m.partition AND o.interference = m.interference AND"
+            " o.mod_hash = m.mod_hash WHERE m.id = ? AND o.ratio = ?", [mid, new]).fetchone()
+        if clash and clash[0] < mid:
+            db.execute("DELETE FROM measurements WHERE id = ?", [mid])
+            continue
+        if clash:  # the row already under the new key was measured later: this one stands
+            db.execute("DELETE FROM measurements WHERE id = ?", [clash[0]])
+        db.execute("UPDATE measurements SET ratio = ? WHERE id = ?", [new, mid])
+    for rowid, ratio, units, total in db.execute(
+            "SELECT b.rowid, b.ratio, b.granted_units, d.units FROM baselines b JOIN devices d ON d.id = b.device_id"
+            " WHERE b.partition IN ('cpu', 'green') AND b.granted_units IS NOT NULL").fetchall():
+        new = granted_ratio(units, total)
+        if new != ratio:
+            db.execute("UPDATE OR IGNORE baselines SET ratio = ? WHERE rowid = ?", [new, rowid])
+            db.execute("DELETE FROM baselines WHERE rowid = ? AND ratio = ?", [rowid, ratio])
+    if moves:  # the best rows and the models of the merged keys are rebuilt from the measurements
+        db.execute(
+            "INSERT INTO best (workload_key, device_id, partition, ratio, interference, measurement_id, median_s,"
+            " n_trials, updated_at)"
+            " SELECT workload_key, device_id, partition, ratio, interference,"
+            " (SELECT id FROM measurements x WHERE x.workload_key = g.workload_key AND x.device_id = g.device_id AND"
+            "  x.partition = g.partition AND x.ratio = g.ratio AND x.interference = g.interference AND"
+            "  x.status = 'ok' ORDER BY x.median_s, x.id LIMIT 1),"
+            " (SELECT MIN(median_s) FROM measurements x WHERE x.workload_key = g.workload_key AND"
+            "  x.device_id = g.device_id AND x.partition = g.partition AND x.ratio = g.ratio AND"
+            "  x.interference = g.interference AND x.status = 'ok'),"
+            " COUNT(*), strftime('%Y-%m-%dT%H:%M:%SZ', 'now')"
+            " FROM measurements g GROUP BY workload_key, device_id, partition, ratio, interference"
+            " HAVING SUM(status = 'ok') > 0")
+        db.execute("DELETE FROM cost_models WHERE partition IN ('cpu', 'green')")
+
+
+def _script(db: sqlite_utils.Database, sql: str) -> None:
+    for stmt in sql.split(";"):
+        if stmt.strip():
+            db.execute(stmt)
+
+
+MIGRATIONS: dict[int, Callable[["sqlite_utils.Database"], None]] = {1: _migrate_to_1, 2: _migrate_to_2,
+                                                                   3: _migrate_to_3}

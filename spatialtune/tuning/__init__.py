@@ -1,7 +1,16 @@
 """The tuning driver: ``tune()`` searches, builds, measures, records and learns for every
-(workload, share) of a job; see :mod:`spatialtune.tuning.job`."""
+(workload, share) of a job; see :mod:`spatialtune.tuning.job`. Names load on first use, so the
+CLI can read the options without importing the database."""
 
-from .job import tune
-from .options import ShareResult, TuneOptions, TuneSummary
+_EXPORTS = {"tune": "job", "TuneOptions": "options", "ShareResult": "options", "TuneSummary": "options"}
 
-__all__ = ["ShareResult", "TuneOptions", "TuneSummary", "tune"]
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'spatialtune.tuning' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -8,6 +8,7 @@ schedule by :func:`apply_trace`, the one replay used by the search, bundles, loo
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +25,38 @@ def trace_to_json(trace) -> str:
     return tvm.ir.save_json(trace.as_json())
 
 
-def ensure_tensor_intrinsics() -> None:
-    """Register TVM's tensor intrinsics (traces of tensorized kernels name them). Slow, ~35 s on
-    2 cores, once per process."""
-    import tvm.s_tir.tensor_intrin  # noqa: F401
+# TVM registers tensor intrinsics per target family in submodules of tvm.s_tir.tensor_intrin;
+# importing the package registers all of them, 15-35 s on 2 cores, 12 s of it the CUDA ones.
+_INTRIN_MODULES = {"llvm": ("x86", "arm_cpu"), "cuda": ("cuda",)}
+_ALL_INTRINS = ("cuda", "x86", "arm_cpu", "rocm", "hexagon", "riscv_cpu")
+
+
+def ensure_tensor_intrinsics(target_kind: str | None = None) -> None:
+    """Register the tensor intrinsics a target kind's schedules can name (``None``: all of them).
+
+    MetaSchedule's design spaces and traces of tensorized kernels refer to intrinsics by name, so
+    they must be registered first. Only the families of ``target_kind`` are imported: a CPU job
+    does not pay for the CUDA intrinsics (0.5 s instead of 15 s here).
+    """
+    import importlib
+    import sys
+    import types
+
+    pkg = "tvm.s_tir.tensor_intrin"
+    if pkg not in sys.modules:
+        import tvm.s_tir
+
+        # The package's own __init__ imports every family; a bare package object lets us import
+        # the submodules we need (their relative imports resolve against its __path__).
+        stub = types.ModuleType(pkg)
+        stub.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
+        stub.__package__ = pkg
+        sys.modules[pkg] = stub
+    for name in _INTRIN_MODULES.get(target_kind or "", _ALL_INTRINS):
+        try:
+            importlib.import_module(f"{pkg}.{name}")
+        except Exception as e:  # a family this TVM build lacks (e.g. no LLVM for arm)
+            log.debug("tensor intrinsics %s not registered: %s", name, e)
 
 
 def apply_trace(workload, trace_json: str):
@@ -47,7 +76,7 @@ def apply_trace(workload, trace_json: str):
         return sch
     except Exception as first:  # most likely an intrinsic that is not registered yet
         log.debug("trace replay without tensor intrinsics failed (%s); importing them", first)
-    ensure_tensor_intrinsics()
+    ensure_tensor_intrinsics(None)
     sch = Schedule(workload.ir_module())
     Trace.apply_json_to_schedule(trace, sch)
     return sch

@@ -53,8 +53,13 @@ class Workload:
 
     @property
     def spec_hash(self) -> str:
-        """Hash of what is computed: changes iff the kernel's semantics change."""
-        canon = json.dumps({"op": self.op, "dtype": self.dtype, "params": dict(self.params)}, sort_keys=True)
+        """Hash of what is computed: changes iff the kernel's semantics change (the operator, its
+        revision, dtype and shape; the key leaves the revision out, so a database written for an
+        older definition of an operator is recognised and refused rather than mixed in)."""
+        spec = {"op": self.op, "dtype": self.dtype, "params": dict(self.params)}
+        if self.operator.revision:
+            spec["revision"] = self.operator.revision
+        canon = json.dumps(spec, sort_keys=True)
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,274 @@
+"""Search quality at equal trial budgets on this machine: spatialtune vs MetaSchedule's own
+tune_tir (same design space, same target) vs uniform sampling of the same design space.
+
+For each workload and share: every method gets the largest budget; its best config after the
+first B trials (by its own measurements) is re-measured, together with numpy under the same
+cores, by spatialtune's runner in one pass at the end, so the ratios come from one run on one
+machine. Also the trials each method needed to reach 95 % of its final best, and for the smaller
+shares spatialtune with transfer (after the whole-device share, in one database) against
+spatialtune from scratch (a fresh database).
+
+Results go to --out as JSON per (workload, share, method), so an interrupted run resumes; the
+table is printed at the end (and with --table-only from what is there). Nothing is asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from spatialtune.device import cpu_model, detect_cpu, target_for  # noqa: E402
+from spatialtune.measure.builder import BuildInput, LocalBuilder  # noqa: E402
+from spatialtune.measure.runner import LocalRunner, RunInput, RunSettings  # noqa: E402
+from spatialtune.partitions.cpu import CpuPartition  # noqa: E402
+from spatialtune.workloads.spec import load_space  # noqa: E402
+
+log = logging.getLogger("bench-search")
+
+FULL = ["bert_qkv_fp32", "r50_s2_3x3_fp32", "mbv2_dw_144_56_fp32", "bert_qk_fp32"]
+QUICK = ["dense_small"]
+SPACES = ["bert_base.toml", "resnet50.toml", "mobilenet_v2.toml", "demo.toml"]
+MATMUL_FAMILY = ("dense", "matmul", "batch_matmul")
+
+
+def find_workload(name: str):
+    for f in SPACES:
+        for w in load_space(ROOT / "search_spaces" / f).workloads:
+            if name in (w.name, w.key):
+                return w
+    raise SystemExit(f"no workload {name!r} in {', '.join(SPACES)}")
+
+
+# ---------------------------------------------------------------- the three methods
+
+
+def run_spatialtune(w, ratio: float, db_path: Path, trials: int, seed: int, art: Path) -> list[dict]:
+    from spatialtune.store.database import TuningDatabase
+    from spatialtune.tuning import TuneOptions, tune
+
+    with TuningDatabase(db_path) as db:
+        s = tune([w], [ratio], db, TuneOptions(trials=trials, seed=seed, baselines=False, artifact_dir=str(art)))
+        kr = s.results[0].ratio
+        rows = [m for m in db.measurements(workload_key=w.key, ratio=kr)]
+    return [{"trace": m.trace, "t": m.median_s if m.status == "ok" else None, "source": m.source} for m in rows]
+
+
+def run_uniform(w, share, trials: int, seed: int, art: Path, runner: LocalRunner) -> list[dict]:
+    from spatialtune.search.uniform import UniformSampler
+
+    target = target_for(detect_cpu(), share.units)
+    cands = UniformSampler(w, target, seed=seed).sample(trials)
+    out = []
+    with LocalBuilder(art) as b:
+        for i in range(0, len(cands), 16):
+            chunk = cands[i:i + 16]
+            built = b.build([BuildInput(c.mod_json, c.mod_hash) for c in chunk], target)
+            ok = [j for j, x in enumerate(built) if x.ok]
+            res = runner.run(share, "none", [RunInput(w.to_dict(), built[j].artifact) for j in ok])
+            times = dict(zip(ok, res))
+            for j, c in enumerate(chunk):
+                r = times.get(j)
+                out.append({"trace": c.trace, "t": r.median_s if r is not None and r.status == "ok" else None,
+                            "source": "uniform"})
+    return out
+
+
+TUNE_TIR = r"""
+import json, os, sys, tempfile, time
+import numpy as np
+import tvm
+from tvm.s_tir import meta_schedule as ms
+import tvm.s_tir.tensor_intrin  # paid once here; MetaSchedule's LocalBuilder pays it again per build call
+from spatialtune.workloads.spec import Workload
+w = Workload.from_dict(json.loads(sys.argv[1]))
+target = tvm.target.Target(json.loads(sys.argv[2]))
+trials, out = int(sys.argv[3]), sys.argv[4]
+wd = tempfile.mkdtemp()
+db = ms.tune_tir(w.ir_module(), target, wd, max_trials_global=trials, num_trials_per_iter=16,
+                 builder=ms.builder.LocalBuilder(timeout_sec=300, max_workers=len(os.sched_getaffinity(0))),
+                 runner=ms.runner.LocalRunner(ms.runner.EvaluatorConfig(number=3, repeat=5, min_repeat_ms=50,
+                                                                        enable_cpu_cache_flush=False)),
+                 seed=int(sys.argv[5]))
+rows = []
+for r in db.get_all_tuning_records():
+    secs = [float(x) for x in (r.run_secs or [])]
+    ok = secs and all(0 < s < 1e9 for s in secs)
+    rows.append({"trace": tvm.ir.save_json(r.trace.as_json()), "t": float(np.median(secs)) if ok else None,
+                 "source": "tune_tir"})
+json.dump(rows, open(out, "w"))
+"""
+
+
+def run_tune_tir(w, share, trials: int, seed: int, work: Path) -> list[dict]:
+    """MetaSchedule's own tuner in a process confined to the share's cores (its builder and runner
+    workers inherit that), with the same target spatialtune uses at this share."""
+    target = target_for(detect_cpu(), share.units)
+    out = work / "tune_tir.json"
+    env = dict(os.environ, TVM_NUM_THREADS=str(share.units), OPENBLAS_NUM_THREADS=str(share.units))
+    cores = share.cores
+    p = subprocess.run([sys.executable, "-c", TUNE_TIR, json.dumps(w.to_dict()), json.dumps(target), str(trials),
+                        str(out), str(seed)], env=env, preexec_fn=lambda: os.sched_setaffinity(0, cores),
+                       capture_output=True, text=True, cwd=work)
+    if p.returncode != 0:
+        raise RuntimeError(f"tune_tir failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+    return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------- curves and the final pass
+
+
+def best_after(rows: list[dict], n: int) -> dict | None:
+    ok = [r for r in rows[:n] if r["t"] is not None]
+    return min(ok, key=lambda r: r["t"]) if ok else None
+
+
+def trials_to_95(rows: list[dict], final: float | None = None) -> int | None:
+    ok = [r["t"] for r in rows if r["t"] is not None]
+    if not ok:
+        return None
+    final = final or min(ok)
+    best = float("inf")
+    for i, r in enumerate(rows, 1):
+        if r["t"] is not None:
+            best = min(best, r["t"])
+        if best <= final / 0.95:
+            return i
+    return None
+
+
+def remeasure(w, share, traces: list[str], art: Path, runner: LocalRunner, repeat: int = 3) -> list[float | None]:
+    """Each config built again and measured ``repeat`` times, interleaved, by spatialtune's runner
+    under ``share``: the median of the medians."""
+    import tvm
+
+    from spatialtune.workloads.schedule import apply_trace
+
+    target = target_for(detect_cpu(), share.units)
+    mods = [tvm.ir.save_json(apply_trace(w, t).mod) for t in traces]
+    with LocalBuilder(art) as b:
+        built = b.build([BuildInput(m, f"re{i}") for i, m in enumerate(mods)], target)
+    times: list[list[float]] = [[] for _ in traces]
+    for _ in range(repeat):
+        res = runner.run(share, "none", [RunInput(w.to_dict(), x.artifact) for x in built])
+        for i, r in enumerate(res):
+            if r.status == "ok":
+                times[i].append(r.median_s)
+    return [float(np.median(t)) if t else None for t in times]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budgets", default="64,128,256")
+    ap.add_argument("--workloads", default=",".join(FULL))
+    ap.add_argument("--ratios", default="100,50")
+    ap.add_argument("--methods", default="spatialtune,tune_tir,uniform")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "out" / "bench-search"))
+    ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="one small workload, budgets 8,16 (a smoke test)")
+    a = ap.parse_args()
+    if a.quick or os.environ.get("SPATIALTUNE_QUICK"):
+        a.budgets, a.workloads, a.methods = "8,16", ",".join(QUICK), "spatialtune,uniform"
+        a.out = a.out if a.out != str(ROOT / "out" / "bench-search") else tempfile.mkdtemp(prefix="bench-search-")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("tvm").setLevel(logging.WARNING)
+    logging.getLogger("spatialtune").setLevel(logging.WARNING)
+    budgets = sorted(int(b) for b in a.budgets.split(","))
+    ratios = sorted((float(r) for r in a.ratios.split(",")), reverse=True)
+    methods = a.methods.split(",")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    part = CpuPartition()
+    settings = RunSettings(repeat=5, min_repeat_ms=20, timeout=60)
+    work = Path(tempfile.mkdtemp(prefix="bench-search-work-"))
+    with LocalRunner(part, settings=settings) as runner:
+        for name in a.workloads.split(","):
+            w = find_workload(name)
+            for ratio in ratios:
+                share = part.grant(ratio)
+                tag = f"{w.name}@{share.key_ratio:g}"
+                runs = {"spatialtune": lambda: run_spatialtune(w, ratio, out / f"{w.name}.sqlite", budgets[-1], a.seed,
+                                                               work / "art"),
+                        "uniform": lambda: run_uniform(w, share, budgets[-1], a.seed, work / "art", runner),
+                        "tune_tir": lambda: run_tune_tir(w, share, budgets[-1], a.seed, work)}
+                if ratio < 100:
+                    runs["spatialtune-scratch"] = lambda: run_spatialtune(
+                        w, ratio, out / f"{w.name}-scratch-{ratio:g}.sqlite", budgets[-1], a.seed, work / "art")
+                for m in methods + (["spatialtune-scratch"] if ratio < 100 and "spatialtune" in methods else []):
+                    f = out / f"{tag}-{m}.json"
+                    if f.exists() or a.table_only:
+                        continue
+                    log.info("%s: %s, %d trials", tag, m, budgets[-1])
+                    t0 = time.perf_counter()
+                    rows = runs[m]()
+                    f.write_text(json.dumps({"rows": rows, "wall_s": time.perf_counter() - t0}))
+                    log.info("%s: %s done in %.0f s", tag, m, time.perf_counter() - t0)
+                final = out / f"{tag}-final.json"
+                if final.exists() or a.table_only:
+                    continue
+                picks, have = [], {}
+                for m in methods + (["spatialtune-scratch"] if ratio < 100 and "spatialtune" in methods else []):
+                    rows = json.loads((out / f"{tag}-{m}.json").read_text())["rows"]
+                    have[m] = rows
+                    for b in budgets:
+                        best = best_after(rows, b)
+                        if best is not None:
+                            picks.append((m, b, best["trace"]))
+                log.info("%s: re-measuring %d configs and numpy", tag, len(picks))
+                times = remeasure(w, share, [p[2] for p in picks], work / "art", runner)
+                numpy_s = None
+                if w.op in MATMUL_FAMILY:
+                    ns = [runner.measure_baseline(share, "none", w.to_dict(), "numpy") for _ in range(3)]
+                    numpy_s = float(np.median([r.median_s for r in ns if r.status == "ok"]))
+                final.write_text(json.dumps({
+                    "workload": w.name, "key": w.key, "op": w.op, "flops": w.flops, "ratio": share.key_ratio,
+                    "units": share.units, "numpy_s": numpy_s,
+                    "picks": [{"method": m, "budget": b, "t": t} for (m, b, _), t in zip(picks, times)],
+                    "t95": {m: trials_to_95(rows) for m, rows in have.items()},
+                    "wall_s": {m: json.loads((out / f"{tag}-{m}.json").read_text())["wall_s"] for m in have}}))
+    print(table(out, budgets))
+    return 0
+
+
+def table(out: Path, budgets: list[int]) -> str:
+    lines = [f"machine: {cpu_model()} ({len(os.sched_getaffinity(0))} cores), {platform.system()} "
+             f"{platform.release().split('-')[0]}, LLVM CPU {detect_cpu().arch}; {time.strftime('%Y-%m-%d')}"]
+    hdr = (f"{'workload':<22} {'share':>6} {'method':<20} " + " ".join(f"{'best@' + str(b):>10}" for b in budgets)
+           + f" {'GFLOP/s':>8} {'vs numpy':>8} {'t95':>5} {'wall s':>7}")
+    lines += [hdr, "-" * len(hdr)]
+    for f in sorted(out.glob("*-final.json")):
+        d = json.loads(f.read_text())
+        by = {}
+        for p in d["picks"]:
+            by.setdefault(p["method"], {})[p["budget"]] = p["t"]
+        for m, bs in by.items():
+            last = bs.get(budgets[-1])
+            cells = " ".join(f"{(bs[b] * 1e3 if bs.get(b) else float('nan')):>8.3f}ms" for b in budgets)
+            gf = d["flops"] / last / 1e9 if last else float("nan")
+            vs = f"{d['numpy_s'] / last:.2f}x" if d.get("numpy_s") and last else "-"
+            lines.append(f"{d['workload']:<22} {d['ratio']:>5g}% {m:<20} {cells} {gf:>8.1f} {vs:>8} "
+                         f"{d['t95'].get(m) or '-':>5} {d['wall_s'].get(m, 0):>7.0f}")
+        if d.get("numpy_s"):
+            lines.append(f"{'':<22} {'':>6} {'numpy':<20} {d['numpy_s'] * 1e3:>8.3f}ms "
+                         f"(same {d['units']} core{'s' if d['units'] > 1 else ''})")
+    lines.append("best@B: the best config after B trials by the method's own measurements, re-measured by spatialtune's "
+                 "runner in one final pass; vs numpy > 1: faster than numpy (OpenBLAS) on the same cores; t95: trials "
+                 "to 95 % of the method's final best; spatialtune-scratch: the share tuned in a fresh database, "
+                 "without the whole-device share's configs and data")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
