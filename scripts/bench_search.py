@@ -180,7 +180,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="one small workload, budgets 8,16 (a smoke test)")
     a = ap.parse_args()
     if a.quick or os.environ.get("SPATIALTUNE_QUICK"):
-        a.budgets, a.workloads, a.methods = "8,16", ",".join(QUICK), "spatialtune,uniform"
+        a.budgets, a.workloads = "8,16", ",".join(QUICK)
         a.out = a.out if a.out != str(ROOT / "out" / "bench-search") else tempfile.mkdtemp(prefix="bench-search-")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("tvm").setLevel(logging.WARNING)

@@ -67,3 +67,20 @@ def test_key_ratio_is_what_was_granted():
     assert [p.grant(r).key_ratio for r in (25, 50, 75, 100)] == [50.0, 50.0, 100.0, 100.0]
     three = CpuPartition(cores=[0, 1, 2])
     assert three.grant(50).key_ratio == 66.6667
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_each_tvm_thread_of_a_two_core_share_has_its_own_core():
+    """Left to the OS, the two threads of a 2-core share sometimes ran on one core (2x slower, at
+    random); the worker binds TVM's pool thread to the second core and the calling thread to the
+    first."""
+    p = CpuPartition()
+    share = p.grant(100 * 2 / len(p.cores))
+    env = dict(os.environ) | p.worker_env(share)
+    env["PYTHONPATH"] = TESTS + os.pathsep + env.get("PYTHONPATH", "")
+    with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"),
+                env=env) as w:
+        cpus = w.call("workerfns:thread_cpus")
+        assert cpus[w.pid] == str(share.cores[0])
+        assert str(share.cores[1]) in cpus.values()
+        assert all(set(v.replace("-", ",").split(",")) <= {str(c) for c in share.cores} for v in cpus.values())

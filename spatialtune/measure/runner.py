@@ -33,6 +33,7 @@ class RunSettings:
     min_repeat_ms: int = 20  # each repeat runs the kernel enough times to last this long
     timeout: float = 30.0  # per candidate, load + check + timing
     seed: int = 0
+    warmup_ms: int = 60  # untimed runs first: thread pool, caches and clocks settle
 
 
 @dataclass
@@ -66,7 +67,10 @@ ResultFn = Callable[[int, "MeasureResult"], None]
 class Runner(ABC):
     """Contract: ``run`` returns one result per input, in order, and hands each to ``on_result``
     the moment it exists (so a caller can record it before the next one runs); a bad kernel is a
-    result, not an exception. The share and interference hold for the whole batch."""
+    result, not an exception. The share and interference hold for the whole batch. ``real``:
+    whether results come from hardware now (baselines and comparison measurements need it)."""
+
+    real = True
 
     @abstractmethod
     def run(self, share: Share, interference: str, inputs: Sequence[RunInput],
@@ -161,6 +165,8 @@ class ReplayRunner(Runner):
     offline. A kernel that was never measured under the key comes back as ``runtime_error``.
     The share's ratio and the interference passed to ``run`` select the recorded key.
     """
+
+    real = False
 
     def __init__(self, db, *, device_id: str, partition: str):
         self.partition = partition

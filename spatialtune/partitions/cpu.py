@@ -9,6 +9,9 @@ from ..terms import Share, check_ratio
 from .base import Partition
 
 
+_ONE_CORE_PER_THREAD = -2  # tvm::runtime::threading::ThreadGroup::kSpecifyOneCorePerThread
+
+
 class CpuPartition(Partition):
     """A set of whole CPU cores, with TVM's thread pool sized to match.
 
@@ -35,10 +38,7 @@ class CpuPartition(Partition):
 
     def worker_env(self, share: Share) -> dict[str, str]:
         n = str(share.units)
-        # TVM_BIND_THREADS=0: TVM would otherwise pin its threads by core frequency order, which
-        # can put them on cores outside our set; unbound, they inherit the worker's affinity.
-        return {"TVM_NUM_THREADS": n, "TVM_BIND_THREADS": "0", "OMP_NUM_THREADS": n,
-                "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n}
+        return {"TVM_NUM_THREADS": n, "OMP_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "MKL_NUM_THREADS": n}
 
     def enter(self, share: Share) -> int:
         # Every thread of the worker, not only the calling one: a BLAS loaded before this point
@@ -52,11 +52,17 @@ class CpuPartition(Partition):
         os.sched_setaffinity(0, share.cores)
         try:
             import tvm
-
-            tvm.get_global_func("runtime.config_threadpool")(0, share.units)
-        except Exception:  # runtime without the thread pool hook: the env already sized it
-            pass
-        return len(os.sched_getaffinity(0))
+        except ImportError:
+            return len(os.sched_getaffinity(0))
+        # One TVM thread per granted core, each bound to its own core (TVM's "specify one core
+        # per thread" mode; task 0 runs on this thread, bound to the first core). Left to the OS,
+        # the two threads of a 2-core share sometimes shared a core: up to 2x slower, at random.
+        cores = [str(c) for c in share.cores]
+        tvm.get_global_func("runtime.config_threadpool")(_ONE_CORE_PER_THREAD, share.units, cores)
+        pin = tvm.get_global_func("tvm.runtime.threading.set_current_thread_affinity", allow_missing=True)
+        if pin is not None:
+            pin(tvm.runtime.ShapeTuple([share.cores[0]]))
+        return len(share.cores)
 
     def neighbour_share(self, share: Share) -> Share | None:
         rest = tuple(c for c in self.cores if c not in share.cores)

@@ -23,18 +23,19 @@ import itertools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..store.database import TuningDatabase
 from ..terms import norm_ratio, regret
+from .tenancy import Tenancy, deployment_cells
 
 log = logging.getLogger(__name__)
 
 VENDOR_BASELINES = {"cpu": ("numpy",), "cuda": ("cublas", "torch")}
 MIN_COMMON = 3
-SECTIONS = ("Devices", "Time vs share", "Speedup of ratio-tuned over 100%-tuned", "Regret heat map",
-            "Rank correlation between shares", "Interference")
+SECTIONS = ("What single-tenant tuning costs", "Devices", "Time vs share", "Speedup of ratio-tuned over 100%-tuned",
+            "Regret heat map", "Rank correlation between shares", "Interference")
 
 
 @dataclass
@@ -112,6 +113,7 @@ class ReportData:
     regret: list[list[float | None]]  # rows x cols, time ratio (1.1 = the 100% config is 10 % slower)
     correlations: list[Correlation]
     interference: list[InterferenceEffect]
+    tenancy: Tenancy | None = None
 
 
 # ---------------------------------------------------------------- compute
@@ -203,4 +205,15 @@ def compute_report(db: TuningDatabase) -> ReportData:
                                               p.tuned_hash == qp[p.ratio].tuned_hash, p.tuned_date))
     return ReportData(str(db.path), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), devices,
                       (min(dates), max(dates)) if dates else None, series, geo, rows, cols, grid, correlations,
-                      effects)
+                      effects, deployment_cells(db))
+
+
+def report_json(d: ReportData) -> dict[str, Any]:
+    """The report's numbers for other tools (``spatialtune report --json``)."""
+    out = asdict(replace(d, tenancy=None))
+    out["tenancy"] = d.tenancy.to_dict() if d.tenancy else None
+    out["geomean_speedup"] = {f"{k:g}": v for k, v in d.geomean_speedup.items()}
+    for s, series in zip(out["series"], d.series):
+        for p, point in zip(s["points"], series.points):
+            p["regret"] = point.speedup
+    return out

@@ -80,11 +80,12 @@ def _blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
     """The report as a list of blocks, rendered by both the Markdown and the HTML writers."""
     taken = f"; measurements taken {d.date_range[0]} to {d.date_range[1]}." if d.date_range else "."
     B: list[tuple] = [("h1", "spatialtune report"), ("p", f"Database {d.db_path}; generated {d.generated_at}{taken}")]
-    B.append(("h2", SECTIONS[0]))
+    B += _tenancy_blocks(d, plots)
+    B.append(("h2", SECTIONS[1]))
     B.append(("table", ["device id", "kind", "name", "units", "driver", "arch", "TVM", "registered"],
               [[x["id"], x["kind"], x["name"], f"{x['units']} {x['unit']}s", x.get("driver") or "",
                 x.get("arch") or "", x.get("tvm_version") or "", day(x["created_at"])] for x in d.devices]))
-    B.append(("h2", SECTIONS[1]))
+    B.append(("h2", SECTIONS[2]))
     B.append(("p", "Per workload: the config tuned for each share, the 100%-tuned config measured at that share, "
                    "and the vendor baseline measured under the same cap where one exists."))
     for i, s in enumerate(d.series):
@@ -96,7 +97,7 @@ def _blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
                   [[f"{p.ratio:.4g}%", "" if p.units is None else str(p.units), _us(p.tuned_s), _us(p.whole_config_s),
                     f"{_us(p.baseline_s)} ({p.baseline_kind})" if p.baseline_s else "–", _us(p.default_s),
                     str(p.n_trials), p.tuned_date] for p in s.points]))
-    B.append(("h2", SECTIONS[2]))
+    B.append(("h2", SECTIONS[3]))
     rows = [[s.label, s.device_id, f"{p.ratio:.4g}%", _us(p.tuned_s), _us(p.whole_config_s), f"{p.speedup:.3f}x",
              p.tuned_date] for s in d.series for p in s.points if p.speedup]
     if rows:
@@ -107,14 +108,14 @@ def _blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
                    for r, g in d.geomean_speedup.items()]))
     else:
         B.append(("p", "No share has both its own best config and the 100%-tuned config measured."))
-    B.append(("h2", SECTIONS[3]))
+    B.append(("h2", SECTIONS[4]))
     if "regret" in plots:
         B.append(("img", plots["regret"], "regret heat map"))
         B.append(("p", "Regret: how much slower the 100%-tuned config is than the ratio-tuned one at each share "
                        "(empty: not measured)."))
     else:
         B.append(("p", "No regret to show: no share has the 100%-tuned config measured."))
-    B.append(("h2", SECTIONS[4]))
+    B.append(("h2", SECTIONS[5]))
     if d.correlations:
         B.append(("table", ["workload", "device", "shares", "common candidates", "Spearman rho", "same best"],
                   [[c.label, c.device_id, f"{c.ratio_a:g}% vs {c.ratio_b:g}%", str(c.n_common),
@@ -123,7 +124,7 @@ def _blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
         B.append(("p", f"rho needs at least {MIN_COMMON} candidates measured at both shares."))
     else:
         B.append(("p", "No workload was measured at two shares."))
-    B.append(("h2", SECTIONS[5]))
+    B.append(("h2", SECTIONS[6]))
     if d.interference:
         if "interference" in plots:
             B.append(("img", plots["interference"], "interference slowdown"))
@@ -179,6 +180,78 @@ def _html(blocks: list[tuple]) -> str:
     return "\n".join(parts)
 
 
+def _x(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}x"
+
+
+def _tenancy_blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
+    t = d.tenancy
+    B: list[tuple] = [("h2", SECTIONS[0])]
+    B.append(("p", "If the kernels an ordinary tuner gives (the best at 100 % of the device with no neighbour) are "
+                   "deployed into a share next to a neighbour, how much slower are they than kernels tuned for that "
+                   "share and neighbour? Regret = the ordinary config's time there / the tuned config's time there, "
+                   "both measured there. Its factors: share alone (both without a neighbour) and neighbour alone "
+                   "(the share's quiet config under the neighbour / the config tuned there). Baseline/tuned > 1: "
+                   "the tuned kernel also beats the vendor library measured under the same share and neighbour."))
+    if t is None or not t.cells:
+        B.append(("p", "Nothing tuned yet."))
+        return B
+    if "tenancy" in plots:
+        B.append(("img", plots["tenancy"], "deployment regret heat map"))
+    B.append(("table", ["workload", "device", "partition", "share", "neighbour", "regret", "share alone",
+                        "neighbour alone", "tuned here", "ordinary here", "baseline", "baseline/tuned"],
+              [[c.name or c.workload_key, c.device_id, c.partition, f"{c.ratio:.4g}%", c.condition, _x(c.regret),
+                _x(c.share_alone), _x(c.neighbour_alone), _us(c.best_s), _us(c.ordinary_s),
+                f"{_us(c.baseline_s)} ({c.baseline_kind})" if c.baseline_s else "–", _x(c.vs_baseline)]
+               for c in t.cells]))
+    if t.geomean_by_share:
+        B.append(("table", ["share", "geometric mean regret"], [[f"{r:.4g}%", _x(g)]
+                                                                for r, g in t.geomean_by_share.items()]))
+        B.append(("table", ["neighbour", "geometric mean regret"], [[c, _x(g)]
+                                                                   for c, g in t.geomean_by_condition.items()]))
+    missing = [f"{c.name or c.workload_key} {c.ratio:g}% {c.condition}: {'; '.join(c.missing)}"
+               for c in t.cells if c.missing]
+    if missing:
+        B.append(("p", "Not measured yet (tuning the condition again or a bundle round measures them): "
+                       + " | ".join(missing)))
+    return B
+
+
+def _plot_tenancy(d: ReportData, path: Path) -> bool:
+    """One panel per (workload, device, partition): shares down, neighbours across."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    groups: dict[tuple, list] = {}
+    for c in d.tenancy.cells:
+        groups.setdefault((c.name or c.workload_key, c.device_id, c.partition), []).append(c)
+    groups = {k: v for k, v in groups.items() if any(c.regret for c in v)}
+    if not groups:
+        return False
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
+    vmax = max(1.1, max(c.regret for cs in groups.values() for c in cs if c.regret))
+    for ax, ((name, dev, part), cs) in zip(axes[0], groups.items()):
+        shares = sorted({c.ratio for c in cs}, reverse=True)
+        conds = sorted({c.condition for c in cs}, key=lambda x: (x != "none", x))
+        grid = np.full((len(shares), len(conds)), np.nan)
+        for c in cs:
+            if c.regret:
+                grid[shares.index(c.ratio), conds.index(c.condition)] = c.regret
+        im = ax.imshow(grid, cmap="Reds", vmin=1.0, vmax=vmax, aspect="auto")
+        ax.set_xticks(range(len(conds)), conds, fontsize=7, rotation=20)
+        ax.set_yticks(range(len(shares)), [f"{r:.4g}%" for r in shares], fontsize=7)
+        for i, j in itertools.product(range(len(shares)), range(len(conds))):
+            ax.text(j, i, "–" if np.isnan(grid[i, j]) else f"{grid[i, j]:.2f}x", ha="center", va="center",
+                    fontsize=7)
+        ax.set_title(f"{name} ({part}, {dev})", fontsize=8)
+        ax.set_xlabel("neighbour", fontsize=7)
+        ax.set_ylabel("share", fontsize=7)
+    fig.colorbar(im, ax=list(axes[0]), label="deployment regret (time ratio)")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def render(d: ReportData, out: Path) -> list[Path]:
     """Write report.md, report.html and the PNG plots of ``d`` under ``out``; return their paths."""
     import matplotlib
@@ -187,6 +260,8 @@ def render(d: ReportData, out: Path) -> list[Path]:
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     plots: dict[str, Path] = {}
+    if d.tenancy is not None and _plot_tenancy(d, out / "plots" / "tenancy.png"):
+        plots["tenancy"] = out / "plots" / "tenancy.png"
     for i, s in enumerate(d.series):
         # One file per series: a workload tuned under two partitions has two plots of one label.
         p = out / "plots" / f"share_{i:02d}_{_slug(s.label)}_{s.partition}.png"

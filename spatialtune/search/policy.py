@@ -102,6 +102,45 @@ def fit_share_model(model: CostModel, data: TrainingSet, ratio: float, own_share
     return True
 
 
+# ---------------------------------------------------------------- configs that belong measured everywhere
+
+
+def best_by_key(rows: Sequence) -> dict[KeyId, list]:
+    """The ok measurements of each key, fastest first (keys with none are left out)."""
+    out: dict[KeyId, list] = {}
+    for m in rows:
+        if m.status == "ok":
+            out.setdefault(KeyId.of(m), []).append(m)
+    return {k: sorted(v, key=lambda m: m.median_s) for k, v in out.items()}
+
+
+def comparison_configs(best_of: dict[KeyId, list], key: KeyId) -> list:
+    """The configs whose time under ``key`` the single- vs multi-tenant comparison needs: the one
+    an ordinary tuner gives (best at 100 %, no neighbour), and for a neighbour condition the one
+    tuned for the same share without it (see :mod:`spatialtune.report.tenancy`)."""
+    out = []
+    for k in (KeyId(key.partition, WHOLE, "none"), KeyId(key.partition, key.ratio, "none")):
+        if k in best_of and k != key and all(m.mod_hash != best_of[k][0].mod_hash for m in out):
+            out.append(best_of[k][0])
+    return out
+
+
+def missing_comparisons(rows: Sequence) -> dict[KeyId, list]:
+    """For every key measured in ``rows`` (one workload on one device), the comparison configs not
+    measured under it yet: what ``tune`` and a bundle round add so that every cell of the
+    comparison is measured, whichever condition was tuned first."""
+    best_of = best_by_key(rows)
+    seen: dict[KeyId, set[str]] = {}
+    for m in rows:
+        seen.setdefault(KeyId.of(m), set()).add(m.mod_hash)
+    out = {}
+    for k in seen:
+        need = [m for m in comparison_configs(best_of, k) if m.mod_hash not in seen[k]]
+        if need:
+            out[k] = need
+    return out
+
+
 # ---------------------------------------------------------------- the policy for one key
 
 
@@ -116,13 +155,8 @@ class SharePolicy:
                  share_units: tuple[int, int], options: PolicyOptions = PolicyOptions(), batch: int = 16,
                  seed: int = 0, threads: int | None = None):
         self.workload, self.key, self.options = workload, key, options
-        by_key: dict[KeyId, list] = {}
-        for m in rows:
-            by_key.setdefault(KeyId.of(m), []).append(m)
-        self.here = by_key.pop(key, [])
-        self.best_of = {k: sorted((m for m in ms if m.status == "ok"), key=lambda m: m.median_s)
-                        for k, ms in by_key.items()}
-        self.best_of = {k: v for k, v in self.best_of.items() if v}
+        self.here = [m for m in rows if KeyId.of(m) == key]
+        self.best_of = {k: v for k, v in best_by_key(rows).items() if k != key}
         measured = [(m.trace, m.median_s if m.status == "ok" else None) for m in self.here]
         rs = (seed * 7919 + len(self.here) * 31 + zlib.crc32(f"{key.partition}:{key.ratio:g}:{key.interference}"
                                                               .encode())) % (2**31 - 1)
@@ -147,9 +181,10 @@ class SharePolicy:
         return out
 
     def transfer_traces(self) -> list[str]:
-        """Traces of the configs best elsewhere that belong measured here (see the module doc)."""
+        """Traces of the configs best elsewhere that belong measured here (see the module doc):
+        the comparison configs first, then the best of the other shares and neighbours."""
         k, top = self.key, self.options.transfer_top
-        out: list[str] = []
+        out = [m.trace for m in comparison_configs(self.best_of, k)]
         for kk, ms in sorted(self.best_of.items(), key=lambda kv: (-kv[0].ratio, kv[0].interference)):
             if kk.partition != k.partition:
                 continue
@@ -157,9 +192,7 @@ class SharePolicy:
                 out += [m.trace for m in ms[:top]]  # other shares, same neighbour
             elif kk.ratio == k.ratio:
                 out += [m.trace for m in ms[:1]]  # this share, other neighbours
-            elif kk.ratio == WHOLE and kk.interference == "none":
-                out += [m.trace for m in ms[:1]]  # the config an ordinary tuner gives
-        return out
+        return list(dict.fromkeys(out))
 
     def transfers(self) -> list[Candidate]:
         return self.search.replayed(self.transfer_traces(), "transfer")

@@ -94,6 +94,25 @@ class DesignSpace:
             return None
 
 
+def candidate_from_trace(workload, trace: str, source: str, features: np.ndarray | None = None,
+                         expect_hash: str | None = None) -> Candidate | None:
+    """A measured config as a candidate to build again: its trace replayed on the workload. None
+    when it does not replay (a trace of another TVM version) or replays to another kernel than
+    ``expect_hash``."""
+    import tvm
+
+    try:
+        sch = apply_trace(workload, trace)
+    except Exception as e:
+        log.warning("%s: a stored config does not replay (%s); left out", workload.key, e)
+        return None
+    h = mod_hash(sch.mod)
+    if expect_hash and h != expect_hash:
+        log.warning("%s: config %s replays to %s; left out", workload.key, expect_hash, h)
+        return None
+    return Candidate(mod_hash=h, trace=trace, mod_json=tvm.ir.save_json(sch.mod), features=features, source=source)
+
+
 def default_candidate(workload, target: dict) -> Candidate:
     """TVM's untuned default for ``target``: on a CPU the PrimFunc as ``tvm.compile`` takes it;
     on a GPU, where an unscheduled loop nest has no thread binding and cannot build, the

@@ -26,8 +26,8 @@ from ..measure.builder import BuildInput, LocalBuilder
 from ..measure.runner import LocalRunner, Runner, RunInput
 from ..partitions import Partition, create_partition
 from ..search.cost_model import CostModel, create_cost_model
-from ..search.policy import KeyId, SharePolicy, TrainingSet, fit_share_model
-from ..search.space import Candidate
+from ..search.policy import KeyId, SharePolicy, TrainingSet, fit_share_model, missing_comparisons
+from ..search.space import Candidate, candidate_from_trace
 from ..store.database import Measurement, TuningDatabase
 from ..store.paths import artifact_dir
 from ..terms import Share, check_ratio, norm_ratio
@@ -86,6 +86,8 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
                     stopped = True
                     break
                 results.append(job.tune_share(w, r, position=(wi, len(workloads), ri, len(ratios))))
+            if not stopped and runner.real:
+                job.fill_comparisons(w)
         # The whole-device column needs every share tuned first.
         for res in results:
             res.whole_device_config_s = job.whole_device_time(res.workload_key, res.ratio)
@@ -148,7 +150,7 @@ class _Job:
         before = self.db.count_measurements(**key)
         if before < self.opt.trials and not self.out_of_time():
             self._search(w, kr, share, key, position)
-        if self.opt.baselines and isinstance(self.runner, LocalRunner):  # a replayed run has no hardware to time
+        if self.opt.baselines and isinstance(self.runner, LocalRunner):  # others have no hardware here to time
             t0 = time.perf_counter()
             measure_baselines(self.db, self.builder, self.runner, w, share, key, target_for(self.device, share.units))
             self.stage.add("baseline", time.perf_counter() - t0)
@@ -189,8 +191,28 @@ class _Job:
         finally:
             policy.close()
 
+    def fill_comparisons(self, w: Workload) -> None:
+        """Measure, under every condition of ``w`` measured on this partition, the configs the
+        single- vs multi-tenant comparison needs there and does not have yet (the whole-device
+        quiet best; the share's quiet best under a neighbour): whichever condition was tuned
+        first, every cell ends up measured. These are reference measurements, beyond the budget."""
+        rows = self.db.measurements(workload_key=w.key, device_id=self.device.id, partition=self.partition.kind,
+                                    with_features=True)
+        for k, configs in sorted(missing_comparisons(rows).items(), key=lambda kv: (-kv[0].ratio,
+                                                                                    kv[0].interference)):
+            share = self.partition.grant(k.ratio)
+            if share.key_ratio != k.ratio:  # a key this partition cannot grant again exactly
+                log.info("%s: cannot grant %g%% again exactly; comparison left unmeasured there", w.key, k.ratio)
+                continue
+            cands = [c for m in configs if (c := candidate_from_trace(w, m.trace, "comparison", m.features,
+                                                                      m.mod_hash)) is not None]
+            if cands:
+                log.info("%s @ %g%% %s: measuring %d comparison configs", w.key, k.ratio, k.interference, len(cands))
+                self._measure(w, share, self.key(w, k.ratio) | {"interference": k.interference}, cands)
+
     def _measure(self, w: Workload, share: Share, key: dict, cands: Sequence[Candidate]) -> list[float | None]:
-        """Build and measure ``cands``; each result is recorded the moment it exists."""
+        """Build and measure ``cands`` under ``key``'s neighbour; each result is recorded the
+        moment it exists."""
         t0 = time.perf_counter()
         built = self.builder.build([BuildInput(c.mod_json, c.mod_hash) for c in cands], self.target(share))
         self.stage.add("build", time.perf_counter() - t0)
@@ -220,7 +242,7 @@ class _Job:
             times[i] = m.median_s if m.status == "ok" else None
 
         t0 = time.perf_counter()
-        self.runner.run(share, self.opt.interference,
+        self.runner.run(share, key["interference"],
                         [RunInput(w.to_dict(), built[i].artifact, built[i].cubin, cands[i].mod_hash) for i in ok],
                         on_result=on_result)
         self.stage.add("run", time.perf_counter() - t0)
