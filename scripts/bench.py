@@ -17,7 +17,10 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--trials", type=int, default=32)
 ap.add_argument("--workload", action="append", default=None)
 ap.add_argument("--ratios", default="100,50")
+ap.add_argument("--quick", action="store_true", help="a smoke test: 4 trials of one workload at 100%%")
 a = ap.parse_args()
+if a.quick or os.environ.get("SPATIALTUNE_QUICK"):
+    a.trials, a.workload, a.ratios = 4, ["dense_small"], "100"
 logging.basicConfig(level=logging.WARNING)
 logging.getLogger("tvm").setLevel(logging.WARNING)
 

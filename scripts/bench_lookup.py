@@ -144,7 +144,10 @@ def main() -> int:
     ap.add_argument("--ms-n", type=int, default=100_000)
     ap.add_argument("--cold-runs", type=int, default=15)
     ap.add_argument("--keep", default=None, help="build the databases here and keep them")
+    ap.add_argument("--quick", action="store_true", help="a smoke test on a small database")
     a = ap.parse_args()
+    if a.quick or os.environ.get("SPATIALTUNE_QUICK"):
+        a.workloads, a.ratios, a.n, a.ms_n, a.cold_runs = 4, 5, 2000, 200, 2
 
     from spatialtune.device import cpu_model, usable_cores
 

@@ -101,8 +101,15 @@ db = ms.tune_tir(w.ir_module(), target, wd, max_trials_global=trials, num_trials
                  runner=ms.runner.LocalRunner(ms.runner.EvaluatorConfig(number=3, repeat=5, min_repeat_ms=50,
                                                                         enable_cpu_cache_flush=False)),
                  seed=int(sys.argv[5]))
+# In trial order: get_all_tuning_records() sorts by time, the record file is in commit order.
+workloads = [json.loads(line) for line in open(os.path.join(wd, "database_workload.json")) if line.strip()]
+wl = [ms.database.Workload.from_json(w) for w in workloads]
 rows = []
-for r in db.get_all_tuning_records():
+for line in open(os.path.join(wd, "database_tuning_record.json")):
+    if not line.strip():
+        continue
+    idx, rec = json.loads(line)
+    r = ms.database.TuningRecord.from_json(rec, wl[idx])
     secs = [float(x) for x in (r.run_secs or [])]
     ok = secs and all(0 < s < 1e9 for s in secs)
     rows.append({"trace": tvm.ir.save_json(r.trace.as_json()), "t": float(np.median(secs)) if ok else None,
@@ -179,8 +186,9 @@ def main() -> int:
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--quick", action="store_true", help="one small workload, budgets 8,16 (a smoke test)")
     a = ap.parse_args()
-    if a.quick or os.environ.get("SPATIALTUNE_QUICK"):
-        a.budgets, a.workloads = "8,16", ",".join(QUICK)
+    quick = a.quick or bool(os.environ.get("SPATIALTUNE_QUICK"))
+    if quick:
+        a.budgets, a.workloads = "4,8", ",".join(QUICK)
         a.out = a.out if a.out != str(ROOT / "out" / "bench-search") else tempfile.mkdtemp(prefix="bench-search-")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("tvm").setLevel(logging.WARNING)
@@ -206,7 +214,10 @@ def main() -> int:
                 if ratio < 100:
                     runs["spatialtune-scratch"] = lambda: run_spatialtune(
                         w, ratio, out / f"{w.name}-scratch-{ratio:g}.sqlite", budgets[-1], a.seed, work / "art")
-                for m in methods + (["spatialtune-scratch"] if ratio < 100 and "spatialtune" in methods else []):
+                todo = methods + (["spatialtune-scratch"] if ratio < 100 and "spatialtune" in methods else [])
+                if quick and ratio < 100:  # MetaSchedule's tuner costs half a minute to start: once is enough
+                    todo = [m for m in todo if m != "tune_tir"]
+                for m in todo:
                     f = out / f"{tag}-{m}.json"
                     if f.exists() or a.table_only:
                         continue
@@ -219,7 +230,7 @@ def main() -> int:
                 if final.exists() or a.table_only:
                     continue
                 picks, have = [], {}
-                for m in methods + (["spatialtune-scratch"] if ratio < 100 and "spatialtune" in methods else []):
+                for m in todo:
                     rows = json.loads((out / f"{tag}-{m}.json").read_text())["rows"]
                     have[m] = rows
                     for b in budgets:
@@ -237,7 +248,8 @@ def main() -> int:
                     "units": share.units, "numpy_s": numpy_s,
                     "picks": [{"method": m, "budget": b, "t": t} for (m, b, _), t in zip(picks, times)],
                     "t95": {m: trials_to_95(rows) for m, rows in have.items()},
-                    "wall_s": {m: json.loads((out / f"{tag}-{m}.json").read_text())["wall_s"] for m in have}}))
+                    "wall_s": {m: json.loads((out / f"{tag}-{m}.json").read_text())["wall_s"] for m in have},
+                    "trials": {m: len(rows) for m, rows in have.items()}}))
     print(table(out, budgets))
     return 0
 

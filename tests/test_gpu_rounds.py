@@ -153,7 +153,7 @@ def test_round_device_choice_errors_in_one_line(tmp_path, case):
                                      arch="sm_80"))
         elif case == "unknown":
             db.add_device(_gpu("NVIDIA H200", "580.159.04"))
-    extra = ["--device", "cuda-000000000000"] if case == "unknown" else []
+    extra = {"unknown": ["--device", "cuda-000000000000"], "arch": ["--arch", "sm_90"]}.get(case, [])
     r = run_cli("bundle", "build", "--space", tmp_path / "space.toml", "--db", db_path, "--out", tmp_path / "b",
                 *extra, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

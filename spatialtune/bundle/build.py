@@ -27,7 +27,9 @@ from ..device import DeviceInfo, detect_cpu, target_for, tvm_version
 from ..errors import ConfigError, DeviceError
 from ..search.cost_model import CostModel, create_cost_model
 from ..search.evolution import EvolutionConfig
-from ..search.policy import KeyId, PolicyOptions, SharePolicy, TrainingSet, fit_share_model
+from ..search.policy import (KeyId, PolicyOptions, SharePolicy, TrainingSet, best_by_key, fit_share_model,
+                             missing_comparisons)
+from ..search.space import candidate_from_trace
 from ..search.uniform import UniformSampler
 from ..terms import WHOLE, norm_ratio, parse_condition
 from . import FORMAT
@@ -299,28 +301,36 @@ def _next_round(w, tgt: dict, db, dev: dict, n: int, selectors: Sequence[str], o
         out_notes.append({"source": "transfer", "shares": sorted({labels[k] for k in to}),
                           "for": [condition_key(k.partition, k.ratio, k.interference) for k in to]})
     # winners measured at every chosen share: re-measured beside the new candidates, as the reference
-    seen = {c.mod_hash for c in cands}
-    best_of = {k: sorted((m for m in rows if KeyId.of(m) == k and m.status == "ok"), key=lambda m: m.median_s)
-               for k in chosen}
-    space = None
+    index = {c.mod_hash: i for i, c in enumerate(cands)}
+    best_of = best_by_key(rows)
     for k in chosen:
-        for m in best_of[k][: options.transfer_top]:
-            if m.mod_hash in seen:
+        for m in best_of.get(k, [])[: options.transfer_top]:
+            if m.mod_hash in index:
                 continue
-            seen.add(m.mod_hash)
-            if space is None:
-                from ..search.space import DesignSpace
-
-                space = DesignSpace(w, tgt)
-            sch = space.replay(m.trace)
-            if sch is None or space.candidate(sch, "best", features=m.features).mod_hash != m.mod_hash:
-                log.warning("%s: measured config %s does not replay to itself; left out", w.key, m.mod_hash)
-                continue
-            cands.append(space.candidate(sch, "best", features=m.features))
-            out_notes.append({"source": "best", "shares": [labels[k]],
-                              "for": [condition_key(kk.partition, kk.ratio, kk.interference) for kk in chosen]})
+            c = candidate_from_trace(w, m.trace, "best", m.features, m.mod_hash)
+            if c is not None:
+                index[c.mod_hash] = len(cands)
+                cands.append(c)
+                out_notes.append({"source": "best", "shares": [labels[k]],
+                                  "for": [condition_key(kk.partition, kk.ratio, kk.interference) for kk in chosen]})
+    # the configs the single- vs multi-tenant comparison needs under every condition measured so far
+    for k, configs in missing_comparisons(rows).items():
+        ck = condition_key(k.partition, k.ratio, k.interference)
+        for m in configs:
+            if m.mod_hash not in index:
+                c = candidate_from_trace(w, m.trace, "comparison", m.features, m.mod_hash)
+                if c is None:
+                    continue
+                index[c.mod_hash] = len(cands)
+                cands.append(c)
+                out_notes.append({"source": "comparison", "shares": [], "for": []})
+            note = out_notes[index[m.mod_hash]]
+            if ck not in note["for"]:
+                note["for"].append(ck)
+                note["shares"].append(share_label(k, total))
     info |= {"new": len(new), "transfer": sum(nt["source"] == "transfer" for nt in out_notes),
-             "best": sum(nt["source"] == "best" for nt in out_notes)}
+             "best": sum(nt["source"] == "best" for nt in out_notes),
+             "comparison": sum(nt["source"] == "comparison" for nt in out_notes)}
     return cands, out_notes, info
 
 

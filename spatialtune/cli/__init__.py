@@ -58,4 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `spatialtune show | head`: the reader left, nothing is wrong
         sys.stderr.close()
         return 0
+    except Exception as e:  # a bug of ours: still one line, with the way to the traceback
+        if a.debug:
+            raise
+        first = str(e).splitlines()[0][:300] if str(e) else ""
+        print(f"spatialtune: internal error: {type(e).__name__}: {first} (run with --debug for the traceback; "
+              "please report it)", file=sys.stderr)
+        return 1
 

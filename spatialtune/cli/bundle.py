@@ -14,8 +14,10 @@ def add_bundle(sub) -> None:
     b.add_argument("--workload", action="append", default=[], metavar="NAME", help="repeatable; default: all")
     b.add_argument("--target", default="cuda", choices=("cuda", "cpu"),
                    help="cuda; cpu runs the same loop on this host's cores (for tests)")
-    b.add_argument("--arch", default="sm_90")
-    b.add_argument("--candidates", type=int, default=32, help="new candidates per workload")
+    b.add_argument("--arch", default=None, help="CUDA: sm_XY to compile for (default: the --db device's; needed "
+                   "for a first round)")
+    b.add_argument("--candidates", type=int, default=32, help="new candidates per workload (per workload and share "
+                   "with --db)")
     b.add_argument("--workload-candidates", action="append", default=[], metavar="NAME=N",
                    help="new candidates for one workload (repeatable; 0 with --db: only the winners)")
     b.add_argument("--build-workers", type=int, default=2)
@@ -80,7 +82,8 @@ def _cmd_bundle_build(a) -> int:
         for wk, info in r["workloads"].items():
             print(f"  {wk}: from {info['measured']} measurements on {r['device']} [{r['device_id']}]: "
                   f"{info['new']} new, {info.get('explore', 0)} uniform samples, {info['transfer']} winners to "
-                  f"measure at other shares, {info['best']} winners re-measured")
+                  f"measure at other shares, {info['best']} winners re-measured, {info.get('comparison', 0)} "
+                  f"comparison configs for conditions that lack them")
     return 0
 
 

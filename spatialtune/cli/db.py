@@ -28,6 +28,10 @@ def add_db(sub) -> None:
     i.add_argument("--partition", default=None)
     i.add_argument("--space", default=None, help="search-space file naming the workloads to match")
     i.set_defaults(func=_cmd_db_import)
+    v = dsub.add_parser("vacuum", help="compact the database and delete its build artifacts (rebuilt on demand)")
+    db_arg(v)
+    v.add_argument("--keep-artifacts", action="store_true", help="compact the database only")
+    v.set_defaults(func=_cmd_db_vacuum)
     m = dsub.add_parser("merge", help="merge databases from several tuning hosts into a new one")
     m.add_argument("sources", nargs="+", metavar="DB")
     m.add_argument("--out", required=True)
@@ -64,4 +68,16 @@ def _cmd_db_merge(a) -> int:
 
     s = merge_databases([Path(x) for x in a.sources], Path(a.out))
     print(json.dumps(s.to_dict()))
+    return 0
+
+
+def _cmd_db_vacuum(a) -> int:
+    from ..store.paths import prune_artifacts
+
+    with open_db(a.db, create=False) as db:
+        before, after = db.vacuum()
+        path = db.path
+    files, freed = (0, 0) if a.keep_artifacts else prune_artifacts(path)
+    print(f"{path}: {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB; {files} build artifacts deleted "
+          f"({freed / 1e6:.1f} MB)")
     return 0

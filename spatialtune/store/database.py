@@ -157,6 +157,21 @@ class TuningDatabase:
     def integrity_check(self) -> str:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0]
 
+    def vacuum(self) -> tuple[int, int]:
+        """Fold the write-ahead log into the file and compact it; returns (bytes before, after).
+        Fails with a DatabaseError while another process holds the database open for writing."""
+        def size() -> int:
+            return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+
+        before = size()
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.db.execute("VACUUM")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError as e:
+            raise DatabaseError(f"{self.path}: cannot compact it now ({e}): is a job writing it?") from None
+        return before, size()
+
     def close(self) -> None:
         self.db.close()
 

@@ -37,3 +37,17 @@ def artifact_dir(db_path: Path) -> Path:
     """Build artifacts of the jobs writing ``db_path`` (kernels are rebuilt from traces on demand,
     so this directory can be pruned at any time: ``spatialtune db vacuum``)."""
     return Path(db_path).resolve().parent / "artifacts"
+
+
+def prune_artifacts(db_path: Path) -> tuple[int, int]:
+    """Delete the build artifacts of the jobs writing ``db_path``; returns (files, bytes) removed.
+    Nothing is lost: every kernel is rebuilt from its stored trace when needed."""
+    import shutil
+
+    d = artifact_dir(db_path)
+    if not d.is_dir():
+        return 0, 0
+    files = [f for f in d.rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    shutil.rmtree(d)
+    return len(files), size

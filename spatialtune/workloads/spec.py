@@ -107,9 +107,50 @@ class SearchSpace:
         return out
 
 
+def shipped_space_dirs() -> list[Path]:
+    """Where the shipped search spaces are: ``search_spaces/`` of a checkout, else what
+    ``pip install`` put under ``<prefix>/share/spatialtune/search_spaces``."""
+    here = Path(__file__).resolve()
+    dirs = [here.parents[2] / "search_spaces"]
+    if len(here.parents) > 5:  # <prefix>/lib/pythonX.Y/site-packages/spatialtune/workloads/spec.py
+        dirs.append(here.parents[5] / "share" / "spatialtune" / "search_spaces")
+    try:
+        import sysconfig
+
+        dirs.append(Path(sysconfig.get_path("data")) / "share" / "spatialtune" / "search_spaces")
+    except (KeyError, TypeError):
+        pass
+    return [d for d in dict.fromkeys(dirs) if d.is_dir()]
+
+
+def _space_name(f: Path) -> str:
+    try:
+        name = tomllib.loads(f.read_text()).get("space", {}).get("name")
+    except (tomllib.TOMLDecodeError, OSError, AttributeError):
+        name = None
+    return name if isinstance(name, str) and name else f.stem
+
+
+def shipped_spaces() -> dict[str, Path]:
+    """Shipped search spaces by their ``[space]`` name (``bert-base``); the file stem
+    (``bert_base``) is accepted too, as an alias."""
+    out: dict[str, Path] = {}
+    for d in shipped_space_dirs():
+        for f in sorted(d.glob("*.toml")):
+            out.setdefault(_space_name(f), f)
+    return out
+
+
 def load_space(path: str | Path) -> SearchSpace:
-    """Parse and validate a search-space file; every problem is a SpecError naming file and field."""
+    """Parse and validate a search-space file, given by path or by the name of a shipped space
+    (``demo``, ``bert-base``, ...); every problem is a SpecError naming file and field."""
     path = Path(path)
+    if not path.exists() and path.suffix != ".toml" and len(path.parts) == 1:
+        known = shipped_spaces()
+        aliases = {f.stem: f for f in known.values()} | known
+        if str(path) not in aliases:
+            raise SpecError(f"{path}: no such search-space file or shipped space (shipped: {', '.join(sorted(known))})")
+        path = aliases[str(path)]
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
