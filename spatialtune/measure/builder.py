@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -103,10 +104,17 @@ class LocalBuilder(Builder):
         self.timeout = timeout
         self._workers = [Worker(init="spatialtune.measure.builder:_init_build_worker", name=f"build{i}") for i in range(n)]
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="build")
+        # Concurrent callers (a job tuning several workloads at once) take turns: each build
+        # already fills every worker, and a worker must be driven by one thread at a time.
+        self._lock = threading.Lock()
 
     def build(self, inputs: Sequence[BuildInput], target: dict) -> list[BuildResult]:
         if not inputs:
             return []
+        with self._lock:
+            return self._build(inputs, target)
+
+    def _build(self, inputs: Sequence[BuildInput], target: dict) -> list[BuildResult]:
         target = dict(target)
         n = len(self._workers)
         # Worker i takes inputs i, i+n, ...: each worker is driven by exactly one thread.

@@ -10,14 +10,16 @@ batch goes on (:func:`metered_call`, the one place that does this).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 
+from ..device import DeviceInfo
 from ..neighbours import Interference, create_interference
 from ..neighbours.base import NeighbourReading
 from ..partitions import Partition
@@ -71,11 +73,24 @@ class Runner(ABC):
     whether results come from hardware now (baselines and comparison measurements need it)."""
 
     real = True
+    baselines = False  # can time TVM's default schedule and numpy next to the kernels
+    parallel = 1  # measurements it can make at once (a pool of servers: how many; ``run`` is then thread-safe)
 
     @abstractmethod
     def run(self, share: Share, interference: str, inputs: Sequence[RunInput],
             on_result: ResultFn | None = None) -> list[MeasureResult]:
         """Measure ``inputs``; ``on_result(i, result)`` is called as each one completes."""
+
+    def measures_on(self) -> tuple[DeviceInfo, Partition] | None:
+        """The device and partition the measurements happen on when they are not this machine's
+        (servers elsewhere); None for this machine."""
+        return None
+
+    def measure_baseline(self, share: Share, interference: str, workload: dict, kind: str,
+                         artifact: str | None = None, cubin: str | None = None) -> MeasureResult:
+        """``tvm-default`` (TVM's untuned kernel, given as artifact) or ``numpy``; only where
+        ``baselines`` is true."""
+        raise NotImplementedError(f"{type(self).__name__} measures no baselines")
 
     def close(self) -> None:
         pass
@@ -92,6 +107,8 @@ class Runner(ABC):
 
 class LocalRunner(Runner):
     """Measures on this machine's device through per-share worker processes."""
+
+    baselines = True
 
     def __init__(self, partition: Partition, *, device_kind: str = "cpu", settings: RunSettings | None = None,
                  extra_env: dict[str, str] | None = None):
@@ -120,43 +137,61 @@ class LocalRunner(Runner):
             on_result: ResultFn | None = None) -> list[MeasureResult]:
         if not inputs:
             return []
-        w = self.worker_for(share, start=False)  # metered_call starts it: a failed start costs one candidate
-        neighbour = create_interference(interference, partition=self.partition, device_kind=self.device_kind)
         out = []
-        with neighbour.running(share) as meter:
+        with self.hold(share, interference) as held:
             for i, item in enumerate(inputs):
-                out.append(self._measure(w, item, meter))
+                out.append(held.measure(item))
                 if on_result is not None:
                     on_result(i, out[-1])
         return out
+
+    @contextlib.contextmanager
+    def hold(self, share: Share, interference: str | Interference) -> Iterator["Held"]:
+        """Hold ``share`` with its neighbour running, for measurements one at a time: what ``run``
+        does for a batch, open for as long as the caller needs (a measuring server keeps it
+        across requests). The worker is not started here: a failed start costs one measurement."""
+        w = self.worker_for(share, start=False)
+        neighbour = create_interference(interference, partition=self.partition, device_kind=self.device_kind)
+        with neighbour.running(share) as meter:
+            yield Held(self, w, meter)
 
     def next_seed(self) -> int:
         """A fresh input seed per call, so no two measurements share their random inputs."""
         self._calls += 1
         return (self.settings.seed * 1_000_003 + self._calls * 7919 + os.getpid()) % (2**31)
 
-    def _measure(self, w: Worker, item: RunInput, meter) -> MeasureResult:
-        return self._call(w, meter, self.settings.timeout, "spatialtune.measure.in_worker:measure_one", item.workload,
-                          item.artifact, item.cubin, self.settings, self.next_seed())
-
-    def _call(self, w: Worker, meter, timeout: float, fn: str, *args) -> MeasureResult:
-        return MeasureResult(**metered_call(w, meter, timeout, fn, *args))
-
     def measure_baseline(self, share: Share, interference: str, workload: dict, kind: str,
                          artifact: str | None = None, cubin: str | None = None) -> MeasureResult:
         """``tvm-default`` (TVM's untuned kernel, given as artifact) or ``numpy``."""
-        w = self.worker_for(share, start=False)
-        neighbour = create_interference(interference, partition=self.partition, device_kind=self.device_kind)
-        with neighbour.running(share) as meter:
+        with self.hold(share, interference) as held:
             if kind == "numpy":
-                return self._call(w, meter, self.settings.timeout * 4, "spatialtune.measure.vendor:measure_numpy", workload,
-                                  self.settings, self.next_seed())
-            return self._measure(w, RunInput(workload, artifact, cubin), meter)
+                return held.numpy(workload)
+            return held.measure(RunInput(workload, artifact, cubin))
 
     def close(self) -> None:
         for w in self._workers.values():
             w.close()
         self._workers.clear()
+
+
+class Held:
+    """A share held with its neighbour running (:meth:`LocalRunner.hold`): measures one input per
+    call, through :func:`metered_call` like every measurement."""
+
+    def __init__(self, runner: LocalRunner, worker: Worker, meter):
+        self.runner, self.worker, self.meter = runner, worker, meter
+
+    def measure(self, item: RunInput) -> MeasureResult:
+        r = self.runner
+        return MeasureResult(**metered_call(self.worker, self.meter, r.settings.timeout,
+                                            "spatialtune.measure.in_worker:measure_one", item.workload, item.artifact,
+                                            item.cubin, r.settings, r.next_seed()))
+
+    def numpy(self, workload: dict) -> MeasureResult:
+        r = self.runner
+        return MeasureResult(**metered_call(self.worker, self.meter, r.settings.timeout * 4,
+                                            "spatialtune.measure.vendor:measure_numpy", workload, r.settings,
+                                            r.next_seed()))
 
 
 class ReplayRunner(Runner):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from ..measure.builder import BuildInput, LocalBuilder
-from ..measure.runner import LocalRunner
+from ..measure.runner import Runner
 from ..search.space import default_candidate
 from ..store.database import TuningDatabase
 from ..terms import Share
@@ -14,7 +14,7 @@ from ..terms import Share
 log = logging.getLogger(__name__)
 
 
-def measure_baselines(db: TuningDatabase, builder: LocalBuilder, runner: LocalRunner, workload, share: Share,
+def measure_baselines(db: TuningDatabase, builder: LocalBuilder, runner: Runner, workload, share: Share,
                       key: dict, target: dict) -> None:
     have = {b["kind"] for b in db.baselines(**key)}
     kinds = [k for k in ("tvm-default", "numpy") if k not in have and not (k == "numpy" and target["kind"] != "llvm")]

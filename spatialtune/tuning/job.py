@@ -15,12 +15,15 @@ evolutionary search with this share's cost model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..device import DeviceInfo, detect_cpu, detect_cuda, target_for
+from ..device import DeviceInfo, check_mcpu, detect_cpu, detect_cuda, target_for
 from ..errors import ConfigError
 from ..measure.builder import BuildInput, LocalBuilder
 from ..measure.runner import LocalRunner, Runner, RunInput
@@ -44,9 +47,15 @@ class _Stage:
     def __init__(self):
         self.t = {"setup": 0.0, "search": 0.0, "build": 0.0, "run": 0.0, "train": 0.0, "baseline": 0.0}
         self.counts = {"built": 0, "measured": 0}
+        self._lock = threading.Lock()  # workloads tuned in threads add to the same totals
 
     def add(self, k: str, dt: float) -> None:
-        self.t[k] += dt
+        with self._lock:
+            self.t[k] += dt
+
+    def count(self, k: str, n: int) -> None:
+        with self._lock:
+            self.counts[k] += n
 
 
 def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatabase,
@@ -54,7 +63,10 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
          runner: Runner | None = None) -> TuneSummary:
     """Tune every workload at every ratio into ``db``; see the module docstring.
 
-    ``runner`` replaces the local measuring runner (e.g. a ReplayRunner); the caller owns it.
+    ``runner`` replaces the local measuring runner (e.g. a ReplayRunner, or a pool of measuring
+    servers, whose device and partition then key the records); the caller owns it. A runner that
+    measures several candidates at once (``parallel`` > 1) gets several workloads tuned at once,
+    each in its own thread with its own database connection.
     """
     opt = options or TuneOptions()
     opt.validate()
@@ -62,38 +74,98 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
         raise ConfigError("no workloads to tune")
     ratios = sorted({norm_ratio(check_ratio(r)) for r in ratios}, reverse=True)
     t_start = time.perf_counter()
-    device = detect_cuda(arch=opt.arch) if opt.target == "cuda" else detect_cpu(opt.mcpu)
-    partition = create_partition(opt.partition or ("cpu" if opt.target == "cpu" else "mps"))
-    if opt.target == "cpu" and partition.kind != "cpu":
-        raise ConfigError(f"partition {partition.kind!r} needs --target cuda")
+    device, partition = _device_and_partition(opt, runner)
     db.add_device(device)
     for w in workloads:
         db.add_workload(w)
     art = Path(opt.artifact_dir or artifact_dir(db.path)) / device.id
     stage = _Stage()
-    results: list[ShareResult] = []
-    stopped = False
     deadline = None if opt.time_budget_s is None else t_start + opt.time_budget_s
     own_runner = runner is None
     if own_runner:
         runner = LocalRunner(partition, device_kind=opt.target, settings=opt.run)
+    lanes = min(runner.parallel, len(workloads))
+    if lanes > 1 and progress is not None:
+        progress = _serialised(progress)
     with partition, LocalBuilder(art, workers=opt.build_workers) as builder, \
             (runner if own_runner else contextlib.nullcontext(runner)):
-        job = _Job(db, device, partition, opt, builder, runner, stage, progress, deadline)
-        for wi, w in enumerate(workloads):
+        def tune_workload(wi: int, job_db: TuningDatabase) -> tuple[list[ShareResult], bool]:
+            job = _Job(job_db, device, partition, opt, builder, runner, stage, progress, deadline)
+            out = []
             for ri, r in enumerate(ratios):
                 if job.out_of_time():
-                    stopped = True
+                    return out, True
+                out.append(job.tune_share(workloads[wi], r, position=(wi, len(workloads), ri, len(ratios))))
+            if runner.real:
+                job.fill_comparisons(workloads[wi])
+            return out, False
+
+        if lanes > 1:
+            done = _in_threads(tune_workload, len(workloads), lanes, db.path)
+        else:
+            done = []
+            for wi in range(len(workloads)):
+                done.append(tune_workload(wi, db))
+                if done[-1][1]:
                     break
-                results.append(job.tune_share(w, r, position=(wi, len(workloads), ri, len(ratios))))
-            if not stopped and runner.real:
-                job.fill_comparisons(w)
+        results = [res for out, _ in done for res in out]
+        stopped = any(s for _, s in done)
         # The whole-device column needs every share tuned first.
+        job = _Job(db, device, partition, opt, builder, runner, stage, progress, deadline)
         for res in results:
             res.whole_device_config_s = job.whole_device_time(res.workload_key, res.ratio)
     return TuneSummary(device=device, partition=partition.kind, interference=opt.interference, results=results,
                        elapsed_s=time.perf_counter() - t_start, timings=dict(stage.t) | stage.counts,
                        stopped_early=stopped)
+
+
+def _device_and_partition(opt: TuneOptions, runner: Runner | None) -> tuple[DeviceInfo, Partition]:
+    """This machine's, or those of the runner's servers (with --mcpu/--arch applied)."""
+    remote = runner.measures_on() if runner is not None else None
+    if remote is None:
+        device = detect_cuda(arch=opt.arch) if opt.target == "cuda" else detect_cpu(opt.mcpu)
+        partition = create_partition(opt.partition or ("cpu" if opt.target == "cpu" else "mps"))
+        if opt.target == "cpu" and partition.kind != "cpu":
+            raise ConfigError(f"partition {partition.kind!r} needs --target cuda")
+        return device, partition
+    device, partition = remote
+    if device.kind != opt.target:
+        raise ConfigError(f"the measuring servers have a {device.kind} device ({device.name}): pass --target "
+                          f"{device.kind}")
+    asked = getattr(opt.partition, "kind", opt.partition)
+    if asked and asked != partition.kind:
+        raise ConfigError(f"the measuring servers hold shares with the {partition.kind!r} partition, not {asked!r}")
+    if opt.mcpu and device.kind == "cpu":
+        device = dataclasses.replace(device, arch=check_mcpu(opt.mcpu))
+    if opt.arch and device.kind == "cuda":
+        device = dataclasses.replace(device, arch=opt.arch)
+    return device, partition
+
+
+def _serialised(fn: ProgressFn) -> ProgressFn:
+    lock = threading.Lock()
+
+    def call(ev: dict) -> None:
+        with lock:
+            fn(ev)
+    return call
+
+
+def _in_threads(fn, n: int, lanes: int, db_path: Path) -> list[tuple[list[ShareResult], bool]]:
+    """``fn(i, db)`` for i in range(n), ``lanes`` at a time, each thread with its own database
+    connection (a connection is not shared between threads); results in workload order. The first
+    error is raised once the threads that were running have stopped (they stop soon: the runner's
+    servers are gone or it is being closed)."""
+    def run(i: int):
+        with TuningDatabase(db_path) as own:
+            return fn(i, own)
+
+    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="tune")
+    futures = [pool.submit(run, i) for i in range(n)]
+    try:
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Job:
@@ -150,7 +222,7 @@ class _Job:
         before = self.db.count_measurements(**key)
         if before < self.opt.trials and not self.out_of_time():
             self._search(w, kr, share, key, position)
-        if self.opt.baselines and isinstance(self.runner, LocalRunner):  # others have no hardware here to time
+        if self.opt.baselines and self.runner.baselines:  # a replay has no hardware to time them on
             t0 = time.perf_counter()
             measure_baselines(self.db, self.builder, self.runner, w, share, key, target_for(self.device, share.units))
             self.stage.add("baseline", time.perf_counter() - t0)
@@ -216,7 +288,7 @@ class _Job:
         t0 = time.perf_counter()
         built = self.builder.build([BuildInput(c.mod_json, c.mod_hash) for c in cands], self.target(share))
         self.stage.add("build", time.perf_counter() - t0)
-        self.stage.counts["built"] += len(cands)
+        self.stage.count("built", len(cands))
         times: list[float | None] = [None] * len(cands)
 
         def row(i: int) -> Measurement:
@@ -246,7 +318,7 @@ class _Job:
                         [RunInput(w.to_dict(), built[i].artifact, built[i].cubin, cands[i].mod_hash) for i in ok],
                         on_result=on_result)
         self.stage.add("run", time.perf_counter() - t0)
-        self.stage.counts["measured"] += len(ok)
+        self.stage.count("measured", len(ok))
         return times
 
     def target(self, share: Share) -> dict:
