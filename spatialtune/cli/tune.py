@@ -27,6 +27,15 @@ def add_tune(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baselines", action="store_true", help="skip TVM-default and numpy baselines")
     p.add_argument("--build-workers", type=int, default=None, help="parallel build processes (default: one per core)")
+    r = p.add_argument_group("measuring on servers elsewhere (docs/distributed.md)")
+    r.add_argument("--tracker", default=None, metavar="HOST:PORT",
+                   help="measure on the `spatialtune serve` servers registered with this TVM RPC tracker")
+    r.add_argument("--key", default=None, help="with --tracker: the servers' key (one per device model)")
+    r.add_argument("--rpc-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --tracker: limit of one measurement request once a server has it "
+                        "(default: --timeout plus 60 s)")
+    r.add_argument("--server-wait", type=float, default=15.0, metavar="SECONDS",
+                   help="with --tracker: how long to wait for a first server to register (default 15)")
     s = p.add_argument_group("search")
     s.add_argument("--population", type=int, default=TuneOptions.population, help="evolution's population")
     s.add_argument("--genetic-iters", type=int, default=TuneOptions.genetic_iters, help="generations per batch")
@@ -58,16 +67,33 @@ def _cmd_tune(a) -> int:
                        genetic_iters=a.genetic_iters, explore=a.explore, transfer_top=a.transfer_top, mcpu=a.mcpu,
                        arch=a.arch, run=RunSettings(repeat=a.repeat, timeout=a.timeout, seed=a.seed))
     opts.validate()
-    with open_db(a.db, create=True) as db:
+    with _runner(a, opts) as runner, open_db(a.db, create=True) as db:
         bar = Progress(total_jobs=len(workloads) * len(ratios))
         try:
-            summary = tune(workloads, ratios, db, opts, progress=bar.update)
+            summary = tune(workloads, ratios, db, opts, progress=bar.update, runner=runner)
         finally:
             bar.close()
     from .tables import format_summary
 
     print(format_summary(summary))
     return 0
+
+
+def _runner(a, opts: TuneOptions):
+    """With --tracker, the servers' runner (which checks the tracker and the key at once);
+    otherwise none: ``tune`` measures on this machine."""
+    import contextlib
+
+    if a.tracker is None:
+        for flag, value in (("--key", a.key), ("--rpc-timeout", a.rpc_timeout)):
+            if value is not None:
+                raise ConfigError(f"{flag} needs --tracker HOST:PORT")
+        return contextlib.nullcontext(None)
+    if not a.key:
+        raise ConfigError("--tracker needs --key KEY (the key the servers registered with)")
+    from ..distributed.runner import RpcRunner
+
+    return RpcRunner(a.tracker, a.key, settings=opts.run, rpc_timeout=a.rpc_timeout, first_wait_s=a.server_wait)
 
 
 # ---------------------------------------------------------------- workloads, show
