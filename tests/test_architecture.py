@@ -169,12 +169,13 @@ def test_the_checks_see_a_violation(tmp_path, monkeypatch):
 
 
 def test_the_cli_and_the_measuring_side_import_light():
-    """A GPU host that runs bundles has a runtime-only TVM, numpy and cuda-bindings: neither the CLI
-    nor the measuring worker may import the database layer, xgboost or the full TVM at start, and
-    the lookup library loads no TVM at all."""
+    """A GPU host that runs bundles or serves measurements has a runtime-only TVM, numpy and
+    cuda-bindings: neither the CLI, the measuring worker nor the measuring server may import the
+    database layer, xgboost or the full TVM at start, and the lookup library loads no TVM at all."""
     import subprocess
 
-    code = ("import sys, spatialtune.cli, spatialtune.measure.in_worker, spatialtune.bundle.run, spatialtune.lookup;"
+    code = ("import sys, spatialtune.cli, spatialtune.measure.in_worker, spatialtune.bundle.run, spatialtune.lookup,"
+            " spatialtune.distributed.server;"
             "print(sorted(m for m in ('tvm', 'sqlite_utils', 'xgboost', 'matplotlib', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -265,7 +265,7 @@ def test_bad_tracker_input_is_one_line_and_exit_code_2(tracker):
         ([*space, "--tracker", closed, "--key", "k"], "refused the connection"),
         ([*space, "--tracker", tracker], "needs --key"),
         ([*space, "--tracker", tracker, "--key", "nobody", "--server-wait", "1"], "no server is registered"),
-        (["serve", "--tracker", closed, "--key", "k"], "refused the connection"),
+        (["serve", "--tracker", closed, "--key", "k", "--tracker-wait", "1"], "refused the connection"),
         (["serve", "--tracker", tracker, "--key", "k", "--cores", "4096"], "not available here"),
     ]:
         p = run_cli(*args, timeout=120)

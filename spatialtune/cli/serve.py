@@ -17,6 +17,8 @@ def add_serve(sub) -> None:
                    help="ports are tried up to this one, exclusive (default 9199, or --port + 100 above it)")
     p.add_argument("--custom-addr", default=None, metavar="HOST",
                    help="address to give the tracker for this server, when drivers reach it under another name")
+    p.add_argument("--tracker-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="at start, how long to wait for the tracker to answer (default 30)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -26,6 +28,6 @@ def _cmd_serve(a) -> int:
     from ..distributed.server import parse_cores, serve
 
     serve(a.tracker, a.key, partition=a.partition, cores=parse_cores(a.cores), host=a.host, port=a.port,
-          port_end=a.port_end, custom_addr=a.custom_addr,
+          port_end=a.port_end, custom_addr=a.custom_addr, tracker_wait=a.tracker_wait,
           verbose=logging.getLogger().isEnabledFor(logging.INFO))
     return 0
