@@ -130,16 +130,18 @@ def test_a_job_over_two_servers_records_every_trial_once_like_a_local_run(tracke
         local = tune(dense(), [100], db, opts())
     wait_registered(tracker, k, [a, b])
     with RpcRunner(tracker, k, settings=FAST) as runner, TuningDatabase(tmp_path / "rpc.sqlite") as db:
-        remote = tune(dense(), [100], db, opts(), runner=runner)
+        remote = tune(dense(), [100], db, opts(baselines=True), runner=runner)
         stats = runner.stats()
+        baselines = {b["kind"] for b in db.baselines()}
     by_key = rows_by_key(tmp_path / "rpc.sqlite")
     assert [r.n_trials for r in remote.results] == [r.n_trials for r in local.results] == [8]
     (rows,) = by_key.values()
     assert len({m.mod_hash for m in rows}) == len(rows) == 8
     # Every measurement a server returned was recorded, and none was made twice.
-    assert sum(s["measured"] for s in stats.values()) == sum(m.status != "build_error" for m in rows)
+    assert sum(s["measured"] for s in stats.values()) == sum(m.status != "build_error" for m in rows) + 2
     assert all(stats[p.addr]["measured"] > 0 for p in (a, b)), stats  # the batches were spread
     assert remote.device.units == 1 and rows[0].device_id == remote.device.id  # the servers' device, one core
+    assert baselines == {"tvm-default", "numpy"}  # timed on the servers too
 
 
 def test_killing_a_server_mid_job_loses_nothing_and_the_job_finishes_on_the_other(tracker, servers, tmp_path):
@@ -149,17 +151,14 @@ def test_killing_a_server_mid_job_loses_nothing_and_the_job_finishes_on_the_othe
     killed = threading.Event()
 
     def kill_a_in_session():
-        while a.poll() is None:  # a session process of A exists: A is in the middle of our work
-            if psutil.Process(a.pid).children():
-                if any("spatialtune.measure.worker" not in " ".join(c.cmdline())
-                       for c in psutil.Process(a.pid).children()):
-                    kill_tree(a)
-                    killed.set()
-                    return
+        while not in_session(a):
             time.sleep(0.05)
+        kill_tree(a)
+        killed.set()
 
-    threading.Thread(target=kill_a_in_session, daemon=True).start()
     with RpcRunner(tracker, k, settings=FAST) as runner, TuningDatabase(tmp_path / "k.sqlite") as db:
+        after_probe(runner, [a, b])
+        threading.Thread(target=kill_a_in_session, daemon=True).start()
         summary = tune(dense(2), [100], db, opts(), runner=runner)
         stats = runner.stats()
     assert killed.is_set()
@@ -168,6 +167,23 @@ def test_killing_a_server_mid_job_loses_nothing_and_the_job_finishes_on_the_othe
     for rows in rows_by_key(tmp_path / "k.sqlite").values():
         assert len({m.mod_hash for m in rows}) == len(rows) == 8
         assert not [m.error for m in rows if "server" in m.error]  # nothing recorded as lost to the kill
+
+
+def in_session(server) -> bool:
+    """The server has a session process (TVM forks one per session): it is doing our work now."""
+    try:
+        kids = psutil.Process(server.pid).children()
+        return any("spatialtune.measure.worker" not in " ".join(c.cmdline()) for c in kids)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def after_probe(runner, procs) -> None:
+    """Let the runner ask a server who it is (a session of its own) and wait until that session
+    is over, so what a test does to a server in session happens during the job's work."""
+    runner.measures_on()
+    while any(in_session(p) for p in procs):
+        time.sleep(0.05)
 
 
 def test_a_server_whose_measurements_all_fail_is_set_aside(tracker, servers, tmp_path, caplog):
