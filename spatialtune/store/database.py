@@ -189,22 +189,28 @@ class TuningDatabase:
         several jobs register the same workload at once."""
         with self.db.atomic():
             self.db.execute(
-                "INSERT OR IGNORE INTO workloads (key, op, dtype, params, spec_hash, name, model, flops, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [w.key, w.op, w.dtype, json.dumps(dict(w.params)), w.spec_hash, w.name, w.model, w.flops, _now()],
+                "INSERT OR IGNORE INTO workloads (key, op, dtype, params, spec_hash, name, model, flops, prim,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [w.key, w.op, w.dtype, json.dumps(dict(w.params)), w.spec_hash, w.name, w.model, w.flops,
+                 None if w.prim is None else json.dumps(w.prim.to_dict()), _now()],
             )
-        row = self.db.execute("SELECT spec_hash FROM workloads WHERE key = ?", [w.key]).fetchone()
+        row = self.db.execute("SELECT spec_hash, model FROM workloads WHERE key = ?", [w.key]).fetchone()
         if row[0] != w.spec_hash:
             raise DatabaseError(f"workload {w.key}: database has spec {row[0]}, this spec is {w.spec_hash}")
+        if w.prim is not None and w.model and w.model not in (row[1] or "").split(", "):  # one task, two models
+            with self.db.atomic():
+                self.db.execute("UPDATE workloads SET model = ? WHERE key = ?",
+                                [", ".join(filter(None, [row[1], w.model])), w.key])
 
     def workload(self, key: str):
         from ..workloads.spec import Workload
 
-        row = self.db.execute("SELECT op, dtype, params, name, model FROM workloads WHERE key = ?", [key]).fetchone()
+        row = self.db.execute("SELECT op, dtype, params, name, model, prim FROM workloads WHERE key = ?",
+                              [key]).fetchone()
         if not row:
             return None
         return Workload.from_dict({"op": row[0], "dtype": row[1], "params": json.loads(row[2]), "name": row[3] or "",
-                                   "model": row[4] or ""})
+                                   "model": row[4] or "", "prim": json.loads(row[5]) if row[5] else None})
 
     def workloads(self) -> list:
         return [self.workload(r[0]) for r in self.db.execute("SELECT key FROM workloads ORDER BY key").fetchall()]
