@@ -197,10 +197,10 @@ class TuningDatabase:
         row = self.db.execute("SELECT spec_hash, model FROM workloads WHERE key = ?", [w.key]).fetchone()
         if row[0] != w.spec_hash:
             raise DatabaseError(f"workload {w.key}: database has spec {row[0]}, this spec is {w.spec_hash}")
-        if w.prim is not None and w.model and w.model not in (row[1] or "").split(", "):  # one task, two models
+        models = list(dict.fromkeys(filter(None, [*(row[1] or "").split(", "), *w.model.split(", ")])))
+        if w.prim is not None and ", ".join(models) != (row[1] or ""):  # one task, several models: name them all
             with self.db.atomic():
-                self.db.execute("UPDATE workloads SET model = ? WHERE key = ?",
-                                [", ".join(filter(None, [row[1], w.model])), w.key])
+                self.db.execute("UPDATE workloads SET model = ? WHERE key = ?", [", ".join(models), w.key])
 
     def workload(self, key: str):
         from ..workloads.spec import Workload

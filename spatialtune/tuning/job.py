@@ -10,6 +10,11 @@ database before every batch, so several jobs on one key stop within a batch each
 Shares are tuned in descending order. What to measure at each one comes from the one policy
 (:mod:`spatialtune.search.policy`): the configs best elsewhere first (transfers), then the
 evolutionary search with this share's cost model.
+
+Two ways to spend ``trials`` (``TuneOptions.scheduler``): ``each`` gives every (workload, share)
+that many, workload by workload; ``gradient``, for the tasks of a model, gives each share that
+many across the tasks, batch by batch to where weight x measured time says they gain most
+(:mod:`.scheduler`, as MetaSchedule's gradient task scheduler does).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ..terms import Share, check_ratio, norm_ratio
 from ..workloads.spec import Workload
 from .baselines import measure_baselines
 from .options import ShareResult, TuneOptions, TuneSummary
+from .scheduler import TaskState, pick_task
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +86,23 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
     with partition, LocalBuilder(art, workers=opt.build_workers) as builder, \
             (runner if own_runner else contextlib.nullcontext(runner)):
         job = _Job(db, device, partition, opt, builder, runner, stage, progress, deadline)
-        for wi, w in enumerate(workloads):
+        if opt.scheduler == "gradient":  # a model's tasks: the trials of each share go where the time is
             for ri, r in enumerate(ratios):
                 if job.out_of_time():
                     stopped = True
                     break
-                results.append(job.tune_share(w, r, position=(wi, len(workloads), ri, len(ratios))))
-            if not stopped and runner.real:
+                results += job.tune_tasks(workloads, r, position=(0, 1, ri, len(ratios)))
+            for w in workloads if not stopped and runner.real else []:
                 job.fill_comparisons(w)
+        else:
+            for wi, w in enumerate(workloads):
+                for ri, r in enumerate(ratios):
+                    if job.out_of_time():
+                        stopped = True
+                        break
+                    results.append(job.tune_share(w, r, position=(wi, len(workloads), ri, len(ratios))))
+                if not stopped and runner.real:
+                    job.fill_comparisons(w)
         # The whole-device column needs every share tuned first.
         for res in results:
             res.whole_device_config_s = job.whole_device_time(res.workload_key, res.ratio)
@@ -145,11 +160,51 @@ class _Job:
 
     def tune_share(self, w: Workload, r: float, position: tuple) -> ShareResult:
         share = self.partition.grant(r)
-        kr = share.key_ratio
-        key = self.key(w, kr)
+        key = self.key(w, share.key_ratio)
         before = self.db.count_measurements(**key)
         if before < self.opt.trials and not self.out_of_time():
-            self._search(w, kr, share, key, position)
+            search = _KeySearch(self, w, share, key)
+            try:
+                while not self.out_of_time():
+                    want = self.opt.trials - self.db.count_measurements(**key)  # other jobs may share the key
+                    if want <= 0 or not search.step(want):
+                        break
+                    self._report(w, share.key_ratio, share, key, position)
+            finally:
+                search.close()
+        return self._share_result(w, share, key, before)
+
+    def tune_tasks(self, ws: Sequence[Workload], r: float, position: tuple) -> list[ShareResult]:
+        """The tasks of a model at one share, ``opt.trials`` trials across them, each batch to the
+        task furthest below its due share of weight x time (:mod:`.scheduler`)."""
+        share = self.partition.grant(r)
+        keys = [self.key(w, share.key_ratio) for w in ws]
+        before = [self.db.count_measurements(**k) for k in keys]
+        searches: dict[int, _KeySearch] = {}
+        states = [TaskState(w.name or w.key, w.weight, n, None) for w, n in zip(ws, before)]
+        try:
+            while not self.out_of_time():
+                for st, k in zip(states, keys):  # other jobs may share the keys
+                    st.spent = self.db.count_measurements(**k)
+                    best = self.db.best(**k)
+                    st.best_s = best[0].median_s if best else None
+                left = self.opt.trials - sum(st.spent for st in states)
+                i = pick_task(states, min(self.opt.batch, left)) if left > 0 else None
+                if i is None:
+                    break
+                if i not in searches:
+                    searches[i] = _KeySearch(self, ws[i], share, keys[i])
+                if not searches[i].step(left):
+                    states[i].done = True
+                    continue
+                self._report(ws[i], share.key_ratio, share, keys[i], position,
+                             (sum(self.db.count_measurements(**k) for k in keys), self.opt.trials))
+        finally:
+            for s in searches.values():
+                s.close()
+        return [self._share_result(w, share, k, n) for w, k, n in zip(ws, keys, before)]
+
+    def _share_result(self, w: Workload, share: Share, key: dict, before: int) -> ShareResult:
         if self.opt.baselines and isinstance(self.runner, LocalRunner):  # others have no hardware here to time
             t0 = time.perf_counter()
             measure_baselines(self.db, self.builder, self.runner, w, share, key, target_for(self.device, share.units))
@@ -157,39 +212,8 @@ class _Job:
         best = self.db.best(**key)
         base = {b["kind"]: b["median_s"] for b in self.db.baselines(**key)}
         n = self.db.count_measurements(**key)
-        return ShareResult(w.key, w.name, kr, share.units, share.unit, best[0].median_s if best else None, n,
-                           n - before, None, base.get("tvm-default"), base.get("numpy"))
-
-    def _search(self, w: Workload, r: float, share: Share, key: dict, position) -> None:
-        t0 = time.perf_counter()
-        rows = self.db.measurements(workload_key=w.key, device_id=self.device.id, with_features=True)
-        model = self.model_for(r)
-        policy = SharePolicy(w, target_for(self.device, share.units), KeyId(self.partition.kind, r,
-                                                                            self.opt.interference),
-                             rows, model, share_units=(share.units, share.total), options=self.opt.policy(),
-                             batch=self.opt.batch, seed=self.opt.seed)
-        self.stage.add("setup", time.perf_counter() - t0)
-        pending = policy.transfers()
-        try:
-            while not self.out_of_time():
-                want = self.opt.trials - self.db.count_measurements(**key)  # other jobs may share the key
-                if want <= 0:
-                    break
-                t0 = time.perf_counter()
-                if pending:
-                    cands, pending = pending[:want], pending[want:]
-                else:
-                    cands = policy.ask(min(self.opt.batch, want))
-                self.stage.add("search", time.perf_counter() - t0)
-                if not cands:
-                    log.info("%s @ %g%%: search space exhausted", w.key, r)
-                    break
-                times = self._measure(w, share, key, cands)
-                policy.tell(cands, times)
-                self._learn(r, model, cands, times, w.key, share)
-                self._report(w, r, share, key, position)
-        finally:
-            policy.close()
+        return ShareResult(w.key, w.name, share.key_ratio, share.units, share.unit, best[0].median_s if best else None,
+                           n, n - before, None, base.get("tvm-default"), base.get("numpy"))
 
     def fill_comparisons(self, w: Workload) -> None:
         """Measure, under every condition of ``w`` measured on this partition, the configs the
@@ -259,13 +283,15 @@ class _Job:
                 data.add(c.features, t, wkey, r, share.units)
         self._fit(r, model)
 
-    def _report(self, w: Workload, r: float, share: Share, key: dict, position) -> None:
+    def _report(self, w: Workload, r: float, share: Share, key: dict, position, spent: tuple | None = None) -> None:
+        """``spent``: (trials, budget) of a model's share when they are counted across its tasks."""
         if self.progress is None:
             return
         best = self.db.best(**key)
+        trials, budget = spent or (self.db.count_measurements(**key), self.opt.trials)
         self.progress({"workload": w.name or w.key, "key": w.key, "ratio": r, "share": share.describe(),
-                       "trials": self.db.count_measurements(**key), "budget": self.opt.trials,
-                       "best_s": best[0].median_s if best else None, "flops": w.flops, "position": position})
+                       "trials": trials, "budget": budget, "best_s": best[0].median_s if best else None,
+                       "flops": w.flops, "position": position})
 
     def whole_device_time(self, wkey: str, r: float) -> float | None:
         """Time, at share r, of the config that is best at 100% (None if either is missing)."""
@@ -278,3 +304,42 @@ class _Job:
             if m.mod_hash == full[0].mod_hash:
                 return m.median_s
         return None
+
+
+class _KeySearch:
+    """The search of one (workload, share) key: its policy, the transfers still to measure, and one
+    batch per :meth:`step` (built, measured and recorded, the share's model retrained)."""
+
+    def __init__(self, job: _Job, w: Workload, share: Share, key: dict):
+        t0 = time.perf_counter()
+        self.job, self.w, self.share, self.key = job, w, share, key
+        r = share.key_ratio
+        rows = job.db.measurements(workload_key=w.key, device_id=job.device.id, with_features=True)
+        self.model = job.model_for(r)
+        self.policy = SharePolicy(w, target_for(job.device, share.units),
+                                  KeyId(job.partition.kind, r, job.opt.interference), rows, self.model,
+                                  share_units=(share.units, share.total), options=job.opt.policy(),
+                                  batch=job.opt.batch, seed=job.opt.seed)
+        job.stage.add("setup", time.perf_counter() - t0)
+        self.pending = self.policy.transfers()
+
+    def step(self, want: int) -> bool:
+        """Measure the next batch, at most ``want`` candidates (all pending transfers first);
+        False when the search space is exhausted."""
+        job = self.job
+        t0 = time.perf_counter()
+        if self.pending:
+            cands, self.pending = self.pending[:want], self.pending[want:]
+        else:
+            cands = self.policy.ask(min(job.opt.batch, want))
+        job.stage.add("search", time.perf_counter() - t0)
+        if not cands:
+            log.info("%s @ %g%%: search space exhausted", self.w.key, self.share.key_ratio)
+            return False
+        times = job._measure(self.w, self.share, self.key, cands)
+        self.policy.tell(cands, times)
+        job._learn(self.share.key_ratio, self.model, cands, times, self.w.key, self.share)
+        return True
+
+    def close(self) -> None:
+        self.policy.close()
