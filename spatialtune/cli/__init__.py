@@ -17,13 +17,14 @@ from .bundle import add_bundle
 from .common import EXIT_USAGE, Parser, fail
 from .db import add_db
 from .lookup import add_lookup, add_report
+from .model import add_model
 from .tune import add_show, add_tune, add_workloads
 
 log = logging.getLogger("spatialtune")
 
 COMMANDS: list[Callable] = [add_tune, add_workloads, add_show]
 COMMANDS += [add_lookup, add_report, add_db]
-COMMANDS += [add_bundle]
+COMMANDS += [add_bundle, add_model]
 
 
 def build_parser() -> argparse.ArgumentParser:

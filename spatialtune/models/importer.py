@@ -90,6 +90,9 @@ def load_onnx(path: str | Path, shapes: Mapping[str, Sequence[int]] | None = Non
         t = i.type.tensor_type
         dims = tuple(d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim)
         shape = shapes.get(i.name, dims)
+        if t.HasField("shape") and len(shape) != len(dims):
+            raise ConfigError(f"--shape {i.name}: {path.name} declares {len(dims)} dimensions ({_dims(t)}), "
+                              f"--shape gives {len(shape)}")
         if not shape and not t.HasField("shape"):
             raise SpecError(f"{path}: input {i.name} has no shape: give --shape {i.name}=D1,D2,...")
         if any(d < 1 for d in shape):
@@ -102,7 +105,7 @@ def load_onnx(path: str | Path, shapes: Mapping[str, Sequence[int]] | None = Non
         mod = from_onnx(model, shape_dict={n: list(s) for n, s, _ in inputs} or None,
                         dtype_dict={n: dt for n, _, dt in inputs} or "float32", keep_params_in_input=False)
     except Exception as e:
-        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         raise SpecError(f"{path}: TVM's ONNX importer failed: {lines[-1][:300] if lines else type(e).__name__}") \
             from None
     return ImportedModel(name=path.stem, path=str(path), hash=digest, inputs=inputs,
