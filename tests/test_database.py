@@ -225,3 +225,23 @@ def test_add_workload_twice_from_two_connections_is_not_an_error(tmp_path):
         b.add_workload(DENSE)  # already there, same spec
         a.add_workload(DENSE)
         assert [w.key for w in b.workloads()] == [DENSE.key]
+
+
+def test_committed_v3_database_opens_with_prim_workloads_and_model_runs(tmp_path):
+    """v4 adds what a model brings (a workload that is a PrimFunc, whole-model latencies): a v3 file
+    keeps its operator workload and its measurements, and can take both new kinds of rows."""
+    from spatialtune.store.model_runs import ModelRun, model_runs, record_model_run
+
+    p = tmp_path / "v3.sqlite"
+    shutil.copy(ROOT / "tests" / "data" / "db_v3.sqlite", p)
+    with TuningDatabase(p) as db:
+        assert db.schema_version == SCHEMA_VERSION
+        (w,) = db.workloads()
+        assert (w.key, w.name, w.prim, w.params) == ("dense_fp32_M4_N8_K16", "tiny_dense", None,
+                                                     {"M": 4, "N": 8, "K": 16})
+        assert {(b.ratio, b.mod_hash) for b in db.best(device_id="cpu-v3")} == {(50.0, "b"), (100.0, "a")}
+        assert model_runs(db) == []
+        record_model_run(db, ModelRun(run="r", model="m", model_hash="h", device_id="cpu-v3", partition="cpu",
+                                      ratio=50.0, variant="onnxruntime", status="ok", latency_s=1e-3))
+        assert [(m.variant, m.latency_s) for m in model_runs(db, latest=True)] == [("onnxruntime", 1e-3)]
+        assert db.integrity_check() == "ok"

@@ -219,7 +219,7 @@ def build_reference(task: PrimTask, path: str | None = None):
     return lib
 
 
-_references: dict[str, Any] = {}
+_references: dict[tuple[str, str], Any] = {}
 
 
 def reference_outputs(task: PrimTask, xs: list[np.ndarray], library: str | None = None) -> list[np.ndarray]:
@@ -227,7 +227,7 @@ def reference_outputs(task: PrimTask, xs: list[np.ndarray], library: str | None 
     for the life of the process (a measuring worker checks many candidates of one task)."""
     import tvm
 
-    key = task.key
+    key = (task.key, library or "")
     if key not in _references:
         if library:
             _references[key] = tvm.runtime.load_module(library)
