@@ -16,6 +16,7 @@ EXPECT = {
     "bench": "time per trial",
     "bench-lookup": "spatialtune Lookup, warm",
     "bench-search": "best@",
+    "bench-model": "end-to-end latency vs ONNX Runtime",
     "gpu-bundle": "candidates sm_90",
     "gpu-check": "cpu:50%",
 }
