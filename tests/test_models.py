@@ -198,6 +198,9 @@ def test_a_task_without_a_working_kernel_still_gets_trials():
 
 
 def test_a_model_tuned_at_two_shares_runs_end_to_end_and_matches_onnx_runtime(tmp_path):
+    from spatialtune.lookup import Lookup
+    from spatialtune.lookup.apply import build_kernel, check_kernel
+    from spatialtune.lookup.metaschedule import export_metaschedule
     from spatialtune.models.e2e import ModelOptions, measure_model
     from spatialtune.report.data import compute_report
     from spatialtune.store.model_runs import model_runs
@@ -228,6 +231,14 @@ def test_a_model_tuned_at_two_shares_runs_end_to_end_and_matches_onnx_runtime(tm
         assert st.trials == batch_each and set(st.detail["tasks"]) == {w.key for w in tasks}
         assert len(model_runs(db)) == 8
         report = compute_report(db)
+        conv = next(w for w in tasks if w.name.startswith("fused_conv2d"))
+        with Lookup(tmp_path / "db.sqlite", check_interval_s=None) as lk:  # a scheduler's view of one task
+            hit = lk.lookup(conv.key, ratio=50)
+            assert hit.found and hit.tuned_ratio == 50
+            kernel = build_kernel(hit, db.workload(conv.key), lk.trace(hit))
+        assert check_kernel(kernel) < 1e-4  # against its float64 reference
+        exported = export_metaschedule(db, 50, tmp_path / "ms")
+        assert {e["key"] for e in exported.exported} == {w.key for w in tasks}
     assert {(m.model, m.ratio) for m in report.models} == {("convnet", 50.0), ("convnet", 100.0)}
 
 
