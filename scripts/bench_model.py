@@ -186,7 +186,10 @@ def main() -> int:
         for r in res.ratios:
             st, ort = res.row(r, "share-tuned"), res.row(r, "onnxruntime")
             if st and ort and st.latency_s and ort.latency_s:
-                print(f"  {name} @ {r:g}%: {st.latency_s / ort.latency_s:.2f}x")
+                x = st.latency_s / ort.latency_s
+                verdict = "matches or beats it" if x <= 1.0 else f"{x - 1:.0%} slower"
+                top = costliest(st)
+                print(f"  {name} @ {r:g}%: {x:.2f}x, {verdict}" + (f"; costliest task {top}" if x > 1.0 and top else ""))
     return 0 if all(row.status == "ok" for _, res in results for row in res.rows) else 1
 
 
@@ -197,16 +200,22 @@ def table(res) -> str:
         row = {v: res.row(r, v) for v in ("share-tuned", "whole-tuned", "untuned", "onnxruntime")}
         st, ort = row["share-tuned"], row["onnxruntime"]
         vs = f"{st.latency_s / ort.latency_s:.2f}x" if st.latency_s and ort.latency_s else "-"
-        tasks = [t for t in st.detail.get("tasks", {}).values() if t.get("time_s")]
-        total = sum(t["weight"] * t["time_s"] for t in tasks)
-        top = max(tasks, key=lambda t: t["weight"] * t["time_s"], default=None)
-        worst = (f"{top['name']} ({top['weight']} x {fmt(top['time_s'])}, {top['weight'] * top['time_s'] / total:.0%})"
-                 if top else "-")
+        worst = costliest(st) or "-"
         bad = [f"{v} {x.status}: {x.error[:100]}" for v, x in row.items() if x and x.status != "ok"]
         lines.append(f"  {r:>5g}% {st.granted_units:>5} {fmt(st.latency_s):>12} {fmt(row['whole-tuned'].latency_s):>12} "
                      f"{fmt(row['untuned'].latency_s):>12} {fmt(ort.latency_s):>12} {vs:>7} {st.trials or 0:>7}  {worst}"
                      + ("".join(f"\n      {b}" for b in bad)))
     return "\n".join(lines)
+
+
+def costliest(st) -> str | None:
+    """The task with the largest weight x kernel time in a share-tuned run, and its part of the sum."""
+    tasks = [t for t in st.detail.get("tasks", {}).values() if t.get("time_s")]
+    if not tasks:
+        return None
+    total = sum(t["weight"] * t["time_s"] for t in tasks)
+    top = max(tasks, key=lambda t: t["weight"] * t["time_s"])
+    return f"{top['name']} ({top['weight']} x {fmt(top['time_s'])}, {top['weight'] * top['time_s'] / total:.0%})"
 
 
 if __name__ == "__main__":
