@@ -18,6 +18,7 @@ EXPECT = {
     "bench-search": "best@",
     "gpu-bundle": "candidates sm_90",
     "gpu-check": "cpu:50%",
+    "figures": "figures checked",
 }
 
 
