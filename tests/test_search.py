@@ -4,7 +4,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from spatialtune.search.cost_model import RandomModel, XGBModel, relative_throughput, with_share
 
