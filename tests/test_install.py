@@ -25,7 +25,9 @@ def installed(tmp_path_factory):
     site = next((venv / "lib").glob("python*/site-packages"))
     # the project's venv for TVM and the rest; its .pth files (the editable link) are not read from here
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--prefix", str(venv), str(wheel)],
+    # --ignore-installed: without it pip would uninstall the running environment's own spatialtune
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", "--prefix",
+                        str(venv), str(wheel)],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     return venv
