@@ -225,3 +225,18 @@ def test_add_workload_twice_from_two_connections_is_not_an_error(tmp_path):
         b.add_workload(DENSE)  # already there, same spec
         a.add_workload(DENSE)
         assert [w.key for w in b.workloads()] == [DENSE.key]
+
+
+def test_confirming_a_kernel_appends_repeats_and_can_change_the_winner(db):
+    """A confirmation adds repeats after the first ones; the median of all decides the best."""
+    a, b = meas(h="a", t=1e-3), meas(h="b", t=1.2e-3)
+    db.record(a)
+    db.record(b)
+    assert db.best()[0].mod_hash == "a"
+    assert db.add_times(a, [1.5e-3] * 5) == 1.5e-3
+    (m,) = [x for x in db.measurements() if x.mod_hash == "a"]
+    assert m.times == [1e-3] * 3 + [1.5e-3] * 5 and m.median_s == 1.5e-3
+    (best,) = db.best()
+    assert (best.mod_hash, best.median_s, best.n_trials) == ("b", 1.2e-3, 2)
+    with pytest.raises(DatabaseError, match="no ok measurement"):
+        db.add_times(meas(h="never"), [1.0])

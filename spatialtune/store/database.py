@@ -264,6 +264,23 @@ class TuningDatabase:
             self._refresh_best(m.key)
         return m.id
 
+    def add_times(self, m: Measurement, times: list[float]) -> float:
+        """Append the repeats of a later measurement of the same kernel under the same key (a
+        confirmation) and make the median of all of them its time; returns the new median.
+        The kernel's first measurement keeps its status, features and date."""
+        where = " AND ".join(f"{f} = ?" for f in KEY_FIELDS)
+        with self.db.atomic():
+            row = self.db.execute(f"SELECT id, times FROM measurements WHERE {where} AND mod_hash = ? AND status = 'ok'",
+                                  [*m.key, m.mod_hash]).fetchone()
+            if row is None:
+                raise DatabaseError(f"no ok measurement of {m.mod_hash} under {m.key} to add times to")
+            all_times = (json.loads(row[1]) if row[1] else []) + [float(t) for t in times]
+            median = float(np.median(all_times))
+            self.db.execute("UPDATE measurements SET times = ?, median_s = ? WHERE id = ?",
+                            [json.dumps(all_times), median, row[0]])
+            self._refresh_best(m.key)
+        return median
+
     def _refresh_best(self, key: tuple) -> None:
         where = " AND ".join(f"{f} = ?" for f in KEY_FIELDS)
         n = self.db.execute(f"SELECT COUNT(*) FROM measurements WHERE {where}", list(key)).fetchone()[0]

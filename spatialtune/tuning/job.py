@@ -33,6 +33,7 @@ from ..store.paths import artifact_dir
 from ..terms import Share, check_ratio, norm_ratio
 from ..workloads.spec import Workload
 from .baselines import measure_baselines
+from .confirm import confirm_best
 from .options import ShareResult, TuneOptions, TuneSummary
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,11 @@ class _Job:
         before = self.db.count_measurements(**key)
         if before < self.opt.trials and not self.out_of_time():
             self._search(w, kr, share, key, position)
+            if self.runner.real and self.opt.confirm_top:
+                t0 = time.perf_counter()
+                confirm_best(self.db, self.builder, self.runner, w, share, key, self.target(share),
+                             top=self.opt.confirm_top)
+                self.stage.add("run", time.perf_counter() - t0)
         if self.opt.baselines and isinstance(self.runner, LocalRunner):  # others have no hardware here to time
             t0 = time.perf_counter()
             measure_baselines(self.db, self.builder, self.runner, w, share, key, target_for(self.device, share.units))
