@@ -19,6 +19,7 @@ EXPECT = {
     "bench-model": "end-to-end latency vs ONNX Runtime",
     "gpu-bundle": "candidates sm_90",
     "gpu-check": "cpu:50%",
+    "figures": "figures checked",
 }
 
 

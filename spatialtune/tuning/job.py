@@ -38,6 +38,7 @@ from ..store.paths import artifact_dir
 from ..terms import Share, check_ratio, norm_ratio
 from ..workloads.spec import Workload
 from .baselines import measure_baselines
+from .confirm import confirm_best
 from .options import ShareResult, TuneOptions, TuneSummary
 from .scheduler import TaskState, pick_task
 
@@ -172,6 +173,7 @@ class _Job:
                     self._report(w, share.key_ratio, share, key, position)
             finally:
                 search.close()
+            self._confirm(w, share, key)
         return self._share_result(w, share, key, before)
 
     def tune_tasks(self, ws: Sequence[Workload], r: float, position: tuple) -> list[ShareResult]:
@@ -202,7 +204,16 @@ class _Job:
         finally:
             for s in searches.values():
                 s.close()
+        for i in searches:
+            self._confirm(ws[i], share, keys[i])
         return [self._share_result(w, share, k, n) for w, k, n in zip(ws, keys, before)]
+
+    def _confirm(self, w: Workload, share: Share, key: dict) -> None:
+        if self.runner.real and self.opt.confirm_top and not self.out_of_time():
+            t0 = time.perf_counter()
+            confirm_best(self.db, self.builder, self.runner, w, share, key, self.target(share),
+                         top=self.opt.confirm_top)
+            self.stage.add("run", time.perf_counter() - t0)
 
     def _share_result(self, w: Workload, share: Share, key: dict, before: int) -> ShareResult:
         if self.opt.baselines and isinstance(self.runner, LocalRunner):  # others have no hardware here to time

@@ -34,6 +34,7 @@ class TuneOptions:
     arch: str | None = None  # CUDA: sm_XY to compile for (default: the device's)
     seed: int = 0
     baselines: bool = True
+    confirm_top: int = 4  # the fastest kernels of a key measured again after its search (0: none)
     artifact_dir: str | None = None
     build_workers: int | None = None
     run: RunSettings = field(default_factory=RunSettings)
