@@ -244,7 +244,7 @@ def main() -> int:
                     ns = [runner.measure_baseline(share, "none", w.to_dict(), "numpy") for _ in range(3)]
                     numpy_s = float(np.median([r.median_s for r in ns if r.status == "ok"]))
                 final.write_text(json.dumps({
-                    "workload": w.name, "key": w.key, "op": w.op, "flops": w.flops, "ratio": share.key_ratio,
+                    "machine": machine(), "date": time.strftime("%Y-%m-%d"), "workload": w.name, "key": w.key, "op": w.op, "flops": w.flops, "ratio": share.key_ratio,
                     "units": share.units, "numpy_s": numpy_s,
                     "picks": [{"method": m, "budget": b, "t": t} for (m, b, _), t in zip(picks, times)],
                     "t95": {m: trials_to_95(rows) for m, rows in have.items()},
@@ -254,14 +254,47 @@ def main() -> int:
     return 0
 
 
+def machine() -> str:
+    return (f"{cpu_model()} ({len(os.sched_getaffinity(0))} cores), {platform.system()} "
+            f"{platform.release().split('-')[0]}, LLVM CPU {detect_cpu().arch}")
+
+
+def verdicts(finals: list[dict], budgets: list[int]) -> list[str]:
+    """One line per question the benchmark exists to answer."""
+    out = ["", "verdicts:"]
+    for d in finals:
+        by: dict[str, dict[int, float]] = {}
+        for p in d["picks"]:
+            if p["t"]:
+                by.setdefault(p["method"], {})[p["budget"]] = p["t"]
+        st = by.get("spatialtune", {})
+        for b in budgets:
+            rivals = {m: by[m][b] for m in ("tune_tir", "uniform") if b in by.get(m, {})}
+            if b in st and rivals:
+                worst = max(st[b] / t for t in rivals.values())
+                out.append(f"  {d['workload']} {d['ratio']:g}% @{b}: spatialtune "
+                           + ("beats " if worst < 1 else "does not beat ") + " and ".join(rivals)
+                           + ("" if worst < 1 else f" (slower by {100 * (worst - 1):.0f} % than the best of them)"))
+        if d.get("numpy_s") and st.get(budgets[-1]):
+            out.append(f"  {d['workload']} {d['ratio']:g}%: spatialtune at {budgets[-1]} trials is "
+                       f"{d['numpy_s'] / st[budgets[-1]]:.2f}x numpy on the same cores")
+        t95 = d.get("t95", {})
+        if t95.get("spatialtune") and t95.get("spatialtune-scratch"):
+            out.append(f"  {d['workload']} {d['ratio']:g}%: 95 % of the final best after {t95['spatialtune']} trials "
+                       f"with transfer, {t95['spatialtune-scratch']} from scratch "
+                       f"({t95['spatialtune'] / t95['spatialtune-scratch']:.2f} of them)")
+    return out
+
+
 def table(out: Path, budgets: list[int]) -> str:
-    lines = [f"machine: {cpu_model()} ({len(os.sched_getaffinity(0))} cores), {platform.system()} "
-             f"{platform.release().split('-')[0]}, LLVM CPU {detect_cpu().arch}; {time.strftime('%Y-%m-%d')}"]
+    """The table of the results under ``out``, with the machine and date they were measured on."""
+    finals = [json.loads(f.read_text()) for f in sorted(out.glob("*-final.json"))]
+    where = sorted({f"{d.get('machine', '?')}, {d.get('date', '?')}" for d in finals})
+    lines = [f"measured on: {'; '.join(where) or machine()}"]
     hdr = (f"{'workload':<22} {'share':>6} {'method':<20} " + " ".join(f"{'best@' + str(b):>10}" for b in budgets)
            + f" {'GFLOP/s':>8} {'vs numpy':>8} {'t95':>5} {'wall s':>7}")
     lines += [hdr, "-" * len(hdr)]
-    for f in sorted(out.glob("*-final.json")):
-        d = json.loads(f.read_text())
+    for d in finals:
         by = {}
         for p in d["picks"]:
             by.setdefault(p["method"], {})[p["budget"]] = p["t"]
@@ -275,6 +308,7 @@ def table(out: Path, budgets: list[int]) -> str:
         if d.get("numpy_s"):
             lines.append(f"{'':<22} {'':>6} {'numpy':<20} {d['numpy_s'] * 1e3:>8.3f}ms "
                          f"(same {d['units']} core{'s' if d['units'] > 1 else ''})")
+    lines += verdicts(finals, budgets)
     lines.append("best@B: the best config after B trials by the method's own measurements, re-measured by spatialtune's "
                  "runner in one final pass; vs numpy > 1: faster than numpy (OpenBLAS) on the same cores; t95: trials "
                  "to 95 % of the method's final best; spatialtune-scratch: the share tuned in a fresh database, "

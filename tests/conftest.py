@@ -65,3 +65,24 @@ def tuned_db(tmp_path_factory, demo_space):
                        TuneOptions(trials=12, batch=6, run=RunSettings(repeat=3, min_repeat_ms=10)),
                        )
     return path, summary
+
+
+@pytest.fixture(scope="session")
+def tenancy_db(tuned_db, tmp_path_factory, demo_space):
+    """tuned_db plus dense_small tuned next to the CPU memory neighbour at 100 % and 50 %: every
+    cell of the single- vs multi-tenant comparison of one workload, measured for real."""
+    import sqlite3
+
+    from spatialtune.measure.runner import RunSettings
+    from spatialtune.store.database import TuningDatabase
+    from spatialtune.tuning import TuneOptions, tune
+
+    path = tmp_path_factory.mktemp("tenancy") / "tenancy.sqlite"
+    src, dst = sqlite3.connect(tuned_db[0]), sqlite3.connect(path)
+    src.backup(dst)
+    src.close()
+    dst.close()
+    with TuningDatabase(path) as db:
+        summary = tune(demo_space.select(["dense_small"]), [50, 100], db,
+                       TuneOptions(trials=8, batch=4, interference="memory", run=RunSettings(repeat=3, min_repeat_ms=10)))
+    return path, summary

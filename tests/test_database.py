@@ -225,3 +225,66 @@ def test_add_workload_twice_from_two_connections_is_not_an_error(tmp_path):
         b.add_workload(DENSE)  # already there, same spec
         a.add_workload(DENSE)
         assert [w.key for w in b.workloads()] == [DENSE.key]
+
+
+def test_committed_v3_database_opens_with_prim_workloads_and_model_runs(tmp_path):
+    """v4 adds what a model brings (a workload that is a PrimFunc, whole-model latencies): a v3 file
+    keeps its operator workload and its measurements, and can take both new kinds of rows."""
+    from spatialtune.store.model_runs import ModelRun, model_runs, record_model_run
+
+    p = tmp_path / "v3.sqlite"
+    shutil.copy(ROOT / "tests" / "data" / "db_v3.sqlite", p)
+    with TuningDatabase(p) as db:
+        assert db.schema_version == SCHEMA_VERSION
+        (w,) = db.workloads()
+        assert (w.key, w.name, w.prim, w.params) == ("dense_fp32_M4_N8_K16", "tiny_dense", None,
+                                                     {"M": 4, "N": 8, "K": 16})
+        assert {(b.ratio, b.mod_hash) for b in db.best(device_id="cpu-v3")} == {(50.0, "b"), (100.0, "a")}
+        assert model_runs(db) == []
+        record_model_run(db, ModelRun(run="r", model="m", model_hash="h", device_id="cpu-v3", partition="cpu",
+                                      ratio=50.0, variant="onnxruntime", status="ok", latency_s=1e-3))
+        assert [(m.variant, m.latency_s) for m in model_runs(db, latest=True)] == [("onnxruntime", 1e-3)]
+        assert db.integrity_check() == "ok"
+
+def test_confirming_a_kernel_appends_repeats_and_can_change_the_winner(db):
+    """A confirmation adds repeats after the first ones; the median of all decides the best."""
+    a, b = meas(h="a", t=1e-3), meas(h="b", t=1.2e-3)
+    db.record(a)
+    db.record(b)
+    assert db.best()[0].mod_hash == "a"
+    assert db.add_times(a, [1.5e-3] * 5) == 1.5e-3
+    (m,) = [x for x in db.measurements() if x.mod_hash == "a"]
+    assert m.times == [1e-3] * 3 + [1.5e-3] * 5 and m.median_s == 1.5e-3
+    (best,) = db.best()
+    assert (best.mod_hash, best.median_s, best.n_trials) == ("b", 1.2e-3, 2)
+    with pytest.raises(DatabaseError, match="no ok measurement"):
+        db.add_times(meas(h="never"), [1.0])
+
+
+def test_a_confirmation_waits_for_another_jobs_write_instead_of_failing(tmp_path):
+    """add_times reads before it writes. While another job holds the write lock and then commits,
+    it must wait its turn (the busy timeout), not fail with 'database is locked' (CI saw that with
+    eight jobs on one file)."""
+    p = tmp_path / "w.sqlite"
+    with TuningDatabase(p) as a, TuningDatabase(p) as b:
+        populate(a)
+        first = meas(h="a", t=1e-3)
+        a.record(first)
+        held, done = threading.Event(), threading.Event()
+
+        def other_job():
+            b.db.execute("BEGIN IMMEDIATE")
+            b.db.execute("INSERT INTO meta (key, value) VALUES ('other', 'job')")
+            held.set()
+            done.wait(0.5)
+            b.db.execute("COMMIT")
+
+        t = threading.Thread(target=other_job)
+        t.start()
+        held.wait(5)
+        try:
+            assert a.add_times(first, [2e-3] * 5) == 2e-3
+        finally:
+            done.set()
+            t.join()
+        assert a.db.execute("SELECT value FROM meta WHERE key = 'other'").fetchone()[0] == "job"

@@ -49,14 +49,16 @@ def test_a_kill_between_two_measurements_of_a_batch_loses_nothing_finished(tmp_p
     proc.wait()
     with TuningDatabase(db) as d:
         assert d.integrity_check() == "ok"
-        before = {m.mod_hash: (m.median_s, m.created_at) for m in d.measurements()}
+        before = {m.mod_hash: (m.times, m.created_at) for m in d.measurements()}
     assert 2 <= len(before) < 6
     p = run_cli(*args)
     assert p.returncode == 0, p.stderr
     with TuningDatabase(db) as d:
         after = d.measurements()
     assert len(after) == 6 and len({m.mod_hash for m in after}) == 6  # nothing measured twice
-    assert {m.mod_hash: (m.median_s, m.created_at) for m in after if m.mod_hash in before} == before
+    # kept as measured (a confirmation of the winners may add repeats after the first ones)
+    assert {m.mod_hash: (m.times[:len(before[m.mod_hash][0])], m.created_at) for m in after if m.mod_hash in before} \
+        == before
 
 
 def test_eight_jobs_on_one_database_and_overlapping_keys(tmp_path):

@@ -1,6 +1,7 @@
 """Reports: the numbers on a hand-built database (no plotting), then a real run's report with
 every section, rendered by headless Chromium without broken images."""
 
+import json
 import os
 import re
 import shutil
@@ -104,20 +105,63 @@ def chromium():
 
 
 @pytest.fixture(scope="session")
-def real_report(tuned_db, tmp_path_factory):
+def real_report(tenancy_db, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    p = run_cli("report", "--db", tuned_db[0], "--out", out, check=True)
+    p = run_cli("report", "--db", tenancy_db[0], "--out", out, check=True)
     return out, p.stdout.split()
 
 
-def test_real_report_has_every_section(real_report, tuned_db):
+def test_every_deployment_cell_is_measured_and_its_factors_come_from_the_rows(tenancy_db):
+    """dense_small tuned quiet and next to the memory neighbour at 100 % and 50 %: all four cells
+    exist, nothing is missing, and regret and factors are the stored times recomputed here."""
+    from spatialtune.report.tenancy import deployment_cells
+
+    path, _ = tenancy_db
+    with TuningDatabase(path, create=False) as db:
+        (wk,) = db.find_workload("dense_small")
+        t = deployment_cells(db, wk)
+        times = {}
+        for m in db.measurements(workload_key=wk, status="ok"):
+            times[(m.ratio, m.interference, m.mod_hash)] = m.median_s
+        best = {(b.ratio, b.interference): b for b in db.best(workload_key=wk)}
+        numpy = {(b["ratio"], b["interference"]): b["median_s"] for b in db.baselines(workload_key=wk)
+                 if b["kind"] == "numpy"}
+    assert {(c.ratio, c.condition) for c in t.cells} == {(r, i) for r in (100.0, 50.0) for i in ("none", "memory")}
+    ordinary = best[(100.0, "none")].mod_hash
+    for c in t.cells:
+        assert not c.missing, c.missing
+        quiet = best[(c.ratio, "none")].mod_hash
+        here = best[(c.ratio, c.condition)]
+        assert c.best_s == here.median_s
+        assert c.regret == pytest.approx(times[(c.ratio, c.condition, ordinary)] / here.median_s)
+        assert c.share_alone == pytest.approx(times[(c.ratio, "none", ordinary)] / best[(c.ratio, "none")].median_s)
+        if c.condition == "memory":
+            assert c.neighbour_alone == pytest.approx(times[(c.ratio, "memory", quiet)] / here.median_s)
+        assert c.baseline_kind == "numpy" and c.vs_baseline == pytest.approx(numpy[(c.ratio, c.condition)] / c.best_s)
+    assert set(t.geomean_by_condition) == {"none", "memory"} and set(t.geomean_by_share) == {100.0, 50.0}
+
+
+def test_report_leads_with_the_comparison_and_exports_it(real_report, tenancy_db):
+    out, printed = real_report
+    md = (out / "report.md").read_text()
+    assert md.index(f"## {SECTIONS[0]}") < md.index("## Devices")
+    assert (out / "plots" / "tenancy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    p = run_cli("report", "--db", tenancy_db[0], "--json", check=True)
+    d = json.loads(p.stdout)
+    cells = [c for c in d["tenancy"]["cells"] if c["name"] == "dense_small"]
+    assert len(cells) == 4 and all(c["regret"] for c in cells)
+    p = run_cli("compare", "--db", tenancy_db[0], "--workload", "dense_small", check=True)
+    assert "memory" in p.stdout and "regret" in p.stdout.splitlines()[0] and "missing" not in p.stdout
+
+
+def test_real_report_has_every_section(real_report, tenancy_db):
     out, printed = real_report
     md = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     for s in SECTIONS:
         assert f"## {s}" in md
         assert f"<h2>{s.replace('&', '&amp;')}</h2>" in page
-    with TuningDatabase(tuned_db[0], create=False) as db:
+    with TuningDatabase(tenancy_db[0], create=False) as db:
         dev = db.devices()[0]
         best = db.best()
         assert dev["id"] in md and dev["name"] in md

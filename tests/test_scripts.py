@@ -17,8 +17,11 @@ EXPECT = {
     "bench-lookup": "spatialtune Lookup, warm",
     "bench-search": "best@",
     "bench-distributed": "scaling efficiency with 2 servers",
+
+    "bench-model": "end-to-end latency vs ONNX Runtime",
     "gpu-bundle": "candidates sm_90",
     "gpu-check": "cpu:50%",
+    "figures": "figures checked",
 }
 
 

@@ -107,6 +107,9 @@ def build_bundle(space: str, workload_names: Sequence[str], out: str, *, candida
                 builder.artifact_dir = str(out_p / "kernels" / w.key)
                 built = builder.build([BuildInput(c.mod_json, c.mod_hash) for c in cands], tgt)
                 manifest["workloads"][w.key] = w.to_dict() | {"key": w.key, "flops": w.flops}
+                if w.prim is not None:
+                    # The run host may have no compiler: a PrimFunc's float64 reference is built here.
+                    manifest["workloads"][w.key]["reference_lib"] = _reference_lib(w, out_p)
                 for i, (c, b, note) in enumerate(zip(cands, built, notes)):
                     manifest["candidates"].append({
                         "id": f"{w.key}/{i}", "index": i, "workload_key": w.key, "mod_hash": c.mod_hash,
@@ -170,6 +173,17 @@ def _build_support(out_p: Path, arch: str, manifest: dict) -> None:
     except DeviceError as e:  # the GPU host can build it too, if it has a C compiler
         log.warning("%s", e)
     manifest["neighbour_cubin"] = "support/neighbour.cubin"
+
+
+def _reference_lib(w, out_p: Path) -> str:
+    """Build ``w``'s float64 reference (:mod:`spatialtune.workloads.prim`) for the host CPU family
+    into the bundle; returns its path relative to the bundle."""
+    from ..workloads.prim import build_reference
+
+    path = out_p / "reference" / f"{w.key}.so"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build_reference(w.prim, str(path))
+    return os.path.relpath(path, out_p)
 
 
 def _per_workload_counts(workloads, default: int, overrides: dict[str, int], *, allow_zero: bool) -> dict[str, int]:

@@ -98,7 +98,7 @@ def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], *, repeat
                 share = part.grant_sms(cond.sms) if cond.sms is not None else part.grant(cond.ratio)
                 ckey = condition_key(kind, share.key_ratio, cond.interference)
                 todo = [c for c in cands if c["status"] == "ok" and (c["id"] in pool or ckey in c.get("for", []))]
-                inputs = [RunInput(man["workloads"][c["workload_key"]], str(root / c["artifact"]),
+                inputs = [RunInput(_workload(man, c["workload_key"], root), str(root / c["artifact"]),
                                    str(root / c["cubin"]) if c.get("cubin") else None) for c in todo]
                 t0 = time.perf_counter()
                 if cond.interference.startswith("tenant:") and register_tenant is not None:
@@ -130,6 +130,13 @@ def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], *, repeat
     return results
 
 
+def _workload(man: dict, key: str, root: Path) -> dict:
+    """The manifest's workload as a measuring worker takes it (a PrimFunc's prebuilt float64
+    reference by its path on this host)."""
+    w = man["workloads"][key]
+    return w | {"reference_lib": str(root / w["reference_lib"])} if w.get("reference_lib") else w
+
+
 def _register_tenants(results: dict, man: dict, root: Path, register) -> None:
     """``tenant:NAME`` runs the best whole-device config measured so far of workload NAME."""
     cand = {c["id"]: c for c in man["candidates"]}
@@ -142,7 +149,8 @@ def _register_tenants(results: dict, man: dict, root: Path, register) -> None:
         best = min((m for m in ok if m["ratio"] == top_ratio), key=lambda m: m["median_s"])
         c = cand[best["candidate"]]
         for name in {wk, w.get("name") or wk}:
-            register(name, {k: w[k] for k in ("op", "dtype", "params", "name", "model")}, str(root / c["artifact"]),
+            register(name, {k: w[k] for k in ("op", "dtype", "params", "name", "model", "prim", "weight") if k in w},
+                     str(root / c["artifact"]),
                      str(root / c["cubin"]) if c.get("cubin") else None)
 
 

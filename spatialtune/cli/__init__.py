@@ -17,6 +17,7 @@ from .bundle import add_bundle
 from .common import EXIT_USAGE, Parser, fail
 from .db import add_db
 from .lookup import add_lookup, add_report
+from .model import add_model
 from .serve import add_serve
 from .tune import add_show, add_tune, add_workloads
 
@@ -24,7 +25,7 @@ log = logging.getLogger("spatialtune")
 
 COMMANDS: list[Callable] = [add_tune, add_workloads, add_show]
 COMMANDS += [add_lookup, add_report, add_db]
-COMMANDS += [add_bundle, add_serve]
+COMMANDS += [add_bundle, add_serve, add_model]
 
 
 def build_parser() -> argparse.ArgumentParser:

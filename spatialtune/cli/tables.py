@@ -17,10 +17,10 @@ def fmt_ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def text_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(out)
 
 
@@ -40,7 +40,7 @@ def format_summary(summary) -> str:
             f" train {t['train']:.0f} s, baselines {t['baseline']:.0f} s)")
     if summary.stopped_early:
         foot += "\nstopped by the time budget: run the same command again to continue"
-    table = _table(["workload", "share", "granted", "trials", "best", "100%-config here", "regret", "TVM default",
+    table = text_table(["workload", "share", "granted", "trials", "best", "100%-config here", "regret", "TVM default",
                     "numpy"], rows)
     return "\n".join([head, table, foot])
 
@@ -59,5 +59,5 @@ def format_best_table(rows, devices: dict, db=None) -> str:
                     f"{dev.get('name', '?')} [{b.device_id}]",
                     f"{b.granted_units} {dev.get('unit', 'unit')}s" if b.granted_units else "-",
                     fmt_time(b.median_s), str(b.n_trials), b.mod_hash])
-    return _table(["workload", "name", "share", "interference", "partition", "device", "granted", "time", "trials",
+    return text_table(["workload", "name", "share", "interference", "partition", "device", "granted", "time", "trials",
                    "config"], out)

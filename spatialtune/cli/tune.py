@@ -16,7 +16,12 @@ def add_tune(sub) -> None:
                    help="workload name or key (repeatable; default: all in the space)")
     p.add_argument("--ratios", default="100", help="shares to tune for, percent, e.g. 25,50,100")
     p.add_argument("--interference", default="none", help="none, compute, memory or tenant:WORKLOAD")
-    p.add_argument("--trials", type=int, default=32, help="trials per (workload, share), earlier runs included")
+    p.add_argument("--trials", type=int, default=32,
+                   help="trials per (workload, share), earlier runs included; for a model's space (--scheduler "
+                        "gradient), per share across its tasks")
+    p.add_argument("--scheduler", choices=("each", "gradient"), default=None,
+                   help="each: --trials for every (workload, share); gradient: --trials per share spent across "
+                        "the tasks where weight x time is (default: gradient for a model's space, else each)")
     p.add_argument("--batch", type=int, default=TuneOptions.batch, help="candidates built and measured per round")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop after this long")
     p.add_argument("--target", default="cpu", choices=("cpu", "cuda"))
@@ -59,16 +64,17 @@ def _cmd_tune(a) -> int:
     ratios = parse_ratios(a.ratios)
     space = load_space(a.space)
     workloads = space.select(a.workload)
+    scheduler = a.scheduler or ("gradient" if all(w.prim is not None for w in workloads) else "each")
     if a.timeout <= 0 or a.repeat < 1:
         raise ConfigError("--timeout must be positive and --repeat at least 1")
-    opts = TuneOptions(trials=a.trials, batch=a.batch, time_budget_s=a.time_budget, target=a.target,
+    opts = TuneOptions(trials=a.trials, batch=a.batch, scheduler=scheduler, time_budget_s=a.time_budget, target=a.target,
                        partition=a.partition, interference=a.interference, cost_model=a.cost_model, seed=a.seed,
                        baselines=not a.no_baselines, build_workers=a.build_workers, population=a.population,
                        genetic_iters=a.genetic_iters, explore=a.explore, transfer_top=a.transfer_top, mcpu=a.mcpu,
                        arch=a.arch, run=RunSettings(repeat=a.repeat, timeout=a.timeout, seed=a.seed))
     opts.validate()
     with _runner(a, opts) as runner, open_db(a.db, create=True) as db:
-        bar = Progress(total_jobs=len(workloads) * len(ratios))
+        bar = Progress(total_jobs=(1 if scheduler == "gradient" else len(workloads)) * len(ratios))
         try:
             summary = tune(workloads, ratios, db, opts, progress=bar.update, runner=runner)
         finally:
@@ -100,18 +106,51 @@ def _runner(a, opts: TuneOptions):
 
 
 def add_workloads(sub) -> None:
-    p = sub.add_parser("workloads", help="list the workload keys of a search space")
-    p.add_argument("--space", required=True)
+    p = sub.add_parser("workloads", help="list the workload keys of a search space, or extract a model's tasks "
+                                         "into one")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--space", help="search-space file or shipped space to list")
+    src.add_argument("--from-onnx", action="append", metavar="MODEL.onnx",
+                     help="extract the tuning tasks of an ONNX model (repeatable: one space for several models)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                   help="static shape of a model input, e.g. x=1,3,224,224 (repeatable)")
+    p.add_argument("--out", metavar="SPACE.toml", help="with --from-onnx: write the space there (default: print it)")
+    p.add_argument("--name", help="with --from-onnx: the space's name (default: the models' names)")
     p.set_defaults(func=_cmd_workloads)
 
 
 def _cmd_workloads(a) -> int:
     from ..workloads.spec import load_space
 
-    for w in load_space(a.space).workloads:
-        shape = " ".join(f"{k}={v}" for k, v in w.params.items())
-        print(f"{w.key}\t{w.name}\t{w.op}\t{w.dtype}\t{shape}\t{w.flops / 1e9:.3f} GFLOP")
+    if a.from_onnx:
+        from ..models.importer import parse_shapes, space_from_onnx
+
+        text, workloads = space_from_onnx(a.from_onnx, parse_shapes(a.shape), a.name)
+        if not a.out:
+            print(text)
+            return 0
+        try:
+            with open(a.out, "w") as f:
+                f.write(text)
+        except OSError as e:
+            raise ConfigError(f"--out {a.out}: cannot write it ({e.strerror})") from None
+        load_space(a.out)  # what was written reads back as the same tasks (hashes checked)
+        _list(workloads)
+        print(f"{len(workloads)} tasks written to {a.out}")
+        return 0
+    if a.shape or a.out or a.name:
+        raise ConfigError("--shape, --out and --name go with --from-onnx")
+    _list(load_space(a.space).workloads)
     return 0
+
+
+def _list(workloads) -> None:
+    for w in workloads:
+        if w.prim is not None:
+            shape = f"weight={w.weight} model={w.model}"
+        else:
+            shape = " ".join(f"{k}={v}" for k, v in w.params.items())
+        print(f"{w.key}\t{w.name}\t{w.op}\t{w.dtype}\t{shape}\t{w.flops / 1e9:.3f} GFLOP")
 
 
 def add_show(sub) -> None:

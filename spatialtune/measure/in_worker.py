@@ -1,9 +1,10 @@
 """The measuring worker's side: hold the share, then check and time one kernel per call.
 
 For each candidate the worker loads the artifact (a cubin on CUDA: no compile at load), draws
-fresh random inputs, fills the output with NaN, runs the kernel once and compares it with the
-float64 reference (:mod:`spatialtune.workloads.check`): a wrong kernel is ``wrong_result`` and is
-never timed. Then it times the kernel (warm-up, the median of ``repeat`` timed runs).
+fresh random inputs, fills the outputs with NaN, runs the kernel once and compares every output
+with the float64 reference (:mod:`spatialtune.workloads.check`; an operator's numpy reference, or
+a PrimFunc's untuned module run in float64, see :mod:`spatialtune.workloads.prim`): a wrong kernel
+is ``wrong_result`` and is never timed. Then it times the kernel (warm-up, the median of ``repeat`` timed runs).
 """
 
 from __future__ import annotations
@@ -64,20 +65,26 @@ def measure_one(workload: dict, artifact: str, cubin: str | None, settings: RunS
     from ..workloads.spec import Workload
 
     w = Workload.from_dict(workload)
-    op = w.operator
     dev = _device()
     t0 = time.perf_counter()
     mod = _load(artifact, cubin)
     load_s = time.perf_counter() - t0
     rng = np.random.default_rng(seed)
-    xs = op.random_inputs(w.params, w.dtype, rng)
-    ref = op.reference(w.params, xs)
+    xs = w.random_inputs(rng)
+    # A PrimFunc's reference is its untuned module in float64, compiled here once per task, or
+    # the library a bundle built for it on its CPU host (this host may have no compiler).
+    refs = w.reference(xs, workload.get("reference_lib"))
     args = [tvm.runtime.tensor(x, dev) for x in xs]
-    out = tvm.runtime.tensor(np.full(op.output_shape(w.params), np.nan, dtype=op.out_dtype(w.dtype)), dev)
+    outs = [tvm.runtime.tensor(o, dev) for o in w.poisoned_outputs()]
     f = mod["main"]
-    f(*args, out)
+    f(*args, *outs)
     dev.sync()
-    err, wrong = check_output(out.numpy(), ref, w.dtype)
+    err, wrong = 0.0, None
+    for i, (out, ref) in enumerate(zip(outs, refs)):
+        e, bad = check_output(out.numpy(), ref, w.dtype)
+        err = max(err, e)
+        if bad and wrong is None:
+            wrong = bad if len(outs) == 1 else f"output {i}: {bad}"
     res = {"granted_units": _state.get("seen"), "load_s": load_s, "rel_err": err}
     if wrong:
         return res | {"status": "wrong_result", "error": wrong}
@@ -85,7 +92,7 @@ def measure_one(workload: dict, artifact: str, cubin: str | None, settings: RunS
     # to 2.5x slower than its steady state here (the pool's threads waking, caches, clocks), which
     # was enough to reorder candidates.
     if settings.warmup_ms > 0:
-        mod.time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=int(settings.warmup_ms))(*args, out)
+        mod.time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=int(settings.warmup_ms))(*args, *outs)
     ev = mod.time_evaluator("main", dev, number=1, repeat=settings.repeat, min_repeat_ms=int(settings.min_repeat_ms))
-    times = [float(t) for t in ev(*args, out).results]
+    times = [float(t) for t in ev(*args, *outs).results]
     return res | {"status": "ok", "times": times, "median_s": float(np.median(times))}

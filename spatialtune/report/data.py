@@ -14,7 +14,10 @@ Definitions, per series (one workload on one device, partition and interference 
   tuning for the share paid off, the whole-device config is that much slower);
 - *rank correlation* between shares a and b: Spearman's rho of the times of the candidates
   measured at both (same ``mod_hash``), when at least 3 are;
-- *interference effect* at r: best time under the condition / best time with no neighbour.
+- *interference effect* at r: best time under the condition / best time with no neighbour;
+- *models end to end*: a whole model's latency at each share (``spatialtune model``) compiled with
+  the configs tuned for the share, with those tuned for 100 %, untuned, and ONNX Runtime's on
+  the same cores; the latest run of each model and share.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..store.database import TuningDatabase
+from ..store.model_runs import ModelRun, model_runs
 from ..terms import norm_ratio, regret
 from .tenancy import Tenancy, deployment_cells
 
@@ -35,7 +39,7 @@ log = logging.getLogger(__name__)
 VENDOR_BASELINES = {"cpu": ("numpy",), "cuda": ("cublas", "torch")}
 MIN_COMMON = 3
 SECTIONS = ("What single-tenant tuning costs", "Devices", "Time vs share", "Speedup of ratio-tuned over 100%-tuned",
-            "Regret heat map", "Rank correlation between shares", "Interference")
+            "Regret heat map", "Rank correlation between shares", "Interference", "Models end to end")
 
 
 @dataclass
@@ -114,6 +118,7 @@ class ReportData:
     correlations: list[Correlation]
     interference: list[InterferenceEffect]
     tenancy: Tenancy | None = None
+    models: list[ModelRun] = field(default_factory=list)  # the latest `spatialtune model` run per model and share
 
 
 # ---------------------------------------------------------------- compute
@@ -205,7 +210,7 @@ def compute_report(db: TuningDatabase) -> ReportData:
                                               p.tuned_hash == qp[p.ratio].tuned_hash, p.tuned_date))
     return ReportData(str(db.path), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), devices,
                       (min(dates), max(dates)) if dates else None, series, geo, rows, cols, grid, correlations,
-                      effects, deployment_cells(db))
+                      effects, deployment_cells(db), model_runs(db, latest=True))
 
 
 def report_json(d: ReportData) -> dict[str, Any]:

@@ -138,6 +138,35 @@ def _blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
         conds = sorted({s.interference for s in d.series})
         B.append(("p", f"No condition other than 'none' was tuned next to a quiet run (conditions: "
                        f"{', '.join(conds) or 'none'})."))
+    return B + _model_blocks(d)
+
+
+def _model_blocks(d: ReportData) -> list[tuple]:
+    B: list[tuple] = [("h2", SECTIONS[7])]
+    if not d.models:
+        B.append(("p", "No model was run end to end (spatialtune model MODEL.onnx --ratios ...)."))
+        return B
+    B.append(("p", "Whole-model latency under each share: compiled with the kernels tuned for that share, with those "
+                   "tuned for 100 %, and untuned, next to ONNX Runtime confined to the same cores. vs ORT: "
+                   "share-tuned latency / ONNX Runtime's (< 1: faster). Every variant's outputs are checked against "
+                   "ONNX Runtime's."))
+    groups: dict[tuple, dict[str, object]] = {}
+    for m in d.models:
+        groups.setdefault((m.model, m.device_id, m.partition, m.ratio), {})[m.variant] = m
+    rows = []
+    for (model, dev, part, ratio), v in sorted(groups.items(), key=lambda kv: (kv[0][:3], -kv[0][3])):
+        st, ort = v.get("share-tuned"), v.get("onnxruntime")
+        lat = lambda k: _us(v[k].latency_s) if k in v and v[k].latency_s else "–"  # noqa: E731
+        vs = f"{st.latency_s / ort.latency_s:.2f}x" if st and ort and st.latency_s and ort.latency_s else "–"
+        bad = [f"{k}: {m.status}" for k, m in v.items() if m.status != "ok"]
+        tasks = [t for t in (st.detail.get("tasks", {}).values() if st else []) if t.get("time_s")]
+        top = max(tasks, key=lambda t: t["weight"] * t["time_s"], default=None)
+        rows.append([model, dev, part, f"{ratio:.4g}%", str(next(iter(v.values())).granted_units or ""),
+                     lat("share-tuned"), lat("whole-tuned"), lat("untuned"), lat("onnxruntime"), vs,
+                     f"{st.tuned_tasks}/{st.n_tasks}" if st else "–", str(st.trials) if st and st.trials else "–",
+                     top["name"] if top else "–", "; ".join(bad) or "ok", day(next(iter(v.values())).created_at)])
+    B.append(("table", ["model", "device", "partition", "share", "cores", "share-tuned", "100%-tuned", "untuned",
+                        "ONNX Runtime", "vs ORT", "tasks tuned", "trials", "costliest task", "check", "run"], rows))
     return B
 
 

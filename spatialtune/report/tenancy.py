@@ -146,8 +146,8 @@ def format_cells(t: Tenancy) -> str:
              c.condition, us(c.best_s), us(c.ordinary_s), x(c.regret), x(c.share_alone), x(c.neighbour_alone),
              f"{us(c.baseline_s)} {c.baseline_kind}" if c.baseline_s else "-", x(c.vs_baseline)] for c in t.cells]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(hdr)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(hdr, widths)), "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    out = ["  ".join(h.ljust(w) for h, w in zip(hdr, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     missing = [f"  {c.name or c.workload_key} {c.ratio:g}% {c.condition}: {'; '.join(c.missing)}"
                for c in t.cells if c.missing]
     if missing:

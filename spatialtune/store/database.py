@@ -1,7 +1,7 @@
 """The tuning database: every measurement, the best config per key, the cost models.
 
 One SQLite file (WAL mode, so a lookup process can read while a tuning job writes), opened
-through sqlite-utils. Every write is one ``atomic()`` transaction, so a job killed at any point
+through sqlite-utils. Every write is one ``BEGIN IMMEDIATE`` transaction, so a job killed at any point
 leaves the file consistent and holding everything it had finished.
 
 Keys. A measurement is valid for exactly one *tuning key*: (workload, device, partition, ratio,
@@ -17,7 +17,7 @@ import json
 import logging
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -26,65 +26,13 @@ import sqlite_utils
 
 from ..errors import DatabaseError
 from ..terms import norm_ratio
+from .records import MEASUREMENT_COLUMNS, BestConfig, Measurement, measurement_from_row
 from .schema import KEY_FIELDS, MIGRATIONS, SCHEMA_VERSION, STATUSES, decode_trace, encode_trace
 
 log = logging.getLogger(__name__)
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-@dataclass
-class Measurement:
-    """One candidate measured (or failed) under one tuning key."""
-
-    workload_key: str
-    device_id: str
-    partition: str
-    ratio: float
-    interference: str
-    mod_hash: str
-    trace: str
-    status: str
-    error: str = ""
-    times: list[float] = field(default_factory=list)
-    median_s: float | None = None
-    rel_err: float | None = None
-    granted_units: int | None = None
-    granted_share: float | None = None
-    neighbour_throughput: float | None = None
-    neighbour_unit: str = ""
-    build_s: float | None = None
-    run_s: float | None = None
-    search_s: float | None = None
-    features: np.ndarray | None = None
-    source: str = "tune"
-    created_at: str = ""
-    id: int | None = None
-
-    @property
-    def key(self) -> tuple:
-        return (self.workload_key, self.device_id, self.partition, norm_ratio(self.ratio), self.interference)
-
-
-@dataclass(frozen=True)
-class BestConfig:
-    workload_key: str
-    device_id: str
-    partition: str
-    ratio: float
-    interference: str
-    measurement_id: int
-    median_s: float
-    n_trials: int
-    mod_hash: str
-    trace: str
-    granted_units: int | None
-    granted_share: float | None
-    updated_at: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------- the database
@@ -175,6 +123,24 @@ class TuningDatabase:
     def close(self) -> None:
         self.db.close()
 
+    @contextlib.contextmanager
+    def _write(self):
+        # BEGIN IMMEDIATE takes the write lock up front, where the busy timeout waits for it. A
+        # deferred BEGIN that reads before it writes (add_times) cannot wait: when another job
+        # committed since its read, SQLite answers "database is locked" at once.
+        if self.db.conn.in_transaction:
+            with self.db.atomic():
+                yield
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self.db.conn.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     def __enter__(self) -> "TuningDatabase":
         return self
 
@@ -187,24 +153,30 @@ class TuningDatabase:
         """Register a workload (a workloads.spec.Workload). The same key with another spec (an
         operator whose definition changed since the database was written) is refused. Safe when
         several jobs register the same workload at once."""
-        with self.db.atomic():
+        with self._write():
             self.db.execute(
-                "INSERT OR IGNORE INTO workloads (key, op, dtype, params, spec_hash, name, model, flops, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [w.key, w.op, w.dtype, json.dumps(dict(w.params)), w.spec_hash, w.name, w.model, w.flops, _now()],
+                "INSERT OR IGNORE INTO workloads (key, op, dtype, params, spec_hash, name, model, flops, prim,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [w.key, w.op, w.dtype, json.dumps(dict(w.params)), w.spec_hash, w.name, w.model, w.flops,
+                 None if w.prim is None else json.dumps(w.prim.to_dict()), _now()],
             )
-        row = self.db.execute("SELECT spec_hash FROM workloads WHERE key = ?", [w.key]).fetchone()
+        row = self.db.execute("SELECT spec_hash, model FROM workloads WHERE key = ?", [w.key]).fetchone()
         if row[0] != w.spec_hash:
             raise DatabaseError(f"workload {w.key}: database has spec {row[0]}, this spec is {w.spec_hash}")
+        models = list(dict.fromkeys(filter(None, [*(row[1] or "").split(", "), *w.model.split(", ")])))
+        if w.prim is not None and ", ".join(models) != (row[1] or ""):  # one task, several models: name them all
+            with self.db.atomic():
+                self.db.execute("UPDATE workloads SET model = ? WHERE key = ?", [", ".join(models), w.key])
 
     def workload(self, key: str):
         from ..workloads.spec import Workload
 
-        row = self.db.execute("SELECT op, dtype, params, name, model FROM workloads WHERE key = ?", [key]).fetchone()
+        row = self.db.execute("SELECT op, dtype, params, name, model, prim FROM workloads WHERE key = ?",
+                              [key]).fetchone()
         if not row:
             return None
         return Workload.from_dict({"op": row[0], "dtype": row[1], "params": json.loads(row[2]), "name": row[3] or "",
-                                   "model": row[4] or ""})
+                                   "model": row[4] or "", "prim": json.loads(row[5]) if row[5] else None})
 
     def workloads(self) -> list:
         return [self.workload(r[0]) for r in self.db.execute("SELECT key FROM workloads ORDER BY key").fetchall()]
@@ -217,7 +189,7 @@ class TuningDatabase:
 
     def add_device(self, dev) -> str:
         """Register a device (a device.DeviceInfo); returns its id."""
-        with self.db.atomic():
+        with self._write():
             self.db.execute(
                 "INSERT OR IGNORE INTO devices (id, kind, name, uuid, units, unit, driver, arch, tvm_version, mattr,"
                 " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -246,7 +218,7 @@ class TuningDatabase:
         if m.status == "ok" and (m.median_s is None or not np.isfinite(m.median_s) or m.median_s <= 0):
             raise DatabaseError(f"measurement of {m.workload_key} has status ok but no valid time")
         feats = None if m.features is None else np.asarray(m.features, dtype=np.float32).tobytes()
-        with self.db.atomic():
+        with self._write():
             cur = self.db.execute(
                 "INSERT OR IGNORE INTO measurements (workload_key, device_id, partition, ratio, interference, mod_hash,"
                 " trace, status, error, times, median_s, rel_err, granted_units, granted_share, neighbour_throughput,"
@@ -263,6 +235,23 @@ class TuningDatabase:
             m.id = cur.lastrowid
             self._refresh_best(m.key)
         return m.id
+
+    def add_times(self, m: Measurement, times: list[float]) -> float:
+        """Append the repeats of a later measurement of the same kernel under the same key (a
+        confirmation) and make the median of all of them its time; returns the new median.
+        The kernel's first measurement keeps its status, features and date."""
+        where = " AND ".join(f"{f} = ?" for f in KEY_FIELDS)
+        with self._write():
+            row = self.db.execute(f"SELECT id, times FROM measurements WHERE {where} AND mod_hash = ? AND status = 'ok'",
+                                  [*m.key, m.mod_hash]).fetchone()
+            if row is None:
+                raise DatabaseError(f"no ok measurement of {m.mod_hash} under {m.key} to add times to")
+            all_times = (json.loads(row[1]) if row[1] else []) + [float(t) for t in times]
+            median = float(np.median(all_times))
+            self.db.execute("UPDATE measurements SET times = ?, median_s = ? WHERE id = ?",
+                            [json.dumps(all_times), median, row[0]])
+            self._refresh_best(m.key)
+        return median
 
     def _refresh_best(self, key: tuple) -> None:
         where = " AND ".join(f"{f} = ?" for f in KEY_FIELDS)
@@ -285,9 +274,9 @@ class TuningDatabase:
         conds, args = _filters(workload_key=workload_key, device_id=device_id, partition=partition,
                                ratio=None if ratio is None else norm_ratio(ratio), interference=interference,
                                status=status)
-        cols = "*" if with_features else ", ".join(c for c in _MEAS_COLS if c != "features")
+        cols = "*" if with_features else ", ".join(c for c in MEASUREMENT_COLUMNS if c != "features")
         rows = self.db.query(f"SELECT {cols} FROM measurements {conds} ORDER BY id", args)
-        return [_row_to_measurement(r) for r in rows]
+        return [measurement_from_row(r) for r in rows]
 
     def count_measurements(self, **filters) -> int:
         conds, args = _filters(**filters)
@@ -310,7 +299,7 @@ class TuningDatabase:
 
     def save_cost_model(self, device_id: str, partition: str, ratio: float, interference: str, kind: str,
                         model_json: str, n_samples: int) -> None:
-        with self.db.atomic():
+        with self._write():
             self.db.execute(
                 "INSERT OR REPLACE INTO cost_models (device_id, partition, ratio, interference, kind, model, n_samples,"
                 " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -329,7 +318,7 @@ class TuningDatabase:
 
     def record_baseline(self, workload_key: str, device_id: str, partition: str, ratio: float, interference: str,
                         kind: str, median_s: float, granted_units: int | None = None) -> None:
-        with self.db.atomic():
+        with self._write():
             self.db.execute(
                 "INSERT OR REPLACE INTO baselines (workload_key, device_id, partition, ratio, interference, kind,"
                 " median_s, granted_units, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -369,16 +358,11 @@ class TuningDatabase:
         """
         cols = ("workload_key", "device_id", "partition", "ratio", "interference", "kind", "median_s",
                 "granted_units", "created_at")
-        with self.db.atomic():
+        with self._write():
             cur = self.db.execute(
                 f"INSERT OR IGNORE INTO baselines ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
                 [norm_ratio(row[c]) if c == "ratio" else row.get(c) for c in cols])
         return cur.rowcount > 0
-
-
-_MEAS_COLS = ("id", "workload_key", "device_id", "partition", "ratio", "interference", "mod_hash", "trace", "status",
-              "error", "times", "median_s", "rel_err", "granted_units", "granted_share", "neighbour_throughput",
-              "neighbour_unit", "build_s", "run_s", "search_s", "features", "source", "created_at")
 
 
 def _finite(x: float | None) -> float | None:
@@ -392,15 +376,3 @@ def _filters(prefix: str = "", **kw) -> tuple[str, list]:
             conds.append(f"{prefix}{k} = ?")
             args.append(v)
     return ("WHERE " + " AND ".join(conds)) if conds else "", args
-
-
-def _row_to_measurement(r: dict[str, Any]) -> Measurement:
-    r = dict(r)
-    r["times"] = json.loads(r["times"]) if r.get("times") else []
-    r["trace"] = decode_trace(r.get("trace"))
-    feats = r.pop("features", None)
-    r["features"] = np.frombuffer(feats, dtype=np.float32) if feats else None
-    r["error"] = r.get("error") or ""
-    r["neighbour_unit"] = r.get("neighbour_unit") or ""
-    r["source"] = r.get("source") or ""
-    return Measurement(**r)

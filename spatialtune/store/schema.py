@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     import sqlite_utils
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 STATUSES = ("ok", "build_error", "wrong_result", "runtime_error", "timeout")
 KEY_FIELDS = ("workload_key", "device_id", "partition", "ratio", "interference")
 
@@ -131,6 +131,25 @@ def _migrate_to_3(db: "sqlite_utils.Database") -> None:
         db.execute("DELETE FROM cost_models WHERE partition IN ('cpu', 'green')")
 
 
+def _migrate_to_4(db: "sqlite_utils.Database") -> None:
+    # v4: workloads may be PrimFuncs from a model (op 'prim'): `prim` holds the task as JSON (its
+    # TVMScript, structural hash, parameter shapes and dtypes, outputs, FLOPs); NULL for operators.
+    # `model_runs`: end-to-end latencies of whole models per share (spatialtune model), one row per
+    # (run, variant): share-tuned, whole-tuned, untuned, onnxruntime.
+    db.execute("ALTER TABLE workloads ADD COLUMN prim TEXT")
+    _script(
+        db, """
+        CREATE TABLE model_runs (
+            id INTEGER PRIMARY KEY, run TEXT NOT NULL, model TEXT NOT NULL, model_hash TEXT NOT NULL,
+            device_id TEXT NOT NULL REFERENCES devices(id), partition TEXT NOT NULL, ratio REAL NOT NULL,
+            granted_units INTEGER, variant TEXT NOT NULL, status TEXT NOT NULL, error TEXT, latency_s REAL,
+            times TEXT, rel_err REAL, tuned_tasks INTEGER, n_tasks INTEGER, trials INTEGER, detail TEXT,
+            created_at TEXT NOT NULL);
+        CREATE INDEX model_runs_by_model ON model_runs (model, device_id, partition, ratio)
+        """
+    )
+
+
 def _script(db: sqlite_utils.Database, sql: str) -> None:
     for stmt in sql.split(";"):
         if stmt.strip():
@@ -138,4 +157,4 @@ def _script(db: sqlite_utils.Database, sql: str) -> None:
 
 
 MIGRATIONS: dict[int, Callable[["sqlite_utils.Database"], None]] = {1: _migrate_to_1, 2: _migrate_to_2,
-                                                                   3: _migrate_to_3}
+                                                                   3: _migrate_to_3, 4: _migrate_to_4}

@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 def measure_baselines(db: TuningDatabase, builder: LocalBuilder, runner: Runner, workload, share: Share,
                       key: dict, target: dict) -> None:
     have = {b["kind"] for b in db.baselines(**key)}
-    kinds = [k for k in ("tvm-default", "numpy") if k not in have and not (k == "numpy" and target["kind"] != "llvm")]
+    # numpy has no counterpart of a fused PrimFunc from a model: its baseline is TVM's default only.
+    kinds = [k for k in ("tvm-default", "numpy") if k not in have
+             and not (k == "numpy" and (target["kind"] != "llvm" or workload.prim is not None))]
     interference = key["interference"]
     for kind in kinds:
         artifact = None

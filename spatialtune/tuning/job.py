@@ -10,24 +10,27 @@ database before every batch, so several jobs on one key stop within a batch each
 Shares are tuned in descending order. What to measure at each one comes from the one policy
 (:mod:`spatialtune.search.policy`): the configs best elsewhere first (transfers), then the
 evolutionary search with this share's cost model.
+
+Two ways to spend ``trials`` (``TuneOptions.scheduler``): ``each`` gives every (workload, share)
+that many, workload by workload; ``gradient``, for the tasks of a model, gives each share that
+many across the tasks, batch by batch to where weight x measured time says they gain most
+(:mod:`.scheduler`, as MetaSchedule's gradient task scheduler does).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-from ..device import DeviceInfo, check_mcpu, detect_cpu, detect_cuda, target_for
+from ..device import DeviceInfo, target_for
 from ..errors import ConfigError
 from ..measure.builder import BuildInput, LocalBuilder
 from ..measure.runner import LocalRunner, Runner, RunInput
-from ..partitions import Partition, create_partition
+from ..partitions import Partition
 from ..search.cost_model import CostModel, create_cost_model
 from ..search.policy import KeyId, SharePolicy, TrainingSet, fit_share_model, missing_comparisons
 from ..search.space import Candidate, candidate_from_trace
@@ -36,11 +39,13 @@ from ..store.paths import artifact_dir
 from ..terms import Share, check_ratio, norm_ratio
 from ..workloads.spec import Workload
 from .baselines import measure_baselines
+from .confirm import confirm_best
+from .lanes import ProgressFn, device_and_partition, in_threads, serialised
 from .options import ShareResult, TuneOptions, TuneSummary
+from .scheduler import TaskState, pick_task
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[dict], None]
 
 
 class _Stage:
@@ -74,7 +79,7 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
         raise ConfigError("no workloads to tune")
     ratios = sorted({norm_ratio(check_ratio(r)) for r in ratios}, reverse=True)
     t_start = time.perf_counter()
-    device, partition = _device_and_partition(opt, runner)
+    device, partition = device_and_partition(opt, runner)
     db.add_device(device)
     for w in workloads:
         db.add_workload(w)
@@ -86,7 +91,7 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
         runner = LocalRunner(partition, device_kind=opt.target, settings=opt.run)
     lanes = min(runner.parallel, len(workloads))
     if lanes > 1 and progress is not None:
-        progress = _serialised(progress)
+        progress = serialised(progress)
     with partition, LocalBuilder(art, workers=opt.build_workers) as builder, \
             (runner if own_runner else contextlib.nullcontext(runner)):
         def tune_workload(wi: int, job_db: TuningDatabase) -> tuple[list[ShareResult], bool]:
@@ -100,8 +105,22 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
                 job.fill_comparisons(workloads[wi])
             return out, False
 
-        if lanes > 1:
-            done = _in_threads(tune_workload, len(workloads), lanes, db.path)
+        def tune_tasks() -> tuple[list[ShareResult], bool]:
+            # A model's tasks: the trials of each share go where the time is, one task at a time.
+            job = _Job(db, device, partition, opt, builder, runner, stage, progress, deadline)
+            out = []
+            for ri, r in enumerate(ratios):
+                if job.out_of_time():
+                    return out, True
+                out += job.tune_tasks(workloads, r, position=(0, 1, ri, len(ratios)))
+            for w in workloads if runner.real else []:
+                job.fill_comparisons(w)
+            return out, False
+
+        if opt.scheduler == "gradient":
+            done = [tune_tasks()]
+        elif lanes > 1:
+            done = in_threads(tune_workload, len(workloads), lanes, db.path)
         else:
             done = []
             for wi in range(len(workloads)):
@@ -117,55 +136,6 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
     return TuneSummary(device=device, partition=partition.kind, interference=opt.interference, results=results,
                        elapsed_s=time.perf_counter() - t_start, timings=dict(stage.t) | stage.counts,
                        stopped_early=stopped)
-
-
-def _device_and_partition(opt: TuneOptions, runner: Runner | None) -> tuple[DeviceInfo, Partition]:
-    """This machine's, or those of the runner's servers (with --mcpu/--arch applied)."""
-    remote = runner.measures_on() if runner is not None else None
-    if remote is None:
-        device = detect_cuda(arch=opt.arch) if opt.target == "cuda" else detect_cpu(opt.mcpu)
-        partition = create_partition(opt.partition or ("cpu" if opt.target == "cpu" else "mps"))
-        if opt.target == "cpu" and partition.kind != "cpu":
-            raise ConfigError(f"partition {partition.kind!r} needs --target cuda")
-        return device, partition
-    device, partition = remote
-    if device.kind != opt.target:
-        raise ConfigError(f"the measuring servers have a {device.kind} device ({device.name}): pass --target "
-                          f"{device.kind}")
-    asked = getattr(opt.partition, "kind", opt.partition)
-    if asked and asked != partition.kind:
-        raise ConfigError(f"the measuring servers hold shares with the {partition.kind!r} partition, not {asked!r}")
-    if opt.mcpu and device.kind == "cpu":
-        device = dataclasses.replace(device, arch=check_mcpu(opt.mcpu))
-    if opt.arch and device.kind == "cuda":
-        device = dataclasses.replace(device, arch=opt.arch)
-    return device, partition
-
-
-def _serialised(fn: ProgressFn) -> ProgressFn:
-    lock = threading.Lock()
-
-    def call(ev: dict) -> None:
-        with lock:
-            fn(ev)
-    return call
-
-
-def _in_threads(fn, n: int, lanes: int, db_path: Path) -> list[tuple[list[ShareResult], bool]]:
-    """``fn(i, db)`` for i in range(n), ``lanes`` at a time, each thread with its own database
-    connection (a connection is not shared between threads); results in workload order. The first
-    error is raised once the threads that were running have stopped (they stop soon: the runner's
-    servers are gone or it is being closed)."""
-    def run(i: int):
-        with TuningDatabase(db_path) as own:
-            return fn(i, own)
-
-    pool = ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="tune")
-    futures = [pool.submit(run, i) for i in range(n)]
-    try:
-        return [f.result() for f in futures]
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _Job:
@@ -217,11 +187,61 @@ class _Job:
 
     def tune_share(self, w: Workload, r: float, position: tuple) -> ShareResult:
         share = self.partition.grant(r)
-        kr = share.key_ratio
-        key = self.key(w, kr)
+        key = self.key(w, share.key_ratio)
         before = self.db.count_measurements(**key)
         if before < self.opt.trials and not self.out_of_time():
-            self._search(w, kr, share, key, position)
+            search = _KeySearch(self, w, share, key)
+            try:
+                while not self.out_of_time():
+                    want = self.opt.trials - self.db.count_measurements(**key)  # other jobs may share the key
+                    if want <= 0 or not search.step(want):
+                        break
+                    self._report(w, share.key_ratio, share, key, position)
+            finally:
+                search.close()
+            self._confirm(w, share, key)
+        return self._share_result(w, share, key, before)
+
+    def tune_tasks(self, ws: Sequence[Workload], r: float, position: tuple) -> list[ShareResult]:
+        """The tasks of a model at one share, ``opt.trials`` trials across them, each batch to the
+        task furthest below its due share of weight x time (:mod:`.scheduler`)."""
+        share = self.partition.grant(r)
+        keys = [self.key(w, share.key_ratio) for w in ws]
+        before = [self.db.count_measurements(**k) for k in keys]
+        searches: dict[int, _KeySearch] = {}
+        states = [TaskState(w.name or w.key, w.weight, n, None) for w, n in zip(ws, before)]
+        try:
+            while not self.out_of_time():
+                for st, k in zip(states, keys):  # other jobs may share the keys
+                    st.spent = self.db.count_measurements(**k)
+                    best = self.db.best(**k)
+                    st.best_s = best[0].median_s if best else None
+                left = self.opt.trials - sum(st.spent for st in states)
+                i = pick_task(states, min(self.opt.batch, left)) if left > 0 else None
+                if i is None:
+                    break
+                if i not in searches:
+                    searches[i] = _KeySearch(self, ws[i], share, keys[i])
+                if not searches[i].step(left):
+                    states[i].done = True
+                    continue
+                self._report(ws[i], share.key_ratio, share, keys[i], position,
+                             (sum(self.db.count_measurements(**k) for k in keys), self.opt.trials))
+        finally:
+            for s in searches.values():
+                s.close()
+        for i in searches:
+            self._confirm(ws[i], share, keys[i])
+        return [self._share_result(w, share, k, n) for w, k, n in zip(ws, keys, before)]
+
+    def _confirm(self, w: Workload, share: Share, key: dict) -> None:
+        if self.runner.real and self.opt.confirm_top and not self.out_of_time():
+            t0 = time.perf_counter()
+            confirm_best(self.db, self.builder, self.runner, w, share, key, self.target(share),
+                         top=self.opt.confirm_top)
+            self.stage.add("run", time.perf_counter() - t0)
+
+    def _share_result(self, w: Workload, share: Share, key: dict, before: int) -> ShareResult:
         if self.opt.baselines and self.runner.baselines:  # a replay has no hardware to time them on
             t0 = time.perf_counter()
             measure_baselines(self.db, self.builder, self.runner, w, share, key, target_for(self.device, share.units))
@@ -229,39 +249,8 @@ class _Job:
         best = self.db.best(**key)
         base = {b["kind"]: b["median_s"] for b in self.db.baselines(**key)}
         n = self.db.count_measurements(**key)
-        return ShareResult(w.key, w.name, kr, share.units, share.unit, best[0].median_s if best else None, n,
-                           n - before, None, base.get("tvm-default"), base.get("numpy"))
-
-    def _search(self, w: Workload, r: float, share: Share, key: dict, position) -> None:
-        t0 = time.perf_counter()
-        rows = self.db.measurements(workload_key=w.key, device_id=self.device.id, with_features=True)
-        model = self.model_for(r)
-        policy = SharePolicy(w, target_for(self.device, share.units), KeyId(self.partition.kind, r,
-                                                                            self.opt.interference),
-                             rows, model, share_units=(share.units, share.total), options=self.opt.policy(),
-                             batch=self.opt.batch, seed=self.opt.seed)
-        self.stage.add("setup", time.perf_counter() - t0)
-        pending = policy.transfers()
-        try:
-            while not self.out_of_time():
-                want = self.opt.trials - self.db.count_measurements(**key)  # other jobs may share the key
-                if want <= 0:
-                    break
-                t0 = time.perf_counter()
-                if pending:
-                    cands, pending = pending[:want], pending[want:]
-                else:
-                    cands = policy.ask(min(self.opt.batch, want))
-                self.stage.add("search", time.perf_counter() - t0)
-                if not cands:
-                    log.info("%s @ %g%%: search space exhausted", w.key, r)
-                    break
-                times = self._measure(w, share, key, cands)
-                policy.tell(cands, times)
-                self._learn(r, model, cands, times, w.key, share)
-                self._report(w, r, share, key, position)
-        finally:
-            policy.close()
+        return ShareResult(w.key, w.name, share.key_ratio, share.units, share.unit, best[0].median_s if best else None,
+                           n, n - before, None, base.get("tvm-default"), base.get("numpy"))
 
     def fill_comparisons(self, w: Workload) -> None:
         """Measure, under every condition of ``w`` measured on this partition, the configs the
@@ -331,13 +320,15 @@ class _Job:
                 data.add(c.features, t, wkey, r, share.units)
         self._fit(r, model)
 
-    def _report(self, w: Workload, r: float, share: Share, key: dict, position) -> None:
+    def _report(self, w: Workload, r: float, share: Share, key: dict, position, spent: tuple | None = None) -> None:
+        """``spent``: (trials, budget) of a model's share when they are counted across its tasks."""
         if self.progress is None:
             return
         best = self.db.best(**key)
+        trials, budget = spent or (self.db.count_measurements(**key), self.opt.trials)
         self.progress({"workload": w.name or w.key, "key": w.key, "ratio": r, "share": share.describe(),
-                       "trials": self.db.count_measurements(**key), "budget": self.opt.trials,
-                       "best_s": best[0].median_s if best else None, "flops": w.flops, "position": position})
+                       "trials": trials, "budget": budget, "best_s": best[0].median_s if best else None,
+                       "flops": w.flops, "position": position})
 
     def whole_device_time(self, wkey: str, r: float) -> float | None:
         """Time, at share r, of the config that is best at 100% (None if either is missing)."""
@@ -350,3 +341,42 @@ class _Job:
             if m.mod_hash == full[0].mod_hash:
                 return m.median_s
         return None
+
+
+class _KeySearch:
+    """The search of one (workload, share) key: its policy, the transfers still to measure, and one
+    batch per :meth:`step` (built, measured and recorded, the share's model retrained)."""
+
+    def __init__(self, job: _Job, w: Workload, share: Share, key: dict):
+        t0 = time.perf_counter()
+        self.job, self.w, self.share, self.key = job, w, share, key
+        r = share.key_ratio
+        rows = job.db.measurements(workload_key=w.key, device_id=job.device.id, with_features=True)
+        self.model = job.model_for(r)
+        self.policy = SharePolicy(w, target_for(job.device, share.units),
+                                  KeyId(job.partition.kind, r, job.opt.interference), rows, self.model,
+                                  share_units=(share.units, share.total), options=job.opt.policy(),
+                                  batch=job.opt.batch, seed=job.opt.seed)
+        job.stage.add("setup", time.perf_counter() - t0)
+        self.pending = self.policy.transfers()
+
+    def step(self, want: int) -> bool:
+        """Measure the next batch, at most ``want`` candidates (all pending transfers first);
+        False when the search space is exhausted."""
+        job = self.job
+        t0 = time.perf_counter()
+        if self.pending:
+            cands, self.pending = self.pending[:want], self.pending[want:]
+        else:
+            cands = self.policy.ask(min(job.opt.batch, want))
+        job.stage.add("search", time.perf_counter() - t0)
+        if not cands:
+            log.info("%s @ %g%%: search space exhausted", self.w.key, self.share.key_ratio)
+            return False
+        times = job._measure(self.w, self.share, self.key, cands)
+        self.policy.tell(cands, times)
+        job._learn(self.share.key_ratio, self.model, cands, times, self.w.key, self.share)
+        return True
+
+    def close(self) -> None:
+        self.policy.close()

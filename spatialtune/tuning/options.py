@@ -16,7 +16,9 @@ from ..terms import check_interference, regret
 
 @dataclass
 class TuneOptions:
-    trials: int = 32  # per (workload, share), counting transfers and earlier runs
+    trials: int = 32  # per (workload, share) [scheduler each] or per share across the tasks [gradient],
+    # counting transfers and earlier runs
+    scheduler: str = "each"  # each | gradient (a model's tasks: trials go where weight x time is)
     batch: int = 16  # candidates built and measured per round
     time_budget_s: float | None = None  # whole job; checked between batches
     target: str = "cpu"  # cpu | cuda
@@ -32,6 +34,7 @@ class TuneOptions:
     arch: str | None = None  # CUDA: sm_XY to compile for (default: the device's)
     seed: int = 0
     baselines: bool = True
+    confirm_top: int = 4  # the fastest kernels of a key measured again after its search (0: none)
     artifact_dir: str | None = None
     build_workers: int | None = None
     run: RunSettings = field(default_factory=RunSettings)
@@ -43,6 +46,8 @@ class TuneOptions:
             raise ConfigError(f"--batch must be a positive integer, got {self.batch!r}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ConfigError(f"--time-budget must be positive, got {self.time_budget_s!r}")
+        if self.scheduler not in ("each", "gradient"):
+            raise ConfigError(f"--scheduler must be each or gradient, got {self.scheduler!r}")
         if self.target not in ("cpu", "cuda"):
             raise ConfigError(f"--target must be cpu or cuda, got {self.target!r}")
         if not (isinstance(self.population, int) and self.population >= 8):

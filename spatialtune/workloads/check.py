@@ -16,9 +16,10 @@ from __future__ import annotations
 import numpy as np
 
 # fp16 inputs are rounded before the float64 reference sees them and kernels accumulate in fp32,
-# so both dtypes differ from the reference only by the accumulation order.
-TOLERANCE = {"fp32": 1e-4, "fp16": 2e-3}
-ELEMENT_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2}
+# so both dtypes differ from the reference only by the accumulation order. A PrimFunc from a model
+# may also be float64 throughout, or integer (its reference then computes the same integers: exact).
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-3, "fp64": 1e-9, "int": 0.0}
+ELEMENT_TOLERANCE = {"fp32": 1e-3, "fp16": 1e-2, "fp64": 1e-7, "int": 0.0}
 
 
 def relative_error(out: np.ndarray, ref: np.ndarray) -> float:

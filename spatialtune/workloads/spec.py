@@ -16,6 +16,12 @@ A file looks like::
 A workload's *key* is derived from what it computes only (operator, dtype, shape), so the same
 spec always gets the same key whatever file or name it comes from, and it reads as what it is:
 ``dense_fp32_M128_N2304_K768``.
+
+A model's space (written by ``spatialtune workloads --from-onnx``, see :mod:`.spacefile`) lists
+PrimFunc tasks instead: ``name`` (TVM's task name), ``task`` (the readable part of the key),
+``model``, ``weight`` (how often the model runs it), ``hash`` (the structural hash, checked
+against the script when the file is read) and ``script`` (the task's TVMScript). Their key is the
+readable name plus the hash (:mod:`.prim`).
 """
 
 from __future__ import annotations
@@ -27,8 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 from ..errors import SpecError
 from .ops import DTYPES, Operator, get_operator
+from .prim import PrimTask, prim_task, reference_outputs
+
+
+PRIM = "prim"
+"""The ``op`` of a workload that is a PrimFunc from a model (:mod:`.prim`), not an operator."""
 
 
 @dataclass(frozen=True)
@@ -38,46 +51,95 @@ class Workload:
     params: Mapping[str, int]
     name: str = ""
     model: str = ""
+    prim: PrimTask | None = None  # the task's TVMScript and facts, for op == PRIM
+    weight: int = 1  # how many times its model runs it per inference (1 for an operator)
+
+    @classmethod
+    def from_prim(cls, task: PrimTask, *, name: str = "", model: str = "", weight: int = 1) -> "Workload":
+        return cls(op=PRIM, dtype=task.dtype, params={}, name=name or task.task, model=model, prim=task,
+                   weight=weight)
 
     @property
     def operator(self) -> Operator:
+        if self.prim is not None:
+            raise SpecError(f"{self.key} is a PrimFunc from a model: it has no operator")
         return get_operator(self.op)
 
     @property
     def key(self) -> str:
+        if self.prim is not None:
+            return self.prim.key
         return make_key(self.op, self.dtype, self.params)
 
     @property
     def flops(self) -> int:
+        if self.prim is not None:
+            return self.prim.flops
         return self.operator.flops(self.params)
 
     @property
     def spec_hash(self) -> str:
         """Hash of what is computed: changes iff the kernel's semantics change (the operator, its
         revision, dtype and shape; the key leaves the revision out, so a database written for an
-        older definition of an operator is recognised and refused rather than mixed in)."""
-        spec = {"op": self.op, "dtype": self.dtype, "params": dict(self.params)}
-        if self.operator.revision:
-            spec["revision"] = self.operator.revision
+        older definition of an operator is recognised and refused rather than mixed in). For a
+        PrimFunc, its structural hash: the same task from two models is one workload."""
+        if self.prim is not None:
+            spec: dict[str, Any] = {"prim": self.prim.hash}
+        else:
+            spec = {"op": self.op, "dtype": self.dtype, "params": dict(self.params)}
+            if self.operator.revision:
+                spec["revision"] = self.operator.revision
         canon = json.dumps(spec, sort_keys=True)
         return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"op": self.op, "dtype": self.dtype, "params": dict(self.params), "name": self.name, "model": self.model}
+        d = {"op": self.op, "dtype": self.dtype, "params": dict(self.params), "name": self.name, "model": self.model}
+        if self.prim is not None:
+            d |= {"prim": self.prim.to_dict(), "weight": self.weight}
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Workload":
+        if d.get("prim") is not None:
+            # No TVM needed: a GPU host's runtime-only TVM reads PrimFunc workloads from a manifest.
+            return cls.from_prim(PrimTask.from_dict(d["prim"]), name=d.get("name", ""), model=d.get("model", ""),
+                                 weight=int(d.get("weight", 1)))
         op = get_operator(d["op"])
         return cls(op=d["op"], dtype=d["dtype"], params=op.check_params(d["params"]), name=d.get("name", ""),
                    model=d.get("model", ""))
 
     def prim_func(self):
+        if self.prim is not None:
+            return self.prim.ir_module()["main"]
         return self.operator.prim_func(self.params, self.dtype)
 
     def ir_module(self):
+        if self.prim is not None:
+            return self.prim.ir_module()
         import tvm
 
         return tvm.IRModule({"main": self.prim_func()})
+
+    # -- what a measurement feeds it and checks it against --------------------------------------
+
+    def random_inputs(self, rng: np.random.Generator) -> list[np.ndarray]:
+        if self.prim is not None:
+            return self.prim.random_inputs(rng)
+        return self.operator.random_inputs(self.params, self.dtype, rng)
+
+    def poisoned_outputs(self) -> list[np.ndarray]:
+        """The output arrays a kernel writes, filled so that an element it leaves alone is wrong."""
+        if self.prim is not None:
+            return self.prim.poisoned_outputs()
+        op = self.operator
+        return [np.full(op.output_shape(self.params), np.nan, dtype=op.out_dtype(self.dtype))]
+
+    def reference(self, xs: list[np.ndarray], library: str | None = None) -> list[np.ndarray]:
+        """The float64 reference outputs for inputs ``xs``: the operator's numpy reference, or a
+        PrimFunc's untuned module run in float64 (``library``: a prebuilt one, see :mod:`.prim`)."""
+        if self.prim is not None:
+            return reference_outputs(self.prim, xs, library)
+        return [self.operator.reference(self.params, xs)]
 
 
 def make_key(op: str, dtype: str, params: Mapping[str, int]) -> str:
@@ -179,6 +241,16 @@ def parse_space(raw: Mapping[str, Any], where: str) -> SearchSpace:
         at = f"{where}: workload[{i}]"
         if not isinstance(e, dict):
             raise SpecError(f"{at}: must be a table")
+        if "script" in e:
+            w = _prim_entry(e, at)
+            if w.name in seen_names:
+                raise SpecError(f"{at}.name: duplicate workload name {w.name!r}")
+            if any(o.key == w.key for o in space.workloads):
+                raise SpecError(f"{at}: the same task as an earlier entry (key {w.key}): list it once, with the "
+                                "weights added")
+            seen_names[w.name] = w.dtype
+            space.workloads.append(w)
+            continue
         extra = set(e) - {"name", "op", "dtype", "shape", "model"}
         if extra:
             raise SpecError(f"{at}.{sorted(extra)[0]}: unknown field (fields: name, op, dtype, shape, model)")
@@ -221,3 +293,32 @@ def parse_space(raw: Mapping[str, Any], where: str) -> SearchSpace:
             space.workloads.append(Workload(op=op.name, dtype=dt, params=params, name=wname, model=model))
     return space
 
+
+
+PRIM_FIELDS = ("name", "task", "model", "weight", "hash", "script")
+
+
+def _prim_entry(e: Mapping[str, Any], at: str) -> Workload:
+    extra = set(e) - set(PRIM_FIELDS)
+    if extra:
+        raise SpecError(f"{at}.{sorted(extra)[0]}: unknown field for a PrimFunc task (fields: {', '.join(PRIM_FIELDS)})")
+    for req in ("name", "hash", "script"):
+        if req not in e:
+            raise SpecError(f"{at}.{req}: missing")
+    for f in ("name", "task", "model", "hash", "script"):
+        if f in e and not isinstance(e[f], str):
+            raise SpecError(f"{at}.{f}: must be a string")
+    name = e["name"]
+    if not name or any(c.isspace() for c in name):
+        raise SpecError(f"{at}.name: must be a non-empty string without spaces, got {name!r}")
+    weight = e.get("weight", 1)
+    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+        raise SpecError(f"{at}.weight: must be a positive integer (how often the model runs the task), got {weight!r}")
+    try:
+        task = prim_task(e["script"], e.get("task") or name)
+    except SpecError as err:
+        raise SpecError(f"{at}.script: {err}") from None
+    if task.hash != e["hash"]:
+        raise SpecError(f"{at}.hash: the script hashes to {task.hash}, not {e['hash']}: it was edited or written by "
+                        "another TVM; extract the model's tasks again")
+    return Workload.from_prim(task, name=name, model=e.get("model", ""), weight=weight)

@@ -1,0 +1,222 @@
+"""End-to-end latency per share on this machine: a BERT-base encoder layer and a ResNet-style stage
+(both built here with onnx.helper, random weights, nothing downloaded) have their tasks extracted,
+tuned at every share with the gradient task scheduler, then compiled whole three ways (the
+kernels tuned for the share, those tuned for 100 %, untuned) and timed under each share next to
+ONNX Runtime on the same cores. Prints, per model and share, the four latencies, the trials spent
+and the task that costs most. Tuning resumes from the database (--db), so a second run with more
+--trials continues; the end-to-end runs are done again each time.
+
+SPATIALTUNE_QUICK=1 (or --quick): toy-sized models, one trial per task, a smoke test.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from onnx import TensorProto, helper, numpy_helper, save  # noqa: E402
+
+from spatialtune.device import cpu_model, detect_cpu, tvm_version  # noqa: E402
+from spatialtune.measure.runner import RunSettings  # noqa: E402
+from spatialtune.models.e2e import ModelOptions, measure_model  # noqa: E402
+from spatialtune.models.importer import space_from_onnx  # noqa: E402
+from spatialtune.store.database import TuningDatabase  # noqa: E402
+from spatialtune.tuning import TuneOptions, tune  # noqa: E402
+from spatialtune.workloads.spec import load_space  # noqa: E402
+
+log = logging.getLogger("bench-model")
+
+
+# ---------------------------------------------------------------- the models
+
+
+def _param(rng, name, shape, scale):
+    return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+
+def _const(name, value):
+    return numpy_helper.from_array(np.asarray(value), name)
+
+
+def bert_layer(path: Path, seq=128, hid=768, heads=12, ffn=3072) -> Path:
+    """One BERT-base encoder layer, post-norm: Q/K/V projections, scaled dot-product attention over
+    12 heads, output projection + residual + LayerNorm, GELU (erf) FFN + residual + LayerNorm."""
+    rng = np.random.default_rng(0)
+    d = hid // heads
+    nodes, inits = [], [_const("shp4", np.array([1, seq, heads, d], np.int64)),
+                        _const("shp3", np.array([1, seq, hid], np.int64)),
+                        _const("scale", np.array(1 / np.sqrt(d), np.float32)),
+                        _const("half", np.array(0.5, np.float32)), _const("one", np.array(1.0, np.float32)),
+                        _const("isq2", np.array(1 / np.sqrt(2), np.float32))]
+
+    def linear(x, n_in, n_out, name):
+        inits.extend([_param(rng, name + "_w", (n_in, n_out), 1 / np.sqrt(n_in)), _param(rng, name + "_b", (n_out,), 0.02)])
+        nodes.extend([helper.make_node("MatMul", [x, name + "_w"], [name + "_mm"]),
+                      helper.make_node("Add", [name + "_mm", name + "_b"], [name])])
+        return name
+
+    def layer_norm(x, name):
+        inits.extend([_const(name + "_g", np.ones(hid, np.float32)), _const(name + "_be", np.zeros(hid, np.float32))])
+        nodes.append(helper.make_node("LayerNormalization", [x, name + "_g", name + "_be"], [name], axis=-1,
+                                      epsilon=1e-12))
+        return name
+
+    for n in ("q", "k", "v"):
+        linear("x", hid, hid, n)
+        nodes += [helper.make_node("Reshape", [n, "shp4"], [n + "_r"]),
+                  helper.make_node("Transpose", [n + "_r"], [n + "_t"], perm=[0, 2, 3, 1] if n == "k" else [0, 2, 1, 3])]
+    nodes += [helper.make_node("MatMul", ["q_t", "k_t"], ["s0"]), helper.make_node("Mul", ["s0", "scale"], ["s1"]),
+              helper.make_node("Softmax", ["s1"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v_t"], ["c0"]),
+              helper.make_node("Transpose", ["c0"], ["c1"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["c1", "shp3"], ["c2"])]
+    linear("c2", hid, hid, "o")
+    nodes.append(helper.make_node("Add", ["o", "x"], ["r1"]))
+    layer_norm("r1", "ln1")
+    linear("ln1", hid, ffn, "f1")
+    nodes += [helper.make_node("Mul", ["f1", "isq2"], ["g0"]), helper.make_node("Erf", ["g0"], ["g1"]),
+              helper.make_node("Add", ["g1", "one"], ["g2"]), helper.make_node("Mul", ["f1", "g2"], ["g3"]),
+              helper.make_node("Mul", ["g3", "half"], ["g4"])]
+    linear("g4", ffn, hid, "f2")
+    nodes.append(helper.make_node("Add", ["f2", "ln1"], ["r2"]))
+    layer_norm("r2", "y")
+    g = helper.make_graph(nodes, "bert_layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, hid])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, hid])], inits)
+    save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def resnet_stage(path: Path, c=64, hw=56, blocks=3) -> Path:
+    """ResNet-50's first stage: bottleneck blocks (1x1, 3x3, 1x1 convolutions with folded batch
+    norm as bias, ReLU), a 1x1 projection shortcut in the first block, residual add + ReLU."""
+    rng = np.random.default_rng(1)
+    nodes, inits = [], []
+
+    def conv(x, cin, cout, k, name, relu):
+        inits.extend([_param(rng, name + "_w", (cout, cin, k, k), np.sqrt(2 / (cin * k * k))),
+                      _param(rng, name + "_b", (cout,), 0.1)])
+        nodes.append(helper.make_node("Conv", [x, name + "_w", name + "_b"], [name + "_c"], kernel_shape=[k, k],
+                                      pads=[k // 2] * 4))
+        if not relu:
+            return name + "_c"
+        nodes.append(helper.make_node("Relu", [name + "_c"], [name]))
+        return name
+
+    x, cin = "x", c
+    for b in range(blocks):
+        a = conv(x, cin, c, 1, f"b{b}a", True)
+        m = conv(a, c, c, 3, f"b{b}b", True)
+        e = conv(m, c, 4 * c, 1, f"b{b}c", False)
+        short = conv(x, cin, 4 * c, 1, f"b{b}s", False) if cin != 4 * c else x
+        nodes += [helper.make_node("Add", [e, short], [f"b{b}sum"]), helper.make_node("Relu", [f"b{b}sum"], [f"b{b}"])]
+        x, cin = f"b{b}", 4 * c
+    g = helper.make_graph(nodes, "resnet_stage", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, hw, hw])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 4 * c, hw, hw])], inits)
+    save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+MODELS = {"bert_layer": (bert_layer, {}, dict(seq=16, hid=64, heads=2, ffn=128)),
+          "resnet_stage": (resnet_stage, {}, dict(c=8, hw=8, blocks=1))}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def fmt(s: float | None) -> str:
+    if s is None:
+        return "-"
+    return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", default=bool(os.environ.get("SPATIALTUNE_QUICK")))
+    ap.add_argument("--trials", type=int, default=None, help="trials per share per model (default 256; quick: one "
+                                                             "per task)")
+    ap.add_argument("--ratios", default="100,50", help="shares, percent")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(tempfile.gettempdir()) / "spatialtune-bench-model"))
+    ap.add_argument("--db", default=None, help="tuning database (default: OUT/bench.sqlite)")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    db_path = Path(a.db or (os.environ.get("SPATIALTUNE_DB") if a.quick else None) or out / "bench.sqlite")
+    ratios = [float(r) for r in a.ratios.split(",")]
+    import onnxruntime
+
+    dev = detect_cpu()
+    print(f"machine: {cpu_model()}, {dev.units} cores (LLVM cpu {dev.arch}); TVM {tvm_version()}, "
+          f"ONNX Runtime {onnxruntime.__version__}; {'quick' if a.quick else 'full'} mode; database {db_path}; "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    results = []
+    for name in a.models.split(","):
+        build, full, toy = MODELS[name]
+        onnx_path = build(out / f"{name}.onnx", **(toy if a.quick else full))
+        text, _ = space_from_onnx([onnx_path])
+        (out / f"{name}.toml").write_text(text)
+        tasks = load_space(out / f"{name}.toml").workloads
+        trials = a.trials or (len(tasks) if a.quick else 256)
+        opts = TuneOptions(trials=trials, scheduler="gradient", baselines=not a.quick,
+                           **(dict(batch=1, population=16, genetic_iters=1,
+                                   run=RunSettings(repeat=2, min_repeat_ms=5, warmup_ms=5)) if a.quick else {}))
+        t0 = time.perf_counter()
+        with TuningDatabase(db_path) as db:
+            summary = tune(tasks, ratios, db, opts)
+            tune_s = time.perf_counter() - t0
+            mopts = ModelOptions(repeat=2, min_repeat_ms=5, warmup_ms=5) if a.quick else ModelOptions()
+            res = measure_model(onnx_path, ratios, db, options=mopts)
+        new = sum(r.new_trials for r in summary.results)
+        print(f"\n{name}: {len(tasks)} tasks, {trials} trials per share ({new} measured now, tuning {tune_s:.0f} s)")
+        results.append((name, res))
+        print(table(res))
+    print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (this machine's cores are "
+          "shared: another job's threads slow a 2-core share down most)")
+    print("\nend-to-end latency vs ONNX Runtime (share-tuned / ORT; < 1 is faster):")
+    for name, res in results:
+        for r in res.ratios:
+            st, ort = res.row(r, "share-tuned"), res.row(r, "onnxruntime")
+            if st and ort and st.latency_s and ort.latency_s:
+                x = st.latency_s / ort.latency_s
+                verdict = "matches or beats it" if x <= 1.0 else f"{x - 1:.0%} slower"
+                top = costliest(st)
+                print(f"  {name} @ {r:g}%: {x:.2f}x, {verdict}" + (f"; costliest task {top}" if x > 1.0 and top else ""))
+    return 0 if all(row.status == "ok" for _, res in results for row in res.rows) else 1
+
+
+def table(res) -> str:
+    lines = [f"  {'share':>6} {'cores':>5} {'share-tuned':>12} {'100%-tuned':>12} {'untuned':>12} "
+             f"{'ONNX Runtime':>12} {'vs ORT':>7} {'trials':>7}  costliest task (weight x time, part)"]
+    for r in res.ratios:
+        row = {v: res.row(r, v) for v in ("share-tuned", "whole-tuned", "untuned", "onnxruntime")}
+        st, ort = row["share-tuned"], row["onnxruntime"]
+        vs = f"{st.latency_s / ort.latency_s:.2f}x" if st.latency_s and ort.latency_s else "-"
+        worst = costliest(st) or "-"
+        bad = [f"{v} {x.status}: {x.error[:100]}" for v, x in row.items() if x and x.status != "ok"]
+        lines.append(f"  {r:>5g}% {st.granted_units:>5} {fmt(st.latency_s):>12} {fmt(row['whole-tuned'].latency_s):>12} "
+                     f"{fmt(row['untuned'].latency_s):>12} {fmt(ort.latency_s):>12} {vs:>7} {st.trials or 0:>7}  {worst}"
+                     + ("".join(f"\n      {b}" for b in bad)))
+    return "\n".join(lines)
+
+
+def costliest(st) -> str | None:
+    """The task with the largest weight x kernel time in a share-tuned run, and its part of the sum."""
+    tasks = [t for t in st.detail.get("tasks", {}).values() if t.get("time_s")]
+    if not tasks:
+        return None
+    total = sum(t["weight"] * t["time_s"] for t in tasks)
+    top = max(tasks, key=lambda t: t["weight"] * t["time_s"])
+    return f"{top['name']} ({top['weight']} x {fmt(top['time_s'])}, {top['weight'] * top['time_s'] / total:.0%})"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

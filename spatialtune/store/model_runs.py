@@ -1,0 +1,80 @@
+"""End-to-end model latencies in the database (``model_runs``, schema v4).
+
+``spatialtune model`` compiles a whole model several ways and runs each under a share; every
+variant's latency is one row here, so the report (a layer that may not import the models package)
+reads them through the store like every other number it shows. Runs are kept, not overwritten:
+the report shows the latest run of each (model, device, partition, share).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+VARIANTS = ("share-tuned", "whole-tuned", "untuned", "onnxruntime")
+"""share-tuned: every task's best config at this share; whole-tuned: the configs best at 100 %;
+untuned: TVM's default compilation; onnxruntime: ONNX Runtime on the same cores."""
+
+
+@dataclass
+class ModelRun:
+    run: str  # one invocation of `spatialtune model`: its rows share this id
+    model: str
+    model_hash: str  # sha256 of the ONNX file, 16 hex digits
+    device_id: str
+    partition: str
+    ratio: float  # the share's key ratio
+    variant: str
+    status: str  # ok | wrong_result | error
+    granted_units: int | None = None
+    error: str = ""
+    latency_s: float | None = None  # median
+    times: list[float] = field(default_factory=list)
+    rel_err: float | None = None  # against ONNX Runtime's outputs
+    tuned_tasks: int | None = None  # tasks that had a config for this variant
+    n_tasks: int | None = None
+    trials: int | None = None  # trials measured for the configs this variant used
+    detail: dict[str, Any] = field(default_factory=dict)  # per task: weight, kernel time (what costs most)
+    created_at: str = ""
+    id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_COLS = ("run", "model", "model_hash", "device_id", "partition", "ratio", "granted_units", "variant", "status",
+         "error", "latency_s", "times", "rel_err", "tuned_tasks", "n_tasks", "trials", "detail", "created_at")
+
+
+def record_model_run(db, r: ModelRun) -> int:
+    """Store one variant's result (``db``: a TuningDatabase); returns its row id."""
+    if r.variant not in VARIANTS:
+        raise ValueError(f"unknown model-run variant {r.variant!r} (known: {', '.join(VARIANTS)})")
+    r.created_at = r.created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    vals = {c: getattr(r, c) for c in _COLS} | {"times": json.dumps(r.times), "detail": json.dumps(r.detail)}
+    with db.db.atomic():
+        cur = db.db.execute(f"INSERT INTO model_runs ({', '.join(_COLS)}) VALUES ({', '.join('?' for _ in _COLS)})",
+                            [vals[c] for c in _COLS])
+    r.id = cur.lastrowid
+    return r.id
+
+
+def model_runs(db, *, model: str | None = None, latest: bool = False) -> list[ModelRun]:
+    """Rows in the order they were written; ``latest``: only the newest run's rows of each
+    (model, device, partition, share)."""
+    where, args = ("WHERE model = ?", [model]) if model else ("", [])
+    rows = [dict(r) for r in db.db.query(f"SELECT * FROM model_runs {where} ORDER BY id", args)]
+    out = []
+    for r in rows:
+        r["times"] = json.loads(r["times"]) if r.get("times") else []
+        r["detail"] = json.loads(r["detail"]) if r.get("detail") else {}
+        r["error"] = r.get("error") or ""
+        out.append(ModelRun(**r))
+    if latest:
+        newest: dict[tuple, str] = {}
+        for m in out:
+            newest[(m.model, m.device_id, m.partition, m.ratio)] = m.run
+        out = [m for m in out if newest[(m.model, m.device_id, m.partition, m.ratio)] == m.run]
+    return out

@@ -1,0 +1,43 @@
+"""Confirming the winners of a key before they are handed out.
+
+On a shared machine a kernel timed during a quiet moment looks faster than it is (on the 2-core
+VM this project is developed on, the same kernel's time drifted by up to 40 % over seconds). The
+best stored config of a key is what a lookup hands out, so after a key's search the ``top``
+fastest kernels are measured again, ``rounds`` times interleaved, and each one's time becomes
+the median of all its repeats (``TuningDatabase.add_times``): a lucky measurement no longer
+decides the winner alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..measure.builder import BuildInput
+from ..measure.runner import RunInput
+from ..search.space import candidate_from_trace
+
+log = logging.getLogger(__name__)
+
+
+def confirm_best(db, builder, runner, workload, share, key: dict, target: dict, *, top: int = 4,
+                 rounds: int = 2) -> int:
+    """Re-measure the ``top`` fastest kernels under ``key``; returns how many were confirmed."""
+    rows = sorted(db.measurements(**key, status="ok"), key=lambda m: m.median_s)[:top]
+    if len(rows) < 2 or rounds < 1:
+        return 0
+    cands = [candidate_from_trace(workload, m.trace, "confirm", expect_hash=m.mod_hash) for m in rows]
+    keep = [(m, c) for m, c in zip(rows, cands) if c is not None]
+    built = builder.build([BuildInput(c.mod_json, c.mod_hash) for _, c in keep], target)
+    keep = [(m, b) for (m, _), b in zip(keep, built) if b.ok]
+    extra: dict[int, list[float]] = {i: [] for i in range(len(keep))}
+    for _ in range(rounds):
+        res = runner.run(share, key["interference"], [RunInput(workload.to_dict(), b.artifact, b.cubin, m.mod_hash)
+                                                       for m, b in keep])
+        for i, r in enumerate(res):
+            if r.status == "ok":
+                extra[i] += r.times
+    for i, (m, _) in enumerate(keep):
+        if extra[i]:
+            db.add_times(m, extra[i])
+    log.info("%s @ %g%%: confirmed the %d fastest kernels", workload.key, key["ratio"], len(keep))
+    return len(keep)

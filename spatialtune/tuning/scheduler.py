@@ -1,0 +1,66 @@
+"""Which task of a model gets the next batch of trials at a share.
+
+A model's latency is the sum over its tasks of weight x kernel time, so a trial is worth most
+where that product is largest. MetaSchedule's gradient task scheduler spends its global budget
+the same way (it estimates each task's gain from its weight and its latency history). Here:
+
+- every task gets a first batch before any task gets a second (a task nobody measured has no
+  time to weigh);
+- then each task's *due* share of the trials spent is ``weight x best time / sum over tasks``,
+  recomputed after every batch from the times measured so far; the next batch goes to the task
+  furthest below its due share (trials spent on it minus its due share of everything spent, with
+  this batch counted), ties to the heavier task.
+
+So the trials follow where the time goes, and move as tuning brings a task's time down: a task
+at 60 % of the model's time gets about 60 % of the trials; one that tuning halved gets less from
+then on. Trials already in the database count (a resumed job starts from what it has), and a task
+whose design space is exhausted leaves the schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class TaskState:
+    name: str
+    weight: int  # how often the model runs it
+    spent: int  # trials measured under this share's key, earlier runs included
+    best_s: float | None  # best measured time at this share
+    done: bool = False  # exhausted, or nothing more can be measured
+
+    @property
+    def cost(self) -> float | None:
+        """Its part of the model's time: weight x best kernel time."""
+        return None if self.best_s is None else self.weight * self.best_s
+
+
+def due_fractions(tasks: list[TaskState]) -> list[float]:
+    """Each task's share of the trials: its weight x best time over the sum. A task with no time
+    yet (all its candidates failed) is weighed as the costliest measured one: it still needs trials
+    to find a kernel that works."""
+    known = [t.cost for t in tasks if t.cost is not None]
+    fallback = max(known) if known else 1.0
+    costs = [t.cost if t.cost is not None else t.weight * fallback for t in tasks]
+    total = sum(costs)
+    return [c / total if total > 0 else 1.0 / len(tasks) for c in costs]
+
+
+def pick_task(tasks: list[TaskState], batch: int) -> int | None:
+    """The index of the task to spend the next ``batch`` trials on; None when every task is done."""
+    open_ = [i for i, t in enumerate(tasks) if not t.done]
+    if not open_:
+        return None
+    fresh = [i for i in open_ if tasks[i].spent == 0]
+    if fresh:  # a first batch for everyone, heaviest first (by weight: there is no time yet)
+        return max(fresh, key=lambda i: (tasks[i].weight, -i))
+    due = due_fractions(tasks)
+    total = sum(t.spent for t in tasks) + batch
+    return max(open_, key=lambda i: (due[i] * total - tasks[i].spent, due[i], -i))
+
+
+def costliest(tasks: list[TaskState]) -> TaskState | None:
+    """The task that takes the largest part of the model's time (weight x best time)."""
+    measured = [t for t in tasks if t.cost is not None]
+    return max(measured, key=lambda t: t.cost) if measured else None
