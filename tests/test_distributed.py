@@ -111,6 +111,12 @@ def opts(**kw):
                            "genetic_iters": 1} | kw)
 
 
+def confirmed(rows) -> int:
+    """Measurements a job's confirmation makes: the 4 fastest ok kernels of a key, twice each."""
+    ok = sum(m.status == "ok" for m in rows)
+    return 2 * min(4, ok) if ok >= 2 else 0
+
+
 def rows_by_key(db_path):
     with TuningDatabase(db_path) as db:
         out = {}
@@ -137,8 +143,11 @@ def test_a_job_over_two_servers_records_every_trial_once_like_a_local_run(tracke
     assert [r.n_trials for r in remote.results] == [r.n_trials for r in local.results] == [8]
     (rows,) = by_key.values()
     assert len({m.mod_hash for m in rows}) == len(rows) == 8
-    # Every measurement a server returned was recorded, and none was made twice.
-    assert sum(s["measured"] for s in stats.values()) == sum(m.status != "build_error" for m in rows) + 2
+    # Every measurement a server returned was recorded, and none was made twice: the trials, two
+    # baselines and the confirmation of the winners (each of the top 4 twice, as repeats of its row).
+    assert sum(s["measured"] for s in stats.values()) == sum(m.status != "build_error" for m in rows) + 2 \
+        + confirmed(rows)
+    assert sum(len(m.times) > FAST.repeat for m in rows) == confirmed(rows) // 2
     assert all(stats[p.addr]["measured"] > 0 for p in (a, b)), stats  # the batches were spread
     assert remote.device.units == 1 and rows[0].device_id == remote.device.id  # the servers' device, one core
     assert baselines == {"tvm-default", "numpy"}  # timed on the servers too
@@ -205,10 +214,10 @@ def test_a_server_whose_measurements_all_fail_is_set_aside(tracker, servers, tmp
         stats = runner.stats()
     assert summary.results[0].n_trials == 8
     assert stats[bad.addr]["aside"] and stats[bad.addr]["measured"] == 0, stats
-    assert stats[good.addr]["measured"] == 8 and not stats[good.addr]["aside"]
+    (rows,) = rows_by_key(tmp_path / "e.sqlite").values()
+    assert stats[good.addr]["measured"] == 8 + confirmed(rows) and not stats[good.addr]["aside"]
     aside = [r.getMessage() for r in caplog.records if "aside" in r.getMessage()]
     assert len(aside) == 1 and bad.addr in aside[0] and "measuring worker did not start" in aside[0], aside
-    (rows,) = rows_by_key(tmp_path / "e.sqlite").values()
     assert not [m.error for m in rows if "server" in m.error]
 
 
