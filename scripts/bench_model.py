@@ -11,6 +11,7 @@ SPATIALTUNE_QUICK=1 (or --quick): toy-sized models, one trial per task, a smoke 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -29,6 +30,7 @@ from spatialtune.device import cpu_model, detect_cpu, tvm_version  # noqa: E402
 from spatialtune.measure.runner import RunSettings  # noqa: E402
 from spatialtune.models.e2e import ModelOptions, measure_model  # noqa: E402
 from spatialtune.models.importer import space_from_onnx  # noqa: E402
+from spatialtune.store.model_runs import ModelRun  # noqa: E402
 from spatialtune.store.database import TuningDatabase  # noqa: E402
 from spatialtune.tuning import TuneOptions, tune  # noqa: E402
 from spatialtune.workloads.spec import load_space  # noqa: E402
@@ -146,17 +148,22 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(tempfile.gettempdir()) / "spatialtune-bench-model"))
     ap.add_argument("--db", default=None, help="tuning database (default: OUT/bench.sqlite)")
+    ap.add_argument("--table-only", action="store_true",
+                    help="print the tables from the results saved under --out (MODEL-result.json); measure nothing")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(a.out)
+    if a.table_only:
+        return print_saved(out, a.models.split(","))
     out.mkdir(parents=True, exist_ok=True)
     db_path = Path(a.db or (os.environ.get("SPATIALTUNE_DB") if a.quick else None) or out / "bench.sqlite")
     ratios = [float(r) for r in a.ratios.split(",")]
     import onnxruntime
 
     dev = detect_cpu()
-    print(f"machine: {cpu_model()}, {dev.units} cores (LLVM cpu {dev.arch}); TVM {tvm_version()}, "
-          f"ONNX Runtime {onnxruntime.__version__}; {'quick' if a.quick else 'full'} mode; database {db_path}; "
+    where = (f"{cpu_model()}, {dev.units} cores (LLVM cpu {dev.arch}); TVM {tvm_version()}, "
+             f"ONNX Runtime {onnxruntime.__version__}")
+    print(f"machine: {where}; {'quick' if a.quick else 'full'} mode; database {db_path}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     results = []
     for name in a.models.split(","):
@@ -176,11 +183,54 @@ def main() -> int:
             mopts = ModelOptions(repeat=2, min_repeat_ms=5, warmup_ms=5) if a.quick else ModelOptions()
             res = measure_model(onnx_path, ratios, db, options=mopts)
         new = sum(r.new_trials for r in summary.results)
-        print(f"\n{name}: {len(tasks)} tasks, {trials} trials per share ({new} measured now, tuning {tune_s:.0f} s)")
+        head = f"{name}: {len(tasks)} tasks, {trials} trials per share"
+        print(f"\n{head} ({new} measured now, tuning {tune_s:.0f} s)")
         results.append((name, res))
         print(table(res))
+        (out / f"{name}-result.json").write_text(json.dumps({
+            "machine": where, "date": time.strftime("%Y-%m-%d"), "head": head, "tune_s": tune_s,
+            "load": os.getloadavg()[0], "rows": [r.to_dict() for r in res.rows]}, indent=1))
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (this machine's cores are "
           "shared: another job's threads slow a 2-core share down most)")
+    verdicts(results)
+    return 0 if all(row.status == "ok" for _, res in results for row in res.rows) else 1
+
+
+class Saved:
+    """A model's results read back from MODEL-result.json: what ``table`` needs of a ModelResult."""
+
+    def __init__(self, rows: list[ModelRun]):
+        self.rows = rows
+
+    def row(self, ratio: float, variant: str) -> ModelRun | None:
+        return next((r for r in self.rows if r.ratio == ratio and r.variant == variant), None)
+
+    @property
+    def ratios(self) -> list[float]:
+        return sorted({r.ratio for r in self.rows}, reverse=True)
+
+
+def print_saved(out: Path, names: list[str]) -> int:
+    results, where = [], set()
+    for name in names:
+        f = out / f"{name}-result.json"
+        if not f.exists():
+            continue
+        d = json.loads(f.read_text())
+        where.add(f"{d['machine']}, {d['date']}")
+        res = Saved([ModelRun(**r) for r in d["rows"]])
+        results.append((name, res))
+        print(f"{d['head']} (tuning {d['tune_s']:.0f} s, load average {d['load']:.2f})")
+        print(table(res))
+    if not results:
+        print(f"no results under {out}", file=sys.stderr)
+        return 1
+    print(f"measured on: {'; '.join(sorted(where))}")
+    verdicts(results)
+    return 0
+
+
+def verdicts(results) -> None:
     print("\nend-to-end latency vs ONNX Runtime (share-tuned / ORT; < 1 is faster):")
     for name, res in results:
         for r in res.ratios:
@@ -190,7 +240,6 @@ def main() -> int:
                 verdict = "matches or beats it" if x <= 1.0 else f"{x - 1:.0%} slower"
                 top = costliest(st)
                 print(f"  {name} @ {r:g}%: {x:.2f}x, {verdict}" + (f"; costliest task {top}" if x > 1.0 and top else ""))
-    return 0 if all(row.status == "ok" for _, res in results for row in res.rows) else 1
 
 
 def table(res) -> str:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -125,11 +126,17 @@ def run_tune_tir(w, share, trials: int, seed: int, work: Path) -> list[dict]:
     out = work / "tune_tir.json"
     env = dict(os.environ, TVM_NUM_THREADS=str(share.units), OPENBLAS_NUM_THREADS=str(share.units))
     cores = share.cores
-    p = subprocess.run([sys.executable, "-c", TUNE_TIR, json.dumps(w.to_dict()), json.dumps(target), str(trials),
-                        str(out), str(seed)], env=env, preexec_fn=lambda: os.sched_setaffinity(0, cores),
-                       capture_output=True, text=True, cwd=work)
+    p = subprocess.Popen([sys.executable, "-c", TUNE_TIR, json.dumps(w.to_dict()), json.dumps(target), str(trials),
+                          str(out), str(seed)], env=env, preexec_fn=lambda: os.sched_setaffinity(0, cores),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=work, start_new_session=True)
+    try:
+        _, err = p.communicate()
+    finally:  # a stopped benchmark must not leave MetaSchedule's tuner and its pools running
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
     if p.returncode != 0:
-        raise RuntimeError(f"tune_tir failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+        raise RuntimeError(f"tune_tir failed: {err.strip().splitlines()[-1] if err.strip() else p.returncode}")
     return json.loads(out.read_text())
 
 
@@ -186,6 +193,7 @@ def main() -> int:
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--quick", action="store_true", help="one small workload, budgets 8,16 (a smoke test)")
     a = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the cleanup of child processes runs
     quick = a.quick or bool(os.environ.get("SPATIALTUNE_QUICK"))
     if quick:
         a.budgets, a.workloads = "4,8", ",".join(QUICK)
