@@ -225,6 +225,8 @@ def test_a_model_tuned_at_two_shares_runs_end_to_end_and_matches_onnx_runtime(tm
             assert row.latency_s > 0 and row.granted_units == (1 if row.ratio == 50 else 2)
             if row.variant != "onnxruntime":
                 assert row.rel_err is not None and row.rel_err < 1e-4
+            else:  # ONNX Runtime's own threads may use the whole share, and no more
+                assert row.detail["cores"] == row.granted_units, row.detail
         st = res.row(50, "share-tuned")
         assert st.tuned_tasks == st.n_tasks == len(tasks)  # every task had its own 50 % config, applied
         assert res.row(50, "untuned").tuned_tasks == 0

@@ -36,6 +36,14 @@ def init_measure_worker(partition_kind: str, share: Share, device_kind: str) -> 
     return seen
 
 
+def share_cores() -> tuple[int, ...] | None:
+    """The cores of this worker's CPU share (None outside a CPU share). The calling thread itself is
+    bound to the first of them (see CpuPartition.enter), so a library that starts its own threads
+    from here must be given these."""
+    share = _state.get("share")
+    return tuple(share.cores) if share is not None and share.cores else None
+
+
 def granted_units() -> int | None:
     """The cores or SMs this worker's kernels can use, as read when the share was applied."""
     return _state.get("seen")

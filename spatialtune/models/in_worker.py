@@ -62,19 +62,34 @@ def run_compiled(library: str, inputs: list[np.ndarray], settings: dict) -> dict
 
 
 def run_onnxruntime(model_path: str, feeds: dict[str, np.ndarray], settings: dict) -> dict:
-    """ONNX Runtime (CPU execution provider) on this worker's cores: as many intra-op threads as
-    the share has cores, no inter-op parallelism, its threads inheriting the worker's affinity
-    (they start after the share was applied)."""
+    """ONNX Runtime (CPU execution provider) on this worker's share: as many intra-op threads as
+    the share has cores, no inter-op parallelism. Its pool threads are started with the share's
+    whole core set (this thread is bound to one core of it, and new threads inherit the mask of
+    the thread that starts them); ``cores`` is what those threads are allowed to run on."""
     import onnxruntime as ort
 
-    cores = len(os.sched_getaffinity(0))
+    from ..measure.in_worker import share_cores
+
+    share = share_cores() or tuple(sorted(os.sched_getaffinity(0)))
     so = ort.SessionOptions()
-    so.intra_op_num_threads = cores
+    so.intra_op_num_threads = len(share)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
-    outputs = [np.asarray(o) for o in sess.run(None, feeds)]
+    mine = os.sched_getaffinity(0)
+    before = set(os.listdir("/proc/self/task"))
+    os.sched_setaffinity(0, share)
+    try:
+        sess = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
+        outputs = [np.asarray(o) for o in sess.run(None, feeds)]
+    finally:
+        os.sched_setaffinity(0, mine)
+    allowed: set[int] = set()
+    for tid in set(os.listdir("/proc/self/task")) - before:
+        try:
+            allowed |= os.sched_getaffinity(int(tid))
+        except OSError:  # a thread that ended
+            pass
     times = _time(lambda: sess.run(None, feeds), settings)
-    return {"outputs": outputs, "times": times, "median_s": float(np.median(times)), "cores": cores,
-            "version": ort.__version__}
+    return {"outputs": outputs, "times": times, "median_s": float(np.median(times)),
+            "cores": len(allowed) if allowed else 1, "version": ort.__version__}
