@@ -220,7 +220,7 @@ def print_saved(out: Path, names: list[str]) -> int:
         where.add(f"{d['machine']}, {d['date']}")
         res = Saved([ModelRun(**r) for r in d["rows"]])
         results.append((name, res))
-        print(f"{d['head']} (tuning {d['tune_s']:.0f} s, load average {d['load']:.2f})")
+        print(f"{d['head']} (tuning in that run {d['tune_s']:.0f} s, load average {d['load']:.2f})")
         print(table(res))
     if not results:
         print(f"no results under {out}", file=sys.stderr)
