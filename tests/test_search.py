@@ -60,7 +60,7 @@ def test_search_beats_uniform_sampling_on_one_core():
     w = load_space("demo").select(["dense_small"])[0]
     part = CpuPartition()
     share = part.grant(100 / len(part.cores))  # one core
-    budget, seeds = 32, (0, 1, 2)
+    budget, seeds = 48, (0, 1, 2)  # at 32 one seed in three could end behind uniform on a noisy run
     settings = RunSettings(repeat=5, min_repeat_ms=20)
     work = Path(tempfile.mkdtemp(prefix="search-vs-uniform-"))
     target = target_for(detect_cpu(), share.units)
