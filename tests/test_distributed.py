@@ -291,7 +291,7 @@ def test_bad_tracker_input_is_one_line_and_exit_code_2(tracker):
     space = ["tune", "--space", DEMO, "--workload", "dense_small", "--trials", "2"]
     for args, says in [
         ([*space, "--tracker", "localhost", "--key", "k"], "expected HOST:PORT"),
-        ([*space, "--tracker", closed, "--key", "k"], "refused the connection"),
+        ([*space, "--tracker", closed, "--key", "k", "--server-wait", "1"], "refused the connection"),
         ([*space, "--tracker", tracker], "needs --key"),
         ([*space, "--tracker", tracker, "--key", "nobody", "--server-wait", "1"], "no server is registered"),
         (["serve", "--tracker", closed, "--key", "k", "--tracker-wait", "1"], "refused the connection"),

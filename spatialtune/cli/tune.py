@@ -39,8 +39,9 @@ def add_tune(sub) -> None:
     r.add_argument("--rpc-timeout", type=float, default=None, metavar="SECONDS",
                    help="with --tracker: limit of one measurement request once a server has it "
                         "(default: --timeout plus 60 s)")
-    r.add_argument("--server-wait", type=float, default=15.0, metavar="SECONDS",
-                   help="with --tracker: how long to wait for a first server to register (default 15)")
+    r.add_argument("--server-wait", type=float, default=30.0, metavar="SECONDS",
+                   help="with --tracker: how long to wait for the tracker to listen and a first server "
+                        "to register (default 30)")
     s = p.add_argument_group("search")
     s.add_argument("--population", type=int, default=TuneOptions.population, help="evolution's population")
     s.add_argument("--genetic-iters", type=int, default=TuneOptions.genetic_iters, help="generations per batch")

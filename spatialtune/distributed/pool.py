@@ -33,7 +33,7 @@ from ..errors import DeviceError
 from ..measure.runner import MeasureResult
 from ..measure.worker import Worker, WorkerError
 from .protocol import PROTOCOL
-from .tracker import ServerRequest, TrackerError, servers_under, tracker_summary
+from .tracker import ServerRequest, TrackerError, servers_under, tracker_summary, wait_for_tracker
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class ServerStats:
 
 class ServerPool:
     def __init__(self, tracker: tuple[str, int], key: str, *, lanes: int | None = None, retries: int = 3,
-                 set_aside_after: int = 3, session_s: float = 600.0, first_wait_s: float = 15.0):
+                 set_aside_after: int = 3, session_s: float = 600.0, first_wait_s: float = 30.0):
         self.tracker, self.key = tracker, key
         self.where = f"key {key!r} at tracker {tracker[0]}:{tracker[1]}"
         self.retries, self.set_aside_after, self.session_s = retries, set_aside_after, session_s
@@ -340,7 +340,8 @@ class ServerPool:
     def _wait_for_servers(self, seconds: float) -> set[str]:
         deadline = time.monotonic() + seconds
         while True:
-            found = set(servers_under(tracker_summary(*self.tracker), self.key))
+            found = set(servers_under(wait_for_tracker(*self.tracker, max(0.0, deadline - time.monotonic())),
+                                      self.key))
             if found:
                 return found
             if time.monotonic() >= deadline:

@@ -61,7 +61,7 @@ class RpcRunner(Runner):
     baselines = True
 
     def __init__(self, tracker: str, key: str, *, settings: RunSettings | None = None, rpc_timeout: float | None = None,
-                 first_wait_s: float = 15.0, **pool_options: Any):
+                 first_wait_s: float = 30.0, **pool_options: Any):
         if not key or ":" in key or any(c.isspace() for c in key):
             raise ConfigError(f"--key {key!r}: expected one word without ':' (the servers' key)")
         if rpc_timeout is not None and rpc_timeout <= 0:

@@ -21,13 +21,12 @@ import signal
 import socket
 import sys
 import threading
-import time
 
 from ..errors import ConfigError
 from ..partitions import PARTITIONS, Partition, create_partition
 from .protocol import PROTOCOL, parse_address
 from .service import MeasureService, one_line, register_functions
-from .tracker import TrackerError, tracker_summary
+from .tracker import wait_for_tracker
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def serve(tracker: str, key: str, *, partition: str = "cpu", cores: list[int] | 
         raise ConfigError(f"--partition {partition!r}: expected one of {', '.join(PARTITIONS)}")
     if cores is not None:
         os.sched_setaffinity(0, cores)  # this process, its session processes and its workers
-    _wait_for_tracker(t_host, t_port, tracker_wait)
+    wait_for_tracker(t_host, t_port, tracker_wait)
     part = create_partition(partition)
     with part:
         device = _detect(part)
@@ -93,20 +92,6 @@ def serve(tracker: str, key: str, *, partition: str = "cpu", cores: list[int] | 
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # TVM's listening thread is not a daemon and has no stop
-
-
-def _wait_for_tracker(host: str, port: int, seconds: float) -> None:
-    """A tracker and its servers are often started together: wait for it a while, then say in one
-    line why it cannot be reached (exit code 2)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            tracker_summary(host, port)
-            return
-        except TrackerError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(1.0)
 
 
 def _detect(part: Partition):

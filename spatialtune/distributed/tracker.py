@@ -11,6 +11,7 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import time
 from typing import Any
 
 from ..errors import DeviceError
@@ -69,6 +70,21 @@ def tracker_summary(host: str, port: int, timeout: float = ANSWER_S) -> dict[str
     if not (isinstance(value, list) and value and value[0] == base.TrackerCode.SUCCESS):
         raise TrackerError(f"tracker {host}:{port} gave an unexpected answer: {str(value)[:100]}")
     return value[1]
+
+
+def wait_for_tracker(host: str, port: int, seconds: float) -> dict[str, Any]:
+    """The tracker's summary, waiting up to ``seconds`` for a tracker that refuses connections:
+    a tracker, its servers and a job are often started together, and the tracker (a child process
+    importing TVM) listens a few seconds after its command returns. Any other failure is
+    reported at once."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return tracker_summary(host, port)
+        except TrackerError as e:
+            if "refused" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
 
 
 def servers_under(summary: dict[str, Any], key: str) -> list[str]:
