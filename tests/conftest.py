@@ -1,4 +1,6 @@
+import fcntl
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +52,25 @@ def demo_space():
     return load_space(DEMO)
 
 
+def _once(tmp_path_factory, name, make):
+    """A session fixture's result made once per test run, also when pytest-xdist spreads the
+    tests over several processes (each would otherwise repeat a minutes-long tuning run): the
+    first process to take the lock makes it in the run's shared directory, the others read it.
+    ``make(dir)`` returns a picklable value."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this run (and only this run)
+    d = root / f"once-{name}"
+    with open(root / f"once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = d / "value.pickle"
+        if not done.exists():
+            d.mkdir(exist_ok=True)
+            value = make(d)
+            done.write_bytes(pickle.dumps(value))
+        return pickle.loads(done.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def tuned_db(tmp_path_factory, demo_space):
     """A real small tuning run shared by tests that only read results: dense_small and conv_small
@@ -58,13 +79,14 @@ def tuned_db(tmp_path_factory, demo_space):
     from spatialtune.measure.runner import RunSettings
     from spatialtune.tuning import TuneOptions, tune
 
-    d = tmp_path_factory.mktemp("tuned")
-    path = d / "tuned.sqlite"
-    with TuningDatabase(path) as db:
-        summary = tune(demo_space.select(["dense_small", "conv_small"]), [50, 100], db,
-                       TuneOptions(trials=12, batch=6, run=RunSettings(repeat=3, min_repeat_ms=10)),
-                       )
-    return path, summary
+    def make(d):
+        path = d / "tuned.sqlite"
+        with TuningDatabase(path) as db:
+            summary = tune(demo_space.select(["dense_small", "conv_small"]), [50, 100], db,
+                           TuneOptions(trials=12, batch=6, run=RunSettings(repeat=3, min_repeat_ms=10)))
+        return path, summary
+
+    return _once(tmp_path_factory, "tuned", make)
 
 
 @pytest.fixture(scope="session")
@@ -77,12 +99,16 @@ def tenancy_db(tuned_db, tmp_path_factory, demo_space):
     from spatialtune.store.database import TuningDatabase
     from spatialtune.tuning import TuneOptions, tune
 
-    path = tmp_path_factory.mktemp("tenancy") / "tenancy.sqlite"
-    src, dst = sqlite3.connect(tuned_db[0]), sqlite3.connect(path)
-    src.backup(dst)
-    src.close()
-    dst.close()
-    with TuningDatabase(path) as db:
-        summary = tune(demo_space.select(["dense_small"]), [50, 100], db,
-                       TuneOptions(trials=8, batch=4, interference="memory", run=RunSettings(repeat=3, min_repeat_ms=10)))
-    return path, summary
+    def make(d):
+        path = d / "tenancy.sqlite"
+        src, dst = sqlite3.connect(tuned_db[0]), sqlite3.connect(path)
+        src.backup(dst)
+        src.close()
+        dst.close()
+        with TuningDatabase(path) as db:
+            summary = tune(demo_space.select(["dense_small"]), [50, 100], db,
+                           TuneOptions(trials=8, batch=4, interference="memory",
+                                       run=RunSettings(repeat=3, min_repeat_ms=10)))
+        return path, summary
+
+    return _once(tmp_path_factory, "tenancy", make)

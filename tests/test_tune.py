@@ -96,7 +96,9 @@ def random_search_data(tmp_path_factory, demo_space):
     with TuningDatabase(path) as db:
         tune(demo_space.select(["dense_small", "conv_small"]), [50], db,
              TuneOptions(trials=72, batch=12, cost_model="random", baselines=False,
-                         run=RunSettings(repeat=5, min_repeat_ms=20)))
+                         # random scores leave evolution nothing to select: a small population is
+                         # as diverse and costs an eighth of the search time
+                         population=64, genetic_iters=1, run=RunSettings(repeat=5, min_repeat_ms=20)))
         return db.measurements(status="ok", with_features=True)
 
 
@@ -144,7 +146,7 @@ def _count(db_path):
 def test_kill_9_then_rerun_resumes_without_repeating(tmp_path):
     db_path = tmp_path / "k.sqlite"
     args = ["tune", "--space", DEMO, "--workload", "bmm_small", "--ratios", "50,100", "--trials", "16",
-            "--batch", "4", "--repeat", "2", "--db", db_path, "--no-baselines"]
+            "--batch", "4", "--repeat", "2", "--population", "64", "--db", db_path, "--no-baselines"]
     cmd = [sys.executable, "-m", "spatialtune.cli", *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
