@@ -23,6 +23,10 @@ class TrackerError(DeviceError):
     """The tracker cannot be reached, went away or does not answer."""
 
 
+class TrackerRefused(TrackerError):
+    """Nothing listens at the tracker's address (yet)."""
+
+
 def _connect(host: str, port: int, timeout: float) -> socket.socket:
     from tvm.rpc import base
 
@@ -30,7 +34,7 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError:
-        raise TrackerError(f"{where} refused the connection (is `python -m tvm.exec.rpc_tracker` running "
+        raise TrackerRefused(f"{where} refused the connection (is `python -m tvm.exec.rpc_tracker` running "
                           "there?)") from None
     except socket.gaierror as e:
         raise TrackerError(f"{where}: unknown host ({e.strerror})") from None
@@ -81,8 +85,8 @@ def wait_for_tracker(host: str, port: int, seconds: float) -> dict[str, Any]:
     while True:
         try:
             return tracker_summary(host, port)
-        except TrackerError as e:
-            if "refused" not in str(e) or time.monotonic() >= deadline:
+        except TrackerRefused:
+            if time.monotonic() >= deadline:
                 raise
             time.sleep(0.5)
 
