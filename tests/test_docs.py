@@ -18,6 +18,7 @@ says how to judge it:
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,20 @@ def sandboxes(tmp_path_factory):
             made[doc] = d
         return made[doc]
 
-    return get
+    yield get
+    # A block that failed half-way never reached its own `kill` lines: stop what it started in
+    # the background (a tracker left on its fixed port would answer the next run's job).
+    for d in made.values():
+        for pidfile in d.glob("*.pid"):
+            try:
+                pid = int(pidfile.read_text().split()[0])
+            except (ValueError, IndexError):
+                continue
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGTERM)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
 
 def _env(box: Path) -> dict[str, str]:
