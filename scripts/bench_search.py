@@ -14,10 +14,12 @@ table is printed at the end (and with --table-only from what is there). Nothing 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,7 +225,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     part = CpuPartition()
     settings = RunSettings(repeat=5, min_repeat_ms=20, timeout=60)
-    work = Path(tempfile.mkdtemp(prefix="bench-search-work-"))
+    work = Path(tempfile.mkdtemp(prefix="bench-search-work-"))  # built kernels: hundreds of MB at full size
+    atexit.register(shutil.rmtree, work, True)
     with LocalRunner(part, settings=settings) as runner:
         for name in a.workloads.split(","):
             w = find_workload(name)
