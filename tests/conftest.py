@@ -1,6 +1,7 @@
 import fcntl
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,49 @@ def _has_gpu() -> bool:
 HAS_GPU = _has_gpu()
 
 
+# Files whose tests run independently of each other, so two processes may split them; every other
+# file keeps its tests in one process, in order (module fixtures, docs blocks that build on the
+# block before them).
+_SPLIT = {"test_scripts.py"}
+# The costliest groups start first, so neither process is left with a long one at the end; the
+# tuned database is made by the first of them while the other process runs the search test.
+_FIRST = ["test_tune.py", "test_search.py", "test_scripts.py::test_script_quick_mode[demo]",
+          "test_scripts.py::test_script_quick_mode[bench-search]", "docs:models.md", "docs:README.md",
+          "test_scripts.py::test_script_quick_mode[bench-model]", "docs:distributed.md", "test_records.py",
+          "test_distributed.py", "test_models.py", "test_report.py"]
+
+
+def _group(nodeid: str) -> str:
+    """The tests that must run in one process, in order, as one unit of work."""
+    path, _, rest = nodeid.partition("::")
+    f = path.rsplit("/", 1)[-1]
+    if f in _SPLIT:
+        return f"{f}::{rest}"
+    doc = re.match(r"test_code_block\[(.+?):\d+\]", rest)
+    if f == "test_docs.py" and doc:
+        return "docs:" + doc.group(1)  # one sandbox per document, its blocks in order
+    return f
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's loadscope scheduling with our units of work (its loadgroup marks are lost on
+    pytest 9: the group never reaches the node id), handed out in collection order."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    config.option.loadscopereorder = False
+    return Groups(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        g = _group(item.nodeid)
+        return _FIRST.index(g) if g in _FIRST else len(_FIRST)
+
+    items.sort(key=rank)  # stable: the tests of a group keep their order
     if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="no NVIDIA GPU probed on this machine (NVML found none)")
@@ -83,7 +126,10 @@ def tuned_db(tmp_path_factory, demo_space):
         path = d / "tuned.sqlite"
         with TuningDatabase(path) as db:
             summary = tune(demo_space.select(["dense_small", "conv_small"]), [50, 100], db,
-                           TuneOptions(trials=12, batch=6, run=RunSettings(repeat=3, min_repeat_ms=10)))
+                           # a quarter of the default population: these tests read what a search
+                           # found, not how well it searches (tests/test_search.py does that)
+                           TuneOptions(trials=12, batch=6, population=64,
+                                       run=RunSettings(repeat=3, min_repeat_ms=10)))
         return path, summary
 
     return _once(tmp_path_factory, "tuned", make)
@@ -107,7 +153,7 @@ def tenancy_db(tuned_db, tmp_path_factory, demo_space):
         dst.close()
         with TuningDatabase(path) as db:
             summary = tune(demo_space.select(["dense_small"]), [50, 100], db,
-                           TuneOptions(trials=8, batch=4, interference="memory",
+                           TuneOptions(trials=8, batch=4, interference="memory", population=64,
                                        run=RunSettings(repeat=3, min_repeat_ms=10)))
         return path, summary
 
