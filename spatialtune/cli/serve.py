@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..distributed.tracker import START_WAIT_S
+
 
 def add_serve(sub) -> None:
     p = sub.add_parser("serve", help="measure for tuning jobs elsewhere: register with a TVM RPC tracker")
@@ -17,8 +19,8 @@ def add_serve(sub) -> None:
                    help="ports are tried up to this one, exclusive (default 9199, or --port + 100 above it)")
     p.add_argument("--custom-addr", default=None, metavar="HOST",
                    help="address to give the tracker for this server, when drivers reach it under another name")
-    p.add_argument("--tracker-wait", type=float, default=30.0, metavar="SECONDS",
-                   help="at start, how long to wait for the tracker to answer (default 30)")
+    p.add_argument("--tracker-wait", type=float, default=START_WAIT_S, metavar="SECONDS",
+                   help=f"at start, how long to wait for the tracker to answer (default {START_WAIT_S:g})")
     p.set_defaults(func=_cmd_serve)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..distributed.tracker import START_WAIT_S
 from ..errors import ConfigError
 from ..tuning.options import TuneOptions
 from .common import db_arg, open_db
@@ -39,9 +40,9 @@ def add_tune(sub) -> None:
     r.add_argument("--rpc-timeout", type=float, default=None, metavar="SECONDS",
                    help="with --tracker: limit of one measurement request once a server has it "
                         "(default: --timeout plus 60 s)")
-    r.add_argument("--server-wait", type=float, default=30.0, metavar="SECONDS",
+    r.add_argument("--server-wait", type=float, default=START_WAIT_S, metavar="SECONDS",
                    help="with --tracker: how long to wait for the tracker to listen and a first server "
-                        "to register (default 30)")
+                        f"to register (default {START_WAIT_S:g})")
     s = p.add_argument_group("search")
     s.add_argument("--population", type=int, default=TuneOptions.population, help="evolution's population")
     s.add_argument("--genetic-iters", type=int, default=TuneOptions.genetic_iters, help="generations per batch")

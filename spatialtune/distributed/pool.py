@@ -33,7 +33,7 @@ from ..errors import DeviceError
 from ..measure.runner import MeasureResult
 from ..measure.worker import Worker, WorkerError
 from .protocol import PROTOCOL
-from .tracker import ServerRequest, TrackerError, servers_under, tracker_summary, wait_for_tracker
+from .tracker import START_WAIT_S, ServerRequest, TrackerError, servers_under, tracker_summary, wait_for_tracker
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class ServerStats:
 
 class ServerPool:
     def __init__(self, tracker: tuple[str, int], key: str, *, lanes: int | None = None, retries: int = 3,
-                 set_aside_after: int = 3, session_s: float = 600.0, first_wait_s: float = 30.0):
+                 set_aside_after: int = 3, session_s: float = 600.0, first_wait_s: float = START_WAIT_S):
         self.tracker, self.key = tracker, key
         self.where = f"key {key!r} at tracker {tracker[0]}:{tracker[1]}"
         self.retries, self.set_aside_after, self.session_s = retries, set_aside_after, session_s

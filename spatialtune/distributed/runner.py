@@ -25,6 +25,7 @@ from ..partitions.cpu import CpuPartition
 from ..terms import Share
 from .pool import Job, ServerPool
 from .protocol import measure_request, parse_address
+from .tracker import START_WAIT_S
 
 GRACE_S = 60.0  # beyond the measurement's own timeout: upload, a measuring worker (re)starting
 
@@ -61,7 +62,7 @@ class RpcRunner(Runner):
     baselines = True
 
     def __init__(self, tracker: str, key: str, *, settings: RunSettings | None = None, rpc_timeout: float | None = None,
-                 first_wait_s: float = 30.0, **pool_options: Any):
+                 first_wait_s: float = START_WAIT_S, **pool_options: Any):
         if not key or ":" in key or any(c.isspace() for c in key):
             raise ConfigError(f"--key {key!r}: expected one word without ':' (the servers' key)")
         if rpc_timeout is not None and rpc_timeout <= 0:

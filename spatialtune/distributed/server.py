@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..partitions import PARTITIONS, Partition, create_partition
 from .protocol import PROTOCOL, parse_address
 from .service import MeasureService, one_line, register_functions
-from .tracker import wait_for_tracker
+from .tracker import START_WAIT_S, wait_for_tracker
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _ranges(cores: list[int]) -> str:
 
 def serve(tracker: str, key: str, *, partition: str = "cpu", cores: list[int] | None = None,
           host: str = "0.0.0.0", port: int = 9091, port_end: int | None = None, custom_addr: str | None = None,
-          tracker_wait: float = 30.0, verbose: bool = False) -> None:
+          tracker_wait: float = START_WAIT_S, verbose: bool = False) -> None:
     """Serve measurements under ``key`` until interrupted (SIGINT or SIGTERM). Does not return
     normally: TVM's listening thread cannot be stopped, so the process exits after cleaning up."""
     t_host, t_port = parse_address(tracker)

@@ -17,6 +17,9 @@ from typing import Any
 from ..errors import DeviceError
 
 ANSWER_S = 10.0  # a tracker that takes longer to answer a summary is not working
+# How long a server or a driver waits for a tracker that is still starting (and a driver for its
+# first server): started together on one host, the tracker is a process importing TVM.
+START_WAIT_S = 30.0
 
 
 class TrackerError(DeviceError):
