@@ -52,6 +52,7 @@ def _group(nodeid: str) -> str:
     return f
 
 
+@pytest.hookimpl(optionalhook=True)  # a run without pytest-xdist (-p no:xdist) has no such hook
 def pytest_xdist_make_scheduler(config, log):
     """xdist's loadscope scheduling with our units of work (its loadgroup marks are lost on
     pytest 9: the group never reaches the node id), handed out in collection order."""
