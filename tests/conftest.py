@@ -32,9 +32,13 @@ HAS_GPU = _has_gpu()
 # file keeps its tests in one process, in order (module fixtures, docs blocks that build on the
 # block before them).
 _SPLIT = {"test_scripts.py"}
+# Long tests that use no fixture of their file's other tests, each its own unit.
+_ALONE = {"test_tune.py::test_kill_9_then_rerun_resumes_without_repeating",
+          "test_tune.py::test_cost_model_ranks_held_out_candidates_better_than_random"}
 # The costliest groups start first, so neither process is left with a long one at the end; the
 # tuned database is made by the first of them while the other process runs the search test.
-_FIRST = ["test_tune.py", "test_search.py", "test_scripts.py::test_script_quick_mode[demo]",
+_FIRST = ["test_tune.py", "test_search.py", "test_tune.py::test_cost_model_ranks_held_out_candidates_better_than_random",
+          "test_tune.py::test_kill_9_then_rerun_resumes_without_repeating", "test_scripts.py::test_script_quick_mode[demo]",
           "test_scripts.py::test_script_quick_mode[bench-search]", "docs:models.md", "docs:README.md",
           "test_scripts.py::test_script_quick_mode[bench-model]", "docs:distributed.md", "test_records.py",
           "test_distributed.py", "test_models.py", "test_report.py"]
@@ -44,7 +48,7 @@ def _group(nodeid: str) -> str:
     """The tests that must run in one process, in order, as one unit of work."""
     path, _, rest = nodeid.partition("::")
     f = path.rsplit("/", 1)[-1]
-    if f in _SPLIT:
+    if f in _SPLIT or f"{f}::{rest}" in _ALONE:
         return f"{f}::{rest}"
     doc = re.match(r"test_code_block\[(.+?):\d+\]", rest)
     if f == "test_docs.py" and doc:
