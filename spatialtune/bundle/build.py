@@ -360,7 +360,8 @@ def _model_for(db, dev: dict, k: KeyId, options: PolicyOptions, seed: int) -> tu
     data = TrainingSet(int(dev["units"]))
     data.add_rows(db.measurements(device_id=dev["id"], partition=k.partition, interference=k.interference,
                                   status="ok", with_features=True))
-    if model.kind != "random" and fit_share_model(model, data, k.ratio, options.own_share_weight):
+    if model.kind != "random" and fit_share_model(model, data, k.ratio, options.own_share_weight,
+                                                        options.transfer_fade_rows):
         return model, (model.kind, "", len(data))
     if saved is None:
         log.warning("%s: no cost model saved in the database; ranking with %r", share_label(k, int(dev["units"])),

@@ -15,7 +15,11 @@ database holds for that workload on that device:
    must not crowd out what this share measured itself.
 3. **Search**: :class:`~.evolution.EvolutionarySearch` ranked by this share's cost model, which
    is trained on every share of the device with the share as a feature (this share's groups
-   weighted ``own_share_weight``), so a new share starts from what the others learned; a
+   weighted ``own_share_weight``), so a new share starts from what the others learned. What the
+   others learned fades as this share measures the workload itself (``transfer_fade_rows``): the
+   best tiling for one core is not the best for two, and a model still led by the whole device's
+   ranking kept the search near the whole-device winners (at 50 % on 1 core a search from scratch
+   ended faster than one with transfer on all three workloads of ``scripts/bench-search``). A
    fraction of every batch is drawn uniformly from the design space.
 
 Nothing already measured under the key is ever proposed again.
@@ -45,6 +49,7 @@ class PolicyOptions:
     transfer_top: int = 2  # configs measured here from each other share
     seeds_per_share: int = 16  # parents taken from each other share
     own_share_weight: float = 3.0
+    transfer_fade_rows: float = 32.0  # another share's rows weigh 1 / (1 + own rows / this)
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
 
 
@@ -92,12 +97,28 @@ class TrainingSet:
         return len(self.times)
 
 
-def fit_share_model(model: CostModel, data: TrainingSet, ratio: float, own_share_weight: float = 3.0) -> bool:
-    """Fit ``model`` (for share ``ratio``) on ``data``; returns whether it was fit."""
+def fit_share_model(model: CostModel, data: TrainingSet, ratio: float, own_share_weight: float = 3.0,
+                    transfer_fade_rows: float = 32.0) -> bool:
+    """Fit ``model`` (for share ``ratio``) on ``data``; returns whether it was fit.
+
+    A group of this share weighs ``own_share_weight``; a group of another share weighs
+    ``1 / (1 + n / transfer_fade_rows)``, where ``n`` is how many rows the same workload has at
+    this share: the other shares lead while this one knows nothing of the workload, and fade once
+    it has measured the workload itself (at 32 rows they count a third, at 256 a ninth)."""
     if len(data) < 2:
         return False
     r = norm_ratio(ratio)
-    weights = {g: (own_share_weight if rr == r else 1.0) for g, rr in zip(data.groups, data.ratios)}
+    own_rows: dict[str, int] = {}
+    for g, rr in zip(data.groups, data.ratios):
+        if rr == r:
+            wk = g.rpartition("@")[0]
+            own_rows[wk] = own_rows.get(wk, 0) + 1
+    weights = {}
+    for g, rr in zip(data.groups, data.ratios):
+        if rr == r:
+            weights[g] = own_share_weight
+        else:
+            weights[g] = 1.0 / (1.0 + own_rows.get(g.rpartition("@")[0], 0) / transfer_fade_rows)
     model.fit(np.stack(data.features), data.times, data.groups, group_weight=weights)
     return True
 

@@ -178,7 +178,8 @@ class _Job:
 
     def _fit(self, r: float, model: CostModel) -> None:
         t0 = time.perf_counter()
-        if fit_share_model(model, self.data(), r, self.opt.policy().own_share_weight):
+        po = self.opt.policy()
+        if fit_share_model(model, self.data(), r, po.own_share_weight, po.transfer_fade_rows):
             self.db.save_cost_model(self.device.id, self.partition.kind, r, self.opt.interference, model.kind,
                                     model.to_json(), len(self.data()))
         self.stage.add("train", time.perf_counter() - t0)
