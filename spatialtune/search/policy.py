@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -97,8 +98,9 @@ class TrainingSet:
         return len(self.times)
 
 
-def fit_share_model(model: CostModel, data: TrainingSet, ratio: float, own_share_weight: float = 3.0,
-                    transfer_fade_rows: float = 32.0) -> bool:
+def fit_share_model(model: CostModel, data: TrainingSet, ratio: float,
+                    own_share_weight: float = PolicyOptions.own_share_weight,
+                    transfer_fade_rows: float = PolicyOptions.transfer_fade_rows) -> bool:
     """Fit ``model`` (for share ``ratio``) on ``data``; returns whether it was fit.
 
     A group of this share weighs ``own_share_weight``; a group of another share weighs
@@ -108,17 +110,10 @@ def fit_share_model(model: CostModel, data: TrainingSet, ratio: float, own_share
     if len(data) < 2:
         return False
     r = norm_ratio(ratio)
-    own_rows: dict[str, int] = {}
-    for g, rr in zip(data.groups, data.ratios):
-        if rr == r:
-            wk = g.rpartition("@")[0]
-            own_rows[wk] = own_rows.get(wk, 0) + 1
-    weights = {}
-    for g, rr in zip(data.groups, data.ratios):
-        if rr == r:
-            weights[g] = own_share_weight
-        else:
-            weights[g] = 1.0 / (1.0 + own_rows.get(g.rpartition("@")[0], 0) / transfer_fade_rows)
+    rows = list(zip(data.groups, data.ratios))
+    own = Counter(g.rpartition("@")[0] for g, rr in rows if rr == r)  # groups are workload@ratio
+    weights = {g: own_share_weight if rr == r else 1.0 / (1.0 + own[g.rpartition("@")[0]] / transfer_fade_rows)
+               for g, rr in rows}
     model.fit(np.stack(data.features), data.times, data.groups, group_weight=weights)
     return True
 
