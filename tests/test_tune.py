@@ -133,7 +133,7 @@ def test_cost_model_ranks_held_out_candidates_better_than_random(random_search_d
     # the mean of two: 0.2 above it is more than two of those spreads.
     rnd = float(np.mean([_held_out_spearman(ms, lambda f, s=s: RandomModel(seed=100 * s + f))[0] for s in range(8)]))
     print(f"held-out Spearman: xgb {xgb:.2f} (per workload {np.round(per_workload, 2)}), random {rnd:.2f}")
-    assert xgb > rnd + 0.2
+    assert xgb > 0.25 and xgb > rnd + 0.2
 
 
 def _count(db_path):
