@@ -151,6 +151,13 @@ class ServerPool:
     # -- a lane ----------------------------------------------------------------------------------
 
     def _lane(self, i: int) -> None:
+        try:
+            self._lane_loop(i)
+        except Exception as e:  # a lane that died silently would leave its caller waiting forever
+            log.exception("measuring lane %d failed", i)
+            self._stop(f"a measuring lane failed ({type(e).__name__}: {e})")
+
+    def _lane_loop(self, i: int) -> None:
         worker = self._worker(i)
         while True:
             with self._cond:
@@ -248,7 +255,12 @@ class ServerPool:
             job = self._take(addr)
             if job is None:
                 break
-            reply = self._call(worker, job.timeout, "measuring", "measure", job.request, job.artifact, job.cubin)
+            try:
+                reply = self._call(worker, job.timeout, "measuring", "measure", job.request, job.artifact, job.cubin)
+            except Exception as e:
+                self._stop(f"a measuring lane failed ({type(e).__name__}: {e})")
+                job.deliver(None)  # taken from the queue: nobody else would ever answer it
+                raise
             if "result" in reply:
                 res = MeasureResult(**reply["result"])
                 with self._cond:
