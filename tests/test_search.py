@@ -4,6 +4,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from spatialtune.search.cost_model import RandomModel, XGBModel, relative_throughput, spearman, with_share
 from spatialtune.search.policy import TrainingSet, fit_share_model
@@ -91,24 +92,28 @@ def test_a_share_that_measured_the_workload_follows_its_own_ranking_where_the_wh
     assert rho[32.0] > 0.85 and rho[32.0] > rho[math.inf] + 0.05, rho
 
 
+@pytest.mark.quiet
 def test_search_beats_uniform_sampling_on_one_core():
     """At an equal budget on one core (reruns there agree; a two-thread kernel's time swings with
     whatever else the machine runs), over three seeds, spatialtune's best kernel is faster than the
-    best of as many uniform samples of the same design space. Both winners are re-measured
-    together, interleaved, so the comparison is made in one place at one time."""
+    best of as many uniform samples of the same design space. Each method's three fastest kernels
+    are re-measured together, interleaved, and each keeps the fastest of its three: the comparison
+    is made in one place at one time, and one lucky timing during the search (the other test
+    process shares the core) cannot crown a slow kernel for either method."""
     from spatialtune.device import detect_cpu, target_for
     from spatialtune.measure.builder import BuildInput, LocalBuilder
     from spatialtune.measure.runner import LocalRunner, RunInput, RunSettings
     from spatialtune.partitions.cpu import CpuPartition
     from spatialtune.search.uniform import UniformSampler
     from spatialtune.store.database import TuningDatabase
+    from spatialtune.store.schema import decode_trace
     from spatialtune.tuning import TuneOptions, tune
     from spatialtune.workloads.spec import load_space
 
     w = load_space("demo").select(["dense_small"])[0]
     part = CpuPartition()
     share = part.grant(100 / len(part.cores))  # one core
-    budget, seeds = 48, (0, 1, 2)  # at 32 one seed in three could end behind uniform on a noisy run
+    budget, seeds, TOP = 48, (0, 1, 2), 3  # at 32 one seed in three could end behind uniform on a noisy run
     # Shorter timings while searching and sampling (one core: reruns agree); the final
     # comparison times both winners with the runner's defaults.
     settings = RunSettings(repeat=3, min_repeat_ms=10, warmup_ms=20)
@@ -121,25 +126,28 @@ def test_search_beats_uniform_sampling_on_one_core():
             with TuningDatabase(work / f"st{seed}.sqlite") as db:
                 tune([w], [share.key_ratio], db, TuneOptions(trials=budget, seed=seed, baselines=False,
                                                                  artifact_dir=str(work / "art"), run=settings))
-                picks.append(("spatialtune", db.best()[0].trace))
+                ok = sorted((m for m in db.measurements(status="ok")), key=lambda m: m.median_s)
+                picks += [("spatialtune", seed, decode_trace(m.trace)) for m in ok[:TOP]]
             cands = UniformSampler(w, target, seed=seed).sample(budget)
             built = b.build([BuildInput(c.mod_json, c.mod_hash) for c in cands], target)
             res = runner.run(share, "none", [RunInput(w.to_dict(), x.artifact) for x in built])
-            ok = [(r.median_s, c) for r, c in zip(res, cands) if r.status == "ok"]
-            picks.append(("uniform", min(ok, key=lambda p: p[0])[1].trace))
+            ok = sorted(((r.median_s, c) for r, c in zip(res, cands) if r.status == "ok"), key=lambda p: p[0])
+            picks += [("uniform", seed, c.trace) for _, c in ok[:TOP]]
         import tvm
 
         from spatialtune.workloads.schedule import apply_trace
 
-        mods = [tvm.ir.save_json(apply_trace(w, tr).mod) for _, tr in picks]
+        mods = [tvm.ir.save_json(apply_trace(w, tr).mod) for _, _, tr in picks]
         built = b.build([BuildInput(m, f"pick{i}") for i, m in enumerate(mods)], target)
         times = [[] for _ in picks]
         for _ in range(3):
             for i, r in enumerate(final.run(share, "none", [RunInput(w.to_dict(), x.artifact) for x in built])):
                 times[i].append(r.median_s)
-    med = [float(np.median(t)) for t in times]
-    st = [math.log(t) for (m, _), t in zip(picks, med) if m == "spatialtune"]
-    un = [math.log(t) for (m, _), t in zip(picks, med) if m == "uniform"]
+    best: dict[tuple, float] = {}
+    for (method, seed, _), t in zip(picks, times):
+        best[method, seed] = min(best.get((method, seed), math.inf), float(np.median(t)))
+    st = [math.log(best["spatialtune", s]) for s in seeds]
+    un = [math.log(best["uniform", s]) for s in seeds]
     print(f"one core, {budget} trials: spatialtune {np.round(np.exp(st) * 1e6, 1)} us, "
           f"uniform {np.round(np.exp(un) * 1e6, 1)} us")
     assert np.mean(st) < np.mean(un)

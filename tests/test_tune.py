@@ -124,6 +124,7 @@ def _held_out_spearman(ms, make_model, folds=6):
     return float(np.mean(rhos)), rhos
 
 
+@pytest.mark.quiet
 def test_cost_model_ranks_held_out_candidates_better_than_random(random_search_data):
     ms = [m for m in random_search_data if m.features is not None]
     assert len(ms) >= 120
