@@ -215,12 +215,12 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "out" / "bench-search"))
     ap.add_argument("--table-only", action="store_true")
-    ap.add_argument("--quick", action="store_true", help="one small workload, budgets 8,16 (a smoke test)")
+    ap.add_argument("--quick", action="store_true", help="one small workload, budgets 2 and 4 (a smoke test)")
     a = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the cleanup of child processes runs
     quick = a.quick or bool(os.environ.get("SPATIALTUNE_QUICK"))
     if quick:
-        a.budgets, a.workloads = "4,8", ",".join(QUICK)
+        a.budgets, a.workloads = "2,4", ",".join(QUICK)
         a.out = a.out if a.out != str(ROOT / "out" / "bench-search") else tempfile.mkdtemp(prefix="bench-search-")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("tvm").setLevel(logging.WARNING)
