@@ -181,3 +181,31 @@ def test_exploration_survives_small_batches_and_repeats_never_end_the_search():
     finally:
         search.close()
     assert explore == 6  # 0.25 of 24, carried over from batch to batch
+
+
+def test_a_batch_is_picked_for_new_knob_values_not_only_the_best_predictions():
+    """Four candidates best-predicted first: the first three share every tile size but one, the
+    fourth shares none. With the novelty weight the batch of two is the best one and the fourth;
+    without it, the two best-predicted. The knobs are read from real traces."""
+    from spatialtune.device import detect_cpu, target_for
+    from spatialtune.search.cost_model import create_cost_model
+    from spatialtune.search.evolution import EvolutionarySearch, EvolutionConfig, decisions, diverse_pick
+    from spatialtune.workloads.spec import load_space
+
+    a = {("SamplePerfectTile", 0): "(1, 2)", ("SamplePerfectTile", 1): "(8, 8)", ("SampleCategorical", 0): "1"}
+    knobs = [a, a | {("SampleCategorical", 0): "2"}, a | {("SampleCategorical", 0): "3"},
+             {("SamplePerfectTile", 0): "(2, 1)", ("SamplePerfectTile", 1): "(4, 16)", ("SampleCategorical", 0): "0"}]
+    assert diverse_pick(knobs, 2, 1.0) == [0, 3]
+    assert diverse_pick(knobs, 2, 0.0) == [0, 1]
+    assert sorted(diverse_pick(knobs, 9, 1.0)) == [0, 1, 2, 3]
+
+    w = load_space("demo").select(["dense_small"])[0]
+    search = EvolutionarySearch(w, target_for(detect_cpu(), 1), create_cost_model("random", seed=0), batch=4,
+                                config=EvolutionConfig(population=32, genetic_iters=1, explore=0.0))
+    try:
+        got = search.ask(4)
+    finally:
+        search.close()
+    ks = [decisions(c) for c in got]
+    assert len(got) == 4 and all(any(k[0] == "SamplePerfectTile" for k in d) for d in ks), ks
+    assert len({tuple(sorted(d.items())) for d in ks}) == 4

@@ -48,6 +48,9 @@ def add_tune(sub) -> None:
     s.add_argument("--genetic-iters", type=int, default=TuneOptions.genetic_iters, help="generations per batch")
     s.add_argument("--explore", type=float, default=TuneOptions.explore,
                    help="fraction of every batch sampled uniformly from the design space")
+    s.add_argument("--diversity", type=float, default=TuneOptions.diversity,
+                   help="weight of new knob values when a batch is picked from the best-predicted candidates "
+                        "(0: the top ones)")
     s.add_argument("--transfer-top", type=int, default=TuneOptions.transfer_top,
                    help="configs of each other share measured first at a new share")
     s.add_argument("--mcpu", default=None, help="CPU: LLVM CPU to compile for (default: this machine's)")
@@ -72,7 +75,8 @@ def _cmd_tune(a) -> int:
     opts = TuneOptions(trials=a.trials, batch=a.batch, scheduler=scheduler, time_budget_s=a.time_budget, target=a.target,
                        partition=a.partition, interference=a.interference, cost_model=a.cost_model, seed=a.seed,
                        baselines=not a.no_baselines, build_workers=a.build_workers, population=a.population,
-                       genetic_iters=a.genetic_iters, explore=a.explore, transfer_top=a.transfer_top, mcpu=a.mcpu,
+                       genetic_iters=a.genetic_iters, explore=a.explore, diversity=a.diversity,
+                       transfer_top=a.transfer_top, mcpu=a.mcpu,
                        arch=a.arch, run=RunSettings(repeat=a.repeat, timeout=a.timeout, seed=a.seed))
     opts.validate()
     with _runner(a, opts) as runner, open_db(a.db, create=True) as db:

@@ -47,6 +47,9 @@ class EvolutionConfig:
     mutate_prob: float = 0.85
     init_measured_ratio: float = 0.2  # of the first population, taken from the best measured
     explore: float = 0.15  # fraction of each batch drawn uniformly from the design space
+    # Weight of novelty when a batch is picked from the best-predicted candidates (0: plain top-n);
+    # see diverse_pick.
+    diversity: float = 1.0
 
 
 class EvolutionarySearch(Search):
@@ -149,8 +152,15 @@ class EvolutionarySearch(Search):
         order = np.argsort(-self.cost_model.predict(self._features(np.stack([c.features for c in self.pool]))),
                            kind="stable")
         ranked = [self.pool[i] for i in order]
-        self.pool = ranked[n:][: 4 * self.batch]
-        return ranked[:n]
+        if self.config.diversity > 0 and n > 1:
+            head = ranked[: DIVERSITY_FILTER * n]
+            chosen = [head[i] for i in diverse_pick([decisions(c) for c in head], n, self.config.diversity)]
+            taken = set(map(id, chosen))
+            rest = [c for c in ranked if id(c) not in taken]
+        else:
+            chosen, rest = ranked[:n], ranked[n:]
+        self.pool = rest[: 4 * self.batch]
+        return chosen
 
     def _from_uniform(self, n: int) -> list[Candidate]:
         if n <= 0:
@@ -194,6 +204,48 @@ class EvolutionarySearch(Search):
             self.strategy.post_tuning()
         except Exception:
             pass
+
+
+DIVERSITY_FILTER = 2  # a batch of n is picked among the 2n best-predicted candidates
+
+
+def decisions(c: Candidate) -> dict[tuple[str, int], str]:
+    """The sampling decisions of a candidate's trace (tile sizes, unroll depth, ...), keyed by
+    the instruction kind and its position among that kind: the tuning knobs of MetaSchedule."""
+    out: dict[tuple[str, int], str] = {}
+    if c._ms is None:
+        return out
+    trace = c._ms.sch.trace
+    seen: dict[str, int] = {}
+    for inst in trace.insts:
+        if inst in trace.decisions:
+            kind = inst.kind.name
+            seen[kind] = seen.get(kind, -1) + 1
+            out[kind, seen[kind]] = str(trace.decisions[inst])
+    return out
+
+
+def diverse_pick(knobs: Sequence[dict], n: int, weight: float) -> list[int]:
+    """Indices of ``n`` of ``knobs`` (given best-predicted first): greedily, the candidate with
+    the most of rank score (1 for the first, falling linearly) plus ``weight`` x the fraction of
+    its knobs whose value no candidate picked so far has. AutoTVM's diversity-aware selection
+    (Chen et al., NeurIPS 2018): the n best-predicted kernels are often one tile size apart, so a
+    batch of them measures one point of the space n times over while the model is still guessing."""
+    m = len(knobs)
+    n = min(n, m)
+    taken: dict[tuple, set] = {}
+    left, out = list(range(m)), []
+    for _ in range(n):
+        def gain(i: int) -> float:
+            ks = knobs[i]
+            new = sum(1 for k, v in ks.items() if v not in taken.get(k, ()))
+            return (1.0 - i / m) + weight * (new / len(ks) if ks else 0.0)
+        best = max(left, key=gain)  # ties: the better-predicted (max keeps the first)
+        out.append(best)
+        left.remove(best)
+        for k, v in knobs[best].items():
+            taken.setdefault(k, set()).add(v)
+    return out
 
 
 def _make_adapter():

@@ -30,6 +30,7 @@ class TuneOptions:
     population: int = EvolutionConfig.population
     genetic_iters: int = EvolutionConfig.genetic_iters
     explore: float = EvolutionConfig.explore  # fraction of each batch sampled uniformly
+    diversity: float = EvolutionConfig.diversity  # novelty weight when a batch is picked (0: top-n)
     mcpu: str | None = None  # CPU: LLVM CPU to compile for (default: this machine's)
     arch: str | None = None  # CUDA: sm_XY to compile for (default: the device's)
     seed: int = 0
@@ -56,6 +57,8 @@ class TuneOptions:
             raise ConfigError(f"--genetic-iters must be a non-negative integer, got {self.genetic_iters!r}")
         if not (0.0 <= self.explore <= 1.0):
             raise ConfigError(f"--explore must be a fraction in [0, 1], got {self.explore!r}")
+        if not (isinstance(self.diversity, (int, float)) and 0.0 <= self.diversity):
+            raise ConfigError(f"--diversity must be a non-negative number, got {self.diversity!r}")
         if self.transfer_top < 0 or self.seeds_per_share < 0:
             raise ConfigError("--transfer-top and --seeds-per-share must not be negative")
         check_interference(self.interference)
@@ -65,7 +68,7 @@ class TuneOptions:
         return PolicyOptions(cost_model=self.cost_model, transfer_top=self.transfer_top,
                              seeds_per_share=self.seeds_per_share,
                              evolution=EvolutionConfig(population=self.population, genetic_iters=self.genetic_iters,
-                                                       explore=self.explore))
+                                                       explore=self.explore, diversity=self.diversity))
 
 
 @dataclass
