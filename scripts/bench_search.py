@@ -57,12 +57,15 @@ def find_workload(name: str):
 # ---------------------------------------------------------------- the three methods
 
 
-def run_spatialtune(w, ratio: float, db_path: Path, trials: int, seed: int, art: Path) -> list[dict]:
+def run_spatialtune(w, ratio: float, db_path: Path, trials: int, seed: int, art: Path,
+                    diversity: float | None = None) -> list[dict]:
     from spatialtune.store.database import TuningDatabase
     from spatialtune.tuning import TuneOptions, tune
 
+    extra = {} if diversity is None else {"diversity": diversity}
     with TuningDatabase(db_path) as db:
-        s = tune([w], [ratio], db, TuneOptions(trials=trials, seed=seed, baselines=False, artifact_dir=str(art)))
+        s = tune([w], [ratio], db, TuneOptions(trials=trials, seed=seed, baselines=False, artifact_dir=str(art),
+                                               **extra))
         kr = s.results[0].ratio
         rows = [m for m in db.measurements(workload_key=w.key, ratio=kr)]
     return [{"trace": m.trace, "t": m.median_s if m.status == "ok" else None, "source": m.source} for m in rows]
@@ -213,6 +216,8 @@ def main() -> int:
     ap.add_argument("--ratios", default="100,50")
     ap.add_argument("--methods", default="spatialtune,tune_tir,uniform")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--diversity", type=float, default=None,
+                    help="spatialtune's novelty weight when it picks a batch (default: tune's; 0: the ablation)")
     ap.add_argument("--out", default=str(ROOT / "out" / "bench-search"))
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--quick", action="store_true", help="one small workload, budgets 2 and 4 (a smoke test)")
@@ -244,12 +249,13 @@ def main() -> int:
                 share = part.grant(ratio)
                 tag = f"{w.name}@{share.key_ratio:g}"
                 runs = {"spatialtune": lambda: run_spatialtune(w, ratio, out / f"{w.name}.sqlite", budgets[-1], a.seed,
-                                                               work / "art"),
+                                                               work / "art", a.diversity),
                         "uniform": lambda: run_uniform(w, share, budgets[-1], a.seed, work / "art", runner),
                         "tune_tir": lambda: run_tune_tir(w, share, budgets[-1], a.seed, work)}
                 if ratio < 100:
                     runs["spatialtune-scratch"] = lambda: run_spatialtune(
-                        w, ratio, out / f"{w.name}-scratch-{ratio:g}.sqlite", budgets[-1], a.seed, work / "art")
+                        w, ratio, out / f"{w.name}-scratch-{ratio:g}.sqlite", budgets[-1], a.seed, work / "art",
+                        a.diversity)
                 todo = methods + (["spatialtune-scratch"] if ratio < 100 and "spatialtune" in methods else [])
                 if quick and ratio < 100:  # MetaSchedule's tuner costs half a minute to start: once is enough
                     todo = [m for m in todo if m != "tune_tir"]
