@@ -15,6 +15,9 @@ strategy assumes and we cannot give it as is:
 - **Exploration.** MetaSchedule's epsilon-greedy share rounds down to zero random picks at small
   batches. Here a fraction ``explore`` of every batch (carried over between batches, so it adds
   up at any batch size) is drawn uniformly from the design space (:mod:`.uniform`).
+- **Batches.** The strategy would hand out its n best-predicted candidates, often one tile size
+  apart; the rest of a batch is picked among the 2n best for predicted speed and new knob
+  values (``diversity``, :func:`diverse_pick`).
 - **Seeds.** ``measured`` are (trace, time) of this share; ``seeds`` are configs of other shares
   whose times the caller has put on this share's scale (:mod:`.policy`). Both enter the
   strategy's database, so the best of them are parents of the first population.
