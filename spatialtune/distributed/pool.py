@@ -257,9 +257,9 @@ class ServerPool:
                 break
             try:
                 reply = self._call(worker, job.timeout, "measuring", "measure", job.request, job.artifact, job.cubin)
-            except Exception as e:
-                self._stop(f"a measuring lane failed ({type(e).__name__}: {e})")
-                job.deliver(None)  # taken from the queue: nobody else would ever answer it
+            except Exception:
+                with self._cond:  # back in the queue: the lane's _stop answers it with the rest
+                    self._pending.appendleft(job)
                 raise
             if "result" in reply:
                 res = MeasureResult(**reply["result"])

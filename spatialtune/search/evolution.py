@@ -156,10 +156,9 @@ class EvolutionarySearch(Search):
                            kind="stable")
         ranked = [self.pool[i] for i in order]
         if self.config.diversity > 0 and n > 1:
-            head = ranked[: DIVERSITY_FILTER * n]
-            chosen = [head[i] for i in diverse_pick([decisions(c) for c in head], n, self.config.diversity)]
-            taken = set(map(id, chosen))
-            rest = [c for c in ranked if id(c) not in taken]
+            picked = diverse_pick([decisions(c) for c in ranked[: DIVERSITY_FILTER * n]], n, self.config.diversity)
+            chosen, gone = [ranked[i] for i in picked], set(picked)
+            rest = [c for i, c in enumerate(ranked) if i not in gone]
         else:
             chosen, rest = ranked[:n], ranked[n:]
         self.pool = rest[: 4 * self.batch]
