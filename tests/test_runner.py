@@ -90,6 +90,35 @@ def test_a_hanging_kernel_times_out_and_the_next_one_runs(builder):
     assert first.run_s < 30
 
 
+def _unrolled_matmul(n: int) -> str:
+    """An n x n x n matmul with every loop unrolled: its build time grows with n^3 (n=8: 0.1 s,
+    n=32: several seconds), like the pathological candidates of a design space."""
+    import tvm
+    from tvm import te
+
+    X, W = te.placeholder((n, n), "float32", name="X"), te.placeholder((n, n), "float32", name="W")
+    k = te.reduce_axis((0, n), name="k")
+    Y = te.compute((n, n), lambda i, j: te.sum(X[i, k] * W[j, k], axis=k), name="Y")
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": te.create_prim_func([X, W, Y]).with_attr("global_symbol", "main")}))
+    for loop in sch.get_loops(sch.get_sblock("Y")):
+        sch.unroll(loop)
+    return tvm.ir.save_json(sch.mod)
+
+
+def test_a_build_far_slower_than_its_workloads_median_is_cut_and_the_others_go_on(tmp_path):
+    fast, slow = _unrolled_matmul(8), _unrolled_matmul(24)
+    with LocalBuilder(tmp_path, workers=1, relative_timeout=5, min_timeout=0.5, min_samples=3) as b:
+        assert b.deadline("w", TARGET) == b.timeout  # no history yet: the fixed limit
+        assert all(r.ok for r in b.build([BuildInput(fast, f"f{i}", "w") for i in range(3)], TARGET))
+        assert 0.5 <= b.deadline("w", TARGET) < 2  # 5x a median of about 0.1 s, at least 0.5
+        cut, after = b.build([BuildInput(slow, "slow", "w"), BuildInput(fast, "f3", "w")], TARGET)
+        assert not cut.ok and "over 5x the median build of this workload" in cut.error and cut.build_s < 3
+        assert after.ok  # the worker was replaced; the next candidate builds
+        # another workload has no history yet: the same slow build gets the fixed limit and succeeds
+        (other,) = b.build([BuildInput(slow, "slow-other", "v")], TARGET)
+        assert other.ok and other.build_s > 0.5
+
+
 def test_a_build_failure_is_data(builder):
     (b,) = builder.build([BuildInput("{not json", "broken")], TARGET)
     assert not b.ok and "build error" in b.error

@@ -11,11 +11,15 @@ runner only loads machine code and never calls NVRTC.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import queue
+import statistics
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +35,7 @@ log = logging.getLogger(__name__)
 class BuildInput:
     mod_json: str  # tvm.ir.save_json of the scheduled IRModule
     name: str  # file stem for the artifact (the kernel's mod_hash)
+    group: str = ""  # builds compared for the relative deadline (a workload key); see LocalBuilder
 
 
 @dataclass
@@ -94,14 +99,29 @@ def build_one(mod_json: str, target: dict, out_dir: str, name: str) -> dict:
 
 
 class LocalBuilder(Builder):
-    """Parallel builds in persistent worker processes on this machine."""
+    """Parallel builds in persistent worker processes on this machine.
 
-    def __init__(self, artifact_dir: str | Path, *, workers: int | None = None, timeout: float = 120.0):
+    **Relative deadline.** A few candidates of a design space take 10-100 times longer to build
+    than the rest (huge unrolled bodies), and they are slow kernels: in our benchmark databases
+    (docs/search.md) the builds over 10x the median took 31-95 % of all build time on the dense and
+    batch-matmul workloads, and the fastest of them ran 2.1x or more behind the best kernel. Once
+    ``min_samples`` builds of a group (a workload) on a target succeeded, a build of that group gets
+    ``relative_timeout`` times their median (never under ``min_timeout``, never over ``timeout``);
+    past it the worker is killed and the candidate is a failed build, like any other timeout.
+    ``relative_timeout=None`` turns this off."""
+
+    def __init__(self, artifact_dir: str | Path, *, workers: int | None = None, timeout: float = 120.0,
+                 relative_timeout: float | None = 10.0, min_timeout: float = 2.0, min_samples: int = 8):
         self.artifact_dir = str(artifact_dir)
         n = workers or len(os.sched_getaffinity(0))
         if n < 1:
             raise ConfigError(f"builder needs at least one worker, got {n}")
+        if relative_timeout is not None and relative_timeout <= 1:
+            raise ConfigError(f"a relative build deadline must exceed 1x the median, got {relative_timeout}")
         self.timeout = timeout
+        self.relative_timeout, self.min_timeout, self.min_samples = relative_timeout, min_timeout, min_samples
+        self._history: dict[tuple[str, str], deque[float]] = {}
+        self._history_lock = threading.Lock()  # the drive threads add to it while others read
         self._workers = [Worker(init="spatialtune.measure.builder:_init_build_worker", name=f"build{i}") for i in range(n)]
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="build")
         # Concurrent callers (a job tuning several workloads at once) take turns: each build
@@ -116,28 +136,50 @@ class LocalBuilder(Builder):
 
     def _build(self, inputs: Sequence[BuildInput], target: dict) -> list[BuildResult]:
         target = dict(target)
-        n = len(self._workers)
-        # Worker i takes inputs i, i+n, ...: each worker is driven by exactly one thread.
-        slices = [list(range(i, len(inputs), n)) for i in range(n)]
+        tkey = json.dumps(target, sort_keys=True)
+        # Each worker is driven by one thread and takes the next input when it is free, so one
+        # slow build does not hold back the inputs queued behind it.
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(inputs)):
+            todo.put(i)
         results: list[BuildResult | None] = [None] * len(inputs)
 
         def drive(wi: int) -> None:
-            w = self._workers[wi]
-            for idx in slices[wi]:
-                results[idx] = self._build_in(w, inputs[idx], target)
+            while True:
+                try:
+                    idx = todo.get_nowait()
+                except queue.Empty:
+                    return
+                results[idx] = self._build_in(self._workers[wi], inputs[idx], target, tkey)
 
-        list(self._pool.map(drive, range(n)))
+        list(self._pool.map(drive, range(len(self._workers))))
         return results  # type: ignore[return-value]
 
-    def _build_in(self, w: Worker, item: BuildInput, target: dict) -> BuildResult:
+    def deadline(self, group: str, target: dict | str) -> float:
+        """Seconds a build of ``group`` for ``target`` may take now."""
+        tkey = target if isinstance(target, str) else json.dumps(dict(target), sort_keys=True)
+        with self._history_lock:
+            done = list(self._history.get((group, tkey), ()))
+        if self.relative_timeout is None or len(done) < self.min_samples:
+            return self.timeout
+        return min(self.timeout, max(self.min_timeout, self.relative_timeout * statistics.median(done)))
+
+    def _build_in(self, w: Worker, item: BuildInput, target: dict, tkey: str) -> BuildResult:
         t0 = time.perf_counter()
+        limit = self.deadline(item.group, tkey)
         try:
             r = w.call("spatialtune.measure.builder:build_one", item.mod_json, target, self.artifact_dir, item.name,
-                       timeout=self.timeout)
-            return BuildResult(artifact=r["artifact"], cubin=r["cubin"], build_s=r["build_s"])
+                       timeout=limit)
         except WorkerError as e:
             log.debug("build of %s failed: %s", item.name, e)
-            return BuildResult(artifact=None, error=f"build {e.kind}: {e}", build_s=time.perf_counter() - t0)
+            why = f"build {e.kind}: {e}"
+            if e.kind == "timeout" and limit < self.timeout:
+                why = (f"build timeout: over {self.relative_timeout:g}x the median build of this workload "
+                       f"({limit / self.relative_timeout:.2f} s), cut at {limit:.1f} s")
+            return BuildResult(artifact=None, error=why, build_s=time.perf_counter() - t0)
+        with self._history_lock:
+            self._history.setdefault((item.group, tkey), deque(maxlen=64)).append(r["build_s"])
+        return BuildResult(artifact=r["artifact"], cubin=r["cubin"], build_s=r["build_s"])
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
