@@ -33,6 +33,9 @@ def add_tune(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-baselines", action="store_true", help="skip TVM-default and numpy baselines")
     p.add_argument("--build-workers", type=int, default=None, help="parallel build processes (default: one per core)")
+    p.add_argument("--build-deadline", type=float, default=TuneOptions.build_deadline, metavar="X",
+                   help="cut a build that takes over X times its workload's median build "
+                        f"(default {TuneOptions.build_deadline:g}; 0: never)")
     r = p.add_argument_group("measuring on servers elsewhere (docs/distributed.md)")
     r.add_argument("--tracker", default=None, metavar="HOST:PORT",
                    help="measure on the `spatialtune serve` servers registered with this TVM RPC tracker")
@@ -51,6 +54,9 @@ def add_tune(sub) -> None:
     s.add_argument("--diversity", type=float, default=TuneOptions.diversity,
                    help="weight of new knob values when a batch is picked from the best-predicted candidates "
                         "(0: the top ones)")
+    s.add_argument("--search-threads", type=int, default=None, metavar="N",
+                   help="threads of the evolution (default: this process's cores); 1 makes a search "
+                        "reproducible from its seed and its measurements")
     s.add_argument("--transfer-top", type=int, default=TuneOptions.transfer_top,
                    help="configs of each other share measured first at a new share")
     s.add_argument("--mcpu", default=None, help="CPU: LLVM CPU to compile for (default: this machine's)")
@@ -76,6 +82,7 @@ def _cmd_tune(a) -> int:
                        partition=a.partition, interference=a.interference, cost_model=a.cost_model, seed=a.seed,
                        baselines=not a.no_baselines, build_workers=a.build_workers, population=a.population,
                        genetic_iters=a.genetic_iters, explore=a.explore, diversity=a.diversity,
+                       search_threads=a.search_threads, build_deadline=a.build_deadline or None,
                        transfer_top=a.transfer_top, mcpu=a.mcpu,
                        arch=a.arch, run=RunSettings(repeat=a.repeat, timeout=a.timeout, seed=a.seed))
     opts.validate()

@@ -92,7 +92,7 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
     lanes = min(runner.parallel, len(workloads))
     if lanes > 1 and progress is not None:
         progress = serialised(progress)
-    with partition, LocalBuilder(art, workers=opt.build_workers) as builder, \
+    with partition, LocalBuilder(art, workers=opt.build_workers, relative_timeout=opt.build_deadline) as builder, \
             (runner if own_runner else contextlib.nullcontext(runner)):
         def tune_workload(wi: int, job_db: TuningDatabase) -> tuple[list[ShareResult], bool]:
             job = _Job(job_db, device, partition, opt, builder, runner, stage, progress, deadline)
@@ -357,7 +357,7 @@ class _KeySearch:
         self.policy = SharePolicy(w, target_for(job.device, share.units),
                                   KeyId(job.partition.kind, r, job.opt.interference), rows, self.model,
                                   share_units=(share.units, share.total), options=job.opt.policy(),
-                                  batch=job.opt.batch, seed=job.opt.seed)
+                                  batch=job.opt.batch, seed=job.opt.seed, threads=job.opt.search_threads)
         job.stage.add("setup", time.perf_counter() - t0)
         self.pending = self.policy.transfers()
 

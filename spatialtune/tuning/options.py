@@ -31,6 +31,10 @@ class TuneOptions:
     genetic_iters: int = EvolutionConfig.genetic_iters
     explore: float = EvolutionConfig.explore  # fraction of each batch sampled uniformly
     diversity: float = EvolutionConfig.diversity  # novelty weight when a batch is picked (0: top-n)
+    # Threads of the evolution's sampling and mutation (default: the cores this process may use).
+    # With 1 a search is reproducible: the same seed and the same measurements give the same
+    # candidates (with more, which thread draws what depends on timing).
+    search_threads: int | None = None
     mcpu: str | None = None  # CPU: LLVM CPU to compile for (default: this machine's)
     arch: str | None = None  # CUDA: sm_XY to compile for (default: the device's)
     seed: int = 0
@@ -38,6 +42,9 @@ class TuneOptions:
     confirm_top: int = 4  # the fastest kernels of a key measured again after its search (0: none)
     artifact_dir: str | None = None
     build_workers: int | None = None
+    # A build over this many times its workload's median build is cut (None: never; see
+    # measure.builder.LocalBuilder). It depends on timing: a reproducible search needs it off.
+    build_deadline: float | None = 10.0
     run: RunSettings = field(default_factory=RunSettings)
 
     def validate(self) -> None:
@@ -59,6 +66,12 @@ class TuneOptions:
             raise ConfigError(f"--explore must be a fraction in [0, 1], got {self.explore!r}")
         if not (isinstance(self.diversity, (int, float)) and 0.0 <= self.diversity):
             raise ConfigError(f"--diversity must be a non-negative number, got {self.diversity!r}")
+        if self.search_threads is not None and not (isinstance(self.search_threads, int) and self.search_threads >= 1):
+            raise ConfigError(f"--search-threads must be a positive integer, got {self.search_threads!r}")
+        if self.build_deadline is not None and not (isinstance(self.build_deadline, (int, float))
+                                                    and self.build_deadline > 1):
+            raise ConfigError(f"--build-deadline must exceed 1 (times the median build) or be 0 for none, "
+                              f"got {self.build_deadline!r}")
         if self.transfer_top < 0 or self.seeds_per_share < 0:
             raise ConfigError("--transfer-top and --seeds-per-share must not be negative")
         check_interference(self.interference)
