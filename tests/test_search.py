@@ -1,5 +1,6 @@
 """The search: scores the evolution can use, and a search that beats uniform sampling."""
 import math
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -106,15 +107,15 @@ def test_search_beats_uniform_sampling_on_one_core(tmp_path):
     uniform's best stayed within 106-140 us. A kernel the table lacks is measured live and
     counted; ``SPATIALTUNE_RECORD=1`` stores it (the table names the machine that recorded it)."""
     from spatialtune.device import detect_cpu, target_for
+    from spatialtune.measure.builder import BuildInput, LocalBuilder
     from spatialtune.measure.runner import LocalRunner, RunInput
     from spatialtune.partitions.cpu import CpuPartition
     from spatialtune.search.uniform import UniformSampler
     from spatialtune.store.database import TuningDatabase
     from spatialtune.tuning import TuneOptions, tune
     from spatialtune.workloads.spec import load_space
-    from recorded import RecordedRunner
+    from recorded import RecordedBuilder, RecordedRunner
 
-    import platform
     if platform.machine() != "x86_64":
         pytest.skip("the recorded kernels are x86-64 code")
     w = load_space("demo").select(["dense_small"])[0]
@@ -125,27 +126,20 @@ def test_search_beats_uniform_sampling_on_one_core(tmp_path):
     device = detect_cpu(mcpu)
     target = target_for(device, share.units)
     best: dict[tuple, float] = {}
-    with LocalRunner(part) as live:
+    with LocalRunner(part) as live, LocalBuilder(tmp_path / "art", workers=2, relative_timeout=None) as b:
         runner = RecordedRunner(RECORDED, live)
+        builder = RecordedBuilder(runner, b)  # a recorded kernel is not built again
         for seed in seeds:
             with TuningDatabase(tmp_path / f"st{seed}.sqlite") as db:
                 tune([w], [share.key_ratio], db, TuneOptions(trials=budget, seed=seed, baselines=False,
-                                                             search_threads=1, mcpu=mcpu, build_deadline=None,
-                                                             artifact_dir=str(tmp_path / "art")), runner=runner)
+                                                             search_threads=1, mcpu=mcpu, build_deadline=None),
+                     runner=runner, builder=builder)
                 best["spatialtune", seed] = min(m.median_s for m in db.measurements(status="ok"))
             cands = UniformSampler(w, target, seed=seed).sample(budget)
-            runner.replayed += len(cands)  # a recorded kernel needs no build
-            missing = [c for c in cands if c.mod_hash not in runner.table]
-            if missing:
-                from spatialtune.measure.builder import BuildInput, LocalBuilder
-
-                with LocalBuilder(tmp_path / "art", workers=2) as b:
-                    built = b.build([BuildInput(c.mod_json, c.mod_hash, w.key) for c in missing], target)
-                runner.run(share, "none", [RunInput(w.to_dict(), x.artifact, None, c.mod_hash)
-                                           for c, x in zip(missing, built) if x.ok])
-                runner.replayed -= len(missing)
-            best["uniform", seed] = min(r["median_s"] for c in cands if (r := runner.table.get(c.mod_hash))
-                                        and r["status"] == "ok")
+            built = builder.build([BuildInput(c.mod_json, c.mod_hash, w.key) for c in cands], target)
+            res = runner.run(share, "none", [RunInput(w.to_dict(), x.artifact, None, c.mod_hash)
+                                             for c, x in zip(cands, built) if x.ok])
+            best["uniform", seed] = min(r.median_s for r in res if r.status == "ok")
     runner.save_if_asked(workload=w.key, target=target, machine=f"{device.name} ({detect_cpu().arch}), one core",
                          settings="runner defaults")
     st = [math.log(best["spatialtune", s]) for s in seeds]

@@ -28,7 +28,7 @@ from typing import Sequence
 
 from ..device import DeviceInfo, target_for
 from ..errors import ConfigError
-from ..measure.builder import BuildInput, LocalBuilder
+from ..measure.builder import BuildInput, Builder, LocalBuilder
 from ..measure.runner import LocalRunner, Runner, RunInput
 from ..partitions import Partition
 from ..search.cost_model import CostModel, create_cost_model
@@ -65,13 +65,14 @@ class _Stage:
 
 def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatabase,
          options: TuneOptions | None = None, *, progress: ProgressFn | None = None,
-         runner: Runner | None = None) -> TuneSummary:
+         runner: Runner | None = None, builder: Builder | None = None) -> TuneSummary:
     """Tune every workload at every ratio into ``db``; see the module docstring.
 
     ``runner`` replaces the local measuring runner (e.g. a ReplayRunner, or a pool of measuring
     servers, whose device and partition then key the records); the caller owns it. A runner that
     measures several candidates at once (``parallel`` > 1) gets several workloads tuned at once,
-    each in its own thread with its own database connection.
+    each in its own thread with its own database connection. ``builder`` replaces the local
+    builder in the same way (the caller owns it).
     """
     opt = options or TuneOptions()
     opt.validate()
@@ -92,7 +93,10 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
     lanes = min(runner.parallel, len(workloads))
     if lanes > 1 and progress is not None:
         progress = serialised(progress)
-    with partition, LocalBuilder(art, workers=opt.build_workers, relative_timeout=opt.build_deadline) as builder, \
+    own_builder = builder is None
+    if own_builder:
+        builder = LocalBuilder(art, workers=opt.build_workers, relative_timeout=opt.build_deadline)
+    with partition, (builder if own_builder else contextlib.nullcontext(builder)), \
             (runner if own_runner else contextlib.nullcontext(runner)):
         def tune_workload(wi: int, job_db: TuningDatabase) -> tuple[list[ShareResult], bool]:
             job = _Job(job_db, device, partition, opt, builder, runner, stage, progress, deadline)
