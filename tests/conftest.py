@@ -70,40 +70,6 @@ def pytest_xdist_make_scheduler(config, log):
     return Groups(config, log)
 
 
-def _locks() -> tuple[int, int] | None:
-    """(gate, room): lock files shared by the test processes of this run (none without xdist)."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if not run:
-        return None
-    base = Path(os.environ.get("TMPDIR", "/tmp")) / f"spatialtune-tests-{run}"
-    return tuple(os.open(f"{base}.{name}.lock", os.O_RDWR | os.O_CREAT, 0o600) for name in ("gate", "room"))
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    """A test marked ``quiet`` has the machine to itself, fixtures included: it judges kernels by
-    their times on one core, and the other test process's builds and runs on that core have
-    flipped its verdict. The others share the machine as usual. The gate keeps a waiting quiet
-    test from being overtaken by the other process's next tests (flock does not queue)."""
-    locks = _locks()
-    if locks is None:
-        return (yield)
-    gate, room = locks
-    try:
-        if item.get_closest_marker("quiet"):
-            fcntl.flock(gate, fcntl.LOCK_EX)
-            fcntl.flock(room, fcntl.LOCK_EX)
-        else:
-            fcntl.flock(gate, fcntl.LOCK_SH)
-            fcntl.flock(room, fcntl.LOCK_SH)
-            fcntl.flock(gate, fcntl.LOCK_UN)
-        return (yield)
-    finally:
-        for fd in (room, gate):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-
-
 def pytest_collection_modifyitems(config, items):
     def rank(item):
         g = _group(item.nodeid)

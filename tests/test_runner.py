@@ -1,4 +1,6 @@
 """Builder and runner for real: TVM builds on this CPU, measured under a core cap."""
+import re
+
 import pytest
 
 from spatialtune.measure.builder import BuildInput, LocalBuilder
@@ -113,6 +115,8 @@ def test_a_build_far_slower_than_its_workloads_median_is_cut_and_the_others_go_o
         assert 0.5 <= b.deadline("w", TARGET) < 2  # 5x a median of about 0.1 s, at least 0.5
         cut, after = b.build([BuildInput(slow, "slow", "w"), BuildInput(fast, "f3", "w")], TARGET)
         assert not cut.ok and "over 5x the median build of this workload" in cut.error and cut.build_s < 3
+        median, limit = map(float, re.search(r"\((\d+\.\d+) s\), cut at (\d+\.\d+) s", cut.error).groups())
+        assert 0 < median < 0.4 and limit == pytest.approx(max(0.5, 5 * median), abs=0.06)
         assert after.ok  # the worker was replaced; the next candidate builds
         # another workload has no history yet: the same slow build gets the fixed limit and succeeds
         (other,) = b.build([BuildInput(slow, "slow-other", "v")], TARGET)

@@ -91,14 +91,36 @@ def test_cost_model_is_saved_and_reloaded(tuned_db):
 def random_search_data(tmp_path_factory, demo_space):
     """72 candidates of each of two workloads, proposed without a learned model (so they are
     diverse), measured on one core: a two-thread kernel's time swings with whatever else the
-    machine runs (rerun rank correlation 0.33 under load here), a one-core kernel's barely (0.9)."""
-    path = tmp_path_factory.mktemp("cm") / "cm.sqlite"
-    with TuningDatabase(path) as db:
+    machine runs (rerun rank correlation 0.33 under load here), a one-core kernel's barely (0.9).
+
+    The times are replayed (tests/recorded.py): real one-core measurements recorded once in
+    tests/data/cost-model-ranking.json, for a fixed ``mcpu`` and a one-thread search, so the
+    models are judged on the same data on every machine and under any load (it needed the
+    machine to itself before). A kernel the table lacks is measured live."""
+    import platform
+
+    from spatialtune.device import detect_cpu
+    from spatialtune.measure.builder import LocalBuilder
+    from spatialtune.measure.runner import LocalRunner
+    from spatialtune.partitions.cpu import CpuPartition
+    from recorded import RecordedBuilder, RecordedRunner
+
+    if platform.machine() != "x86_64":
+        pytest.skip("the recorded kernels are x86-64 code")
+    tmp = tmp_path_factory.mktemp("cm")
+    settings = RunSettings(repeat=5, min_repeat_ms=20)
+    with TuningDatabase(tmp / "cm.sqlite") as db, LocalRunner(CpuPartition(), settings=settings) as live, \
+            LocalBuilder(tmp / "art", relative_timeout=None) as b:
+        runner = RecordedRunner(ROOT / "tests" / "data" / "cost-model-ranking.json", live)
         tune(demo_space.select(["dense_small", "conv_small"]), [50], db,
-             TuneOptions(trials=72, batch=12, cost_model="random", baselines=False,
+             TuneOptions(trials=72, batch=12, cost_model="random", baselines=False, search_threads=1,
+                         mcpu="x86-64-v3", build_deadline=None,
                          # random scores leave evolution nothing to select: a small population is
                          # as diverse and costs an eighth of the search time
-                         population=64, genetic_iters=1, run=RunSettings(repeat=5, min_repeat_ms=20)))
+                         population=64, genetic_iters=1), runner=runner, builder=RecordedBuilder(runner, b))
+        runner.save_if_asked(workloads="dense_small, conv_small at 50 %", settings="repeat 5, min_repeat_ms 20",
+                             machine=f"{detect_cpu().name} ({detect_cpu().arch}), one core")
+        print(f"cost-model data: {runner.replayed} times replayed, {runner.measured} measured now")
         return db.measurements(status="ok", with_features=True)
 
 
@@ -124,7 +146,6 @@ def _held_out_spearman(ms, make_model, folds=6):
     return float(np.mean(rhos)), rhos
 
 
-@pytest.mark.quiet
 def test_cost_model_ranks_held_out_candidates_better_than_random(random_search_data):
     ms = [m for m in random_search_data if m.features is not None]
     assert len(ms) >= 120
