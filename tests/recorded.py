@@ -8,16 +8,34 @@ says how many, and ``SPATIALTUNE_RECORD=1`` writes them back to the file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from spatialtune.measure.builder import Builder, BuildResult
-from spatialtune.measure.runner import MeasureResult, Runner
+import pytest
+
+from spatialtune.measure.builder import Builder, BuildResult, LocalBuilder
+from spatialtune.measure.runner import LocalRunner, MeasureResult, Runner
 
 FIELDS = ("status", "error", "times", "median_s", "rel_err")
+MCPU = "x86-64-v3"  # AVX2 and FMA: any x86-64 CI machine compiles the same kernels, with the same hashes
+# What a replayed tune needs: one search thread, the fixed CPU, and no build deadline (it depends on timing)
+TUNE_OPTIONS = dict(search_threads=1, mcpu=MCPU, build_deadline=None)
+
+
+@contextlib.contextmanager
+def replaying(path: Path, partition, settings, art: Path):
+    """(runner, builder) answering from ``path``'s table; what it lacks is built in ``art`` and
+    measured live with ``settings``. Skips the test off x86-64 (the recorded kernels are x86 code)."""
+    if platform.machine() != "x86_64":
+        pytest.skip("the recorded kernels are x86-64 code")
+    with LocalRunner(partition, settings=settings) as live, LocalBuilder(art, relative_timeout=None) as b:
+        runner = RecordedRunner(path, live)
+        yield runner, RecordedBuilder(runner, b)
 
 
 class RecordedRunner(Runner):

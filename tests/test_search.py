@@ -1,10 +1,8 @@
 """The search: scores the evolution can use, and a search that beats uniform sampling."""
 import math
-import platform
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from spatialtune.search.cost_model import RandomModel, XGBModel, relative_throughput, spearman, with_share
 from spatialtune.search.policy import TrainingSet, fit_share_model
@@ -107,32 +105,26 @@ def test_search_beats_uniform_sampling_on_one_core(tmp_path):
     uniform's best stayed within 106-140 us. A kernel the table lacks is measured live and
     counted; ``SPATIALTUNE_RECORD=1`` stores it (the table names the machine that recorded it)."""
     from spatialtune.device import detect_cpu, target_for
-    from spatialtune.measure.builder import BuildInput, LocalBuilder
-    from spatialtune.measure.runner import LocalRunner, RunInput
+    from spatialtune.measure.builder import BuildInput
+    from spatialtune.measure.runner import RunInput, RunSettings
     from spatialtune.partitions.cpu import CpuPartition
     from spatialtune.search.uniform import UniformSampler
     from spatialtune.store.database import TuningDatabase
     from spatialtune.tuning import TuneOptions, tune
     from spatialtune.workloads.spec import load_space
-    from recorded import RecordedBuilder, RecordedRunner
+    from recorded import MCPU, TUNE_OPTIONS, replaying
 
-    if platform.machine() != "x86_64":
-        pytest.skip("the recorded kernels are x86-64 code")
     w = load_space("demo").select(["dense_small"])[0]
     part = CpuPartition()
     share = part.grant(100 / len(part.cores))  # one core
     budget, seeds = 48, (0, 1, 2)
-    mcpu = "x86-64-v3"  # AVX2 and FMA, on any CI machine: the same kernels, the same hashes
-    device = detect_cpu(mcpu)
+    device = detect_cpu(MCPU)
     target = target_for(device, share.units)
     best: dict[tuple, float] = {}
-    with LocalRunner(part) as live, LocalBuilder(tmp_path / "art", workers=2, relative_timeout=None) as b:
-        runner = RecordedRunner(RECORDED, live)
-        builder = RecordedBuilder(runner, b)  # a recorded kernel is not built again
+    with replaying(RECORDED, part, RunSettings(), tmp_path / "art") as (runner, builder):
         for seed in seeds:
             with TuningDatabase(tmp_path / f"st{seed}.sqlite") as db:
-                tune([w], [share.key_ratio], db, TuneOptions(trials=budget, seed=seed, baselines=False,
-                                                             search_threads=1, mcpu=mcpu, build_deadline=None),
+                tune([w], [share.key_ratio], db, TuneOptions(trials=budget, seed=seed, baselines=False, **TUNE_OPTIONS),
                      runner=runner, builder=builder)
                 best["spatialtune", seed] = min(m.median_s for m in db.measurements(status="ok"))
             cands = UniformSampler(w, target, seed=seed).sample(budget)

@@ -97,27 +97,19 @@ def random_search_data(tmp_path_factory, demo_space):
     tests/data/cost-model-ranking.json, for a fixed ``mcpu`` and a one-thread search, so the
     models are judged on the same data on every machine and under any load (it needed the
     machine to itself before). A kernel the table lacks is measured live."""
-    import platform
-
     from spatialtune.device import detect_cpu
-    from spatialtune.measure.builder import LocalBuilder
-    from spatialtune.measure.runner import LocalRunner
     from spatialtune.partitions.cpu import CpuPartition
-    from recorded import RecordedBuilder, RecordedRunner
+    from recorded import TUNE_OPTIONS, replaying
 
-    if platform.machine() != "x86_64":
-        pytest.skip("the recorded kernels are x86-64 code")
     tmp = tmp_path_factory.mktemp("cm")
-    settings = RunSettings(repeat=5, min_repeat_ms=20)
-    with TuningDatabase(tmp / "cm.sqlite") as db, LocalRunner(CpuPartition(), settings=settings) as live, \
-            LocalBuilder(tmp / "art", relative_timeout=None) as b:
-        runner = RecordedRunner(ROOT / "tests" / "data" / "cost-model-ranking.json", live)
+    with TuningDatabase(tmp / "cm.sqlite") as db, \
+            replaying(ROOT / "tests" / "data" / "cost-model-ranking.json", CpuPartition(),
+                      RunSettings(repeat=5, min_repeat_ms=20), tmp / "art") as (runner, builder):
         tune(demo_space.select(["dense_small", "conv_small"]), [50], db,
-             TuneOptions(trials=72, batch=12, cost_model="random", baselines=False, search_threads=1,
-                         mcpu="x86-64-v3", build_deadline=None,
+             TuneOptions(trials=72, batch=12, cost_model="random", baselines=False, **TUNE_OPTIONS,
                          # random scores leave evolution nothing to select: a small population is
                          # as diverse and costs an eighth of the search time
-                         population=64, genetic_iters=1), runner=runner, builder=RecordedBuilder(runner, b))
+                         population=64, genetic_iters=1), runner=runner, builder=builder)
         runner.save_if_asked(workloads="dense_small, conv_small at 50 %", settings="repeat 5, min_repeat_ms 20",
                              machine=f"{detect_cpu().name} ({detect_cpu().arch}), one core")
         print(f"cost-model data: {runner.replayed} times replayed, {runner.measured} measured now")

@@ -42,7 +42,7 @@ class TuneOptions:
     confirm_top: int = 4  # the fastest kernels of a key measured again after its search (0: none)
     artifact_dir: str | None = None
     build_workers: int | None = None
-    # A build over this many times its workload's median build is cut (None: never; see
+    # A build over this many times its workload's median build, and over 10 s, is cut (None: never; see
     # measure.builder.LocalBuilder). It depends on timing: a reproducible search needs it off.
     build_deadline: float | None = 10.0
     run: RunSettings = field(default_factory=RunSettings)
