@@ -44,6 +44,7 @@ FULL = ["bert_qkv_fp32", "r50_s2_3x3_fp32", "mbv2_dw_144_56_fp32", "bert_qk_fp32
 QUICK = ["dense_small"]
 SPACES = ["bert_base.toml", "resnet50.toml", "mobilenet_v2.toml", "demo.toml"]
 MATMUL_FAMILY = ("dense", "matmul", "batch_matmul")
+QUICK_RUN = RunSettings(repeat=2, min_repeat_ms=5, warmup_ms=10, timeout=60)
 
 
 def find_workload(name: str):
@@ -58,11 +59,13 @@ def find_workload(name: str):
 
 
 def run_spatialtune(w, ratio: float, db_path: Path, trials: int, seed: int, art: Path,
-                    diversity: float | None = None) -> list[dict]:
+                    diversity: float | None = None, quick: bool = False) -> list[dict]:
     from spatialtune.store.database import TuningDatabase
     from spatialtune.tuning import TuneOptions, tune
 
     extra = {} if diversity is None else {"diversity": diversity}
+    if quick:  # a smoke test of the script, not of the search: a small population, short timings
+        extra |= {"population": 32, "genetic_iters": 1, "run": QUICK_RUN}
     with TuningDatabase(db_path) as db:
         s = tune([w], [ratio], db, TuneOptions(trials=trials, seed=seed, baselines=False, artifact_dir=str(art),
                                                **extra))
@@ -80,7 +83,7 @@ def run_uniform(w, share, trials: int, seed: int, art: Path, runner: LocalRunner
     with LocalBuilder(art) as b:
         for i in range(0, len(cands), 16):
             chunk = cands[i:i + 16]
-            built = b.build([BuildInput(c.mod_json, c.mod_hash, w.key) for c in chunk], target)
+            built = b.build([BuildInput(c.mod_json, c.mod_hash, w.key, c.mod_hash) for c in chunk], target)
             ok = [j for j, x in enumerate(built) if x.ok]
             res = runner.run(share, "none", [RunInput(w.to_dict(), built[j].artifact) for j in ok])
             times = dict(zip(ok, res))
@@ -239,7 +242,7 @@ def main() -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     part = CpuPartition()
-    settings = RunSettings(repeat=5, min_repeat_ms=20, timeout=60)
+    settings = QUICK_RUN if quick else RunSettings(repeat=5, min_repeat_ms=20, timeout=60)
     work = Path(tempfile.mkdtemp(prefix="bench-search-work-"))  # built kernels: hundreds of MB at full size
     atexit.register(shutil.rmtree, work, True)
     with LocalRunner(part, settings=settings) as runner:
@@ -249,13 +252,13 @@ def main() -> int:
                 share = part.grant(ratio)
                 tag = f"{w.name}@{share.key_ratio:g}"
                 runs = {"spatialtune": lambda: run_spatialtune(w, ratio, out / f"{w.name}.sqlite", budgets[-1], a.seed,
-                                                               work / "art", a.diversity),
+                                                               work / "art", a.diversity, quick),
                         "uniform": lambda: run_uniform(w, share, budgets[-1], a.seed, work / "art", runner),
                         "tune_tir": lambda: run_tune_tir(w, share, budgets[-1], a.seed, work)}
                 if ratio < 100:
                     runs["spatialtune-scratch"] = lambda: run_spatialtune(
                         w, ratio, out / f"{w.name}-scratch-{ratio:g}.sqlite", budgets[-1], a.seed, work / "art",
-                        a.diversity)
+                        a.diversity, quick)
                 todo = methods + (["spatialtune-scratch"] if ratio < 100 and "spatialtune" in methods else [])
                 if quick and ratio < 100:  # MetaSchedule's tuner costs half a minute to start: once is enough
                     todo = [m for m in todo if m != "tune_tir"]
@@ -280,10 +283,10 @@ def main() -> int:
                         if best is not None:
                             picks.append((m, b, best["trace"]))
                 log.info("%s: re-measuring %d configs and numpy", tag, len(picks))
-                times = remeasure(w, share, [p[2] for p in picks], work / "art", runner)
+                times = remeasure(w, share, [p[2] for p in picks], work / "art", runner, repeat=1 if quick else 3)
                 numpy_s = None
                 if w.op in MATMUL_FAMILY:
-                    ns = [runner.measure_baseline(share, "none", w.to_dict(), "numpy") for _ in range(3)]
+                    ns = [runner.measure_baseline(share, "none", w.to_dict(), "numpy") for _ in range(1 if quick else 3)]
                     numpy_s = float(np.median([r.median_s for r in ns if r.status == "ok"]))
                 final.write_text(json.dumps({
                     "machine": machine(), "date": time.strftime("%Y-%m-%d"), "workload": w.name, "key": w.key, "op": w.op, "flops": w.flops, "ratio": share.key_ratio,

@@ -112,9 +112,10 @@ def opts(**kw):
 
 
 def confirmed(rows) -> int:
-    """Measurements a job's confirmation makes: the 4 fastest ok kernels of a key, twice each."""
+    """Measurements a job's confirmation makes: the fastest ok kernels of a key (4, at most a
+    third of them, at least 2), twice each."""
     ok = sum(m.status == "ok" for m in rows)
-    return 2 * min(4, ok) if ok >= 2 else 0
+    return 2 * min(4, max(2, ok // 3)) if ok >= 2 else 0
 
 
 def rows_by_key(db_path):
@@ -290,10 +291,13 @@ def test_the_tracker_going_away_stops_the_job_cleanly_and_the_same_command_resum
         kept = {m.id for m in _all(db)}
         assert 4 <= len(kept) < 12
 
+        t0 = time.monotonic()
         t = start_tracker(port, tmp_path / "tracker.log")
         s = servers(tracker, k, 0)
         wait_registered(tracker, k, [s], timeout=90)
+        t1 = time.monotonic()
         again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        print(f"tracker and server back in {t1 - t0:.1f} s, the rerun took {time.monotonic() - t1:.1f} s")
         assert again.returncode == 0, again.stderr
         rows = _all(db)
         assert kept <= {m.id for m in rows} and len(rows) == len({m.mod_hash for m in rows}) == 12

@@ -108,12 +108,12 @@ def _unrolled_matmul(n: int) -> str:
 
 
 def test_a_build_far_slower_than_its_workloads_median_is_cut_and_the_others_go_on(tmp_path):
-    fast, slow = _unrolled_matmul(8), _unrolled_matmul(24)
+    fast, slow = [_unrolled_matmul(n) for n in (7, 6, 5, 8)], _unrolled_matmul(24)  # n=9 builds 6x slower than 8
     with LocalBuilder(tmp_path, workers=1, relative_timeout=5, min_timeout=0.5, min_samples=3) as b:
         assert b.deadline("w", TARGET) == b.timeout  # no history yet: the fixed limit
-        assert all(r.ok for r in b.build([BuildInput(fast, f"f{i}", "w") for i in range(3)], TARGET))
+        assert all(r.ok for r in b.build([BuildInput(fast[i], f"f{i}", "w") for i in range(3)], TARGET))
         assert 0.5 <= b.deadline("w", TARGET) < 2  # 5x a median of about 0.1 s, at least 0.5
-        cut, after = b.build([BuildInput(slow, "slow", "w"), BuildInput(fast, "f3", "w")], TARGET)
+        cut, after = b.build([BuildInput(slow, "slow", "w"), BuildInput(fast[3], "f3", "w")], TARGET)
         assert not cut.ok and "over 5x the median build of this workload" in cut.error and cut.build_s < 3
         median, limit = map(float, re.search(r"\((\d+\.\d+) s\), cut at (\d+\.\d+) s", cut.error).groups())
         assert 0 < median < 0.4 and limit == pytest.approx(max(0.5, 5 * median), abs=0.06)
@@ -121,6 +121,23 @@ def test_a_build_far_slower_than_its_workloads_median_is_cut_and_the_others_go_o
         # another workload has no history yet: the same slow build gets the fixed limit and succeeds
         (other,) = b.build([BuildInput(slow, "slow-other", "v")], TARGET)
         assert other.ok and other.build_s > 0.5
+
+
+def test_a_module_built_for_a_target_is_compiled_once_while_its_files_last(tmp_path):
+    """Confirming a key's winners and measuring a config under another neighbour build modules
+    the job built already: the builder hands back the files it made instead of compiling again,
+    for the same target only, and never a file written over since."""
+    m = _unrolled_matmul(8)
+    one_core = dict(TARGET, **{"num-cores": 1})
+    with LocalBuilder(tmp_path, workers=1) as b:
+        (first,) = b.build([BuildInput(m, "a")], TARGET)
+        (again,) = b.build([BuildInput(m, "b")], TARGET)
+        assert first.ok and first.build_s > 0
+        assert again.artifact == first.artifact and again.build_s == 0
+        (other,) = b.build([BuildInput(m, "a")], one_core)  # another target, written over a.so
+        assert other.ok and other.build_s > 0
+        (rebuilt,) = b.build([BuildInput(m, "c")], TARGET)  # a.so is not TARGET's build any more
+        assert rebuilt.build_s > 0 and rebuilt.artifact.endswith("c.so")
 
 
 def test_a_build_failure_is_data(builder):

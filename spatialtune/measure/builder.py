@@ -11,6 +11,7 @@ runner only loads machine code and never calls NVRTC.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ class BuildInput:
     mod_json: str  # tvm.ir.save_json of the scheduled IRModule
     name: str  # file stem for the artifact (the kernel's mod_hash)
     group: str = ""  # builds compared for the relative deadline (a workload key); see LocalBuilder
+    mod_hash: str = ""  # the module's structural hash, when known: one build per (kernel, target)
 
 
 @dataclass
@@ -98,6 +100,20 @@ def build_one(mod_json: str, target: dict, out_dir: str, name: str) -> dict:
 # ---------------------------------------------------------------- in the parent
 
 
+def _stamp(r: BuildResult) -> tuple:
+    """What identifies the files of a build on disk: a file written again under the same name
+    (another module built as the same name, a deleted directory) is not the build remembered."""
+    out = []
+    for p in (r.artifact, r.cubin):
+        if p:
+            try:
+                st = os.stat(p)
+                out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append(None)
+    return tuple(out)
+
+
 class LocalBuilder(Builder):
     """Parallel builds in persistent worker processes on this machine.
 
@@ -125,6 +141,10 @@ class LocalBuilder(Builder):
         self.relative_timeout, self.min_timeout, self.min_samples = relative_timeout, min_timeout, min_samples
         self._history: dict[tuple[str, str], deque[float]] = {}
         self._history_lock = threading.Lock()  # the drive threads add to it while others read
+        # Artifacts built by this builder, by (module, target): a job builds its best kernels
+        # again to confirm them and measures the same config under several neighbours, and a
+        # module compiled once for a target need not be compiled again while its files exist.
+        self._built: dict[tuple[str, str], tuple[BuildResult, tuple]] = {}
         self._workers = [Worker(init="spatialtune.measure.builder:_init_build_worker", name=f"build{i}") for i in range(n)]
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="build")
         # Concurrent callers (a job tuning several workloads at once) take turns: each build
@@ -153,7 +173,17 @@ class LocalBuilder(Builder):
                     idx = todo.get_nowait()
                 except queue.Empty:
                     return
-                results[idx] = self._build_in(self._workers[wi], inputs[idx], target, tkey)
+                item = inputs[idx]
+                # a kernel replayed from its trace serialises differently from the one the search
+                # made, so the structural hash is the identity when the caller knows it
+                key = (item.mod_hash or hashlib.sha1(item.mod_json.encode()).hexdigest(), tkey)
+                done = self._built.get(key)
+                if done is not None and None not in done[1] and done[1] == _stamp(done[0]):
+                    results[idx] = BuildResult(done[0].artifact, cubin=done[0].cubin, build_s=0.0)
+                    continue
+                results[idx] = r = self._build_in(self._workers[wi], item, target, tkey)
+                if r.ok:
+                    self._built[key] = (r, _stamp(r))
 
         list(self._pool.map(drive, range(len(self._workers))))
         return results  # type: ignore[return-value]

@@ -99,8 +99,12 @@ def measure_one(workload: dict, artifact: str, cubin: str | None, settings: RunS
     # Untimed runs first: right after the check, a 2-thread kernel ran its first timed repeats up
     # to 2.5x slower than its steady state here (the pool's threads waking, caches, clocks), which
     # was enough to reorder candidates.
+    # (A loop of our own: time_evaluator's search for a run count took 60-160 ms to warm up for 60.)
     if settings.warmup_ms > 0:
-        mod.time_evaluator("main", dev, number=1, repeat=1, min_repeat_ms=int(settings.warmup_ms))(*args, *outs)
+        end = time.perf_counter() + settings.warmup_ms / 1e3
+        while time.perf_counter() < end:
+            f(*args, *outs)
+            dev.sync()
     ev = mod.time_evaluator("main", dev, number=1, repeat=settings.repeat, min_repeat_ms=int(settings.min_repeat_ms))
     times = [float(t) for t in ev(*args, *outs).results]
     return res | {"status": "ok", "times": times, "median_s": float(np.median(times))}

@@ -110,7 +110,8 @@ class Worker:
         self._log.seek(0)
         self._log.truncate()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "spatialtune.measure.worker", str(p2c_r), str(c2p_w)],
+            # the name is for `ps` and for whoever reads a process list; the worker ignores it
+            [sys.executable, "-m", "spatialtune.measure.worker", str(p2c_r), str(c2p_w), self.name],
             pass_fds=(p2c_r, c2p_w), env=self.env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
             start_new_session=True,  # its own process group: a kill takes the kernel's helpers too
         )

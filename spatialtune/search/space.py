@@ -59,7 +59,7 @@ class DesignSpace:
         self.target = tvm.target.Target(target)
         self.target_dict = dict(target)
         # The design space generator's rules name tensor intrinsics (VNNI on x86, MMA on CUDA)
-        ensure_tensor_intrinsics(target["kind"])
+        ensure_tensor_intrinsics(target)
         self.ctx = ms.TuneContext(mod=self.mod, target=self.target, space_generator="post-order-apply",
                                   search_strategy=strategy, task_name=task_name or workload.key,
                                   rand_state=rand_state, num_threads=max(1, int(threads)))

@@ -25,7 +25,7 @@ def measure_baselines(db: TuningDatabase, builder: LocalBuilder, runner: Runner,
         artifact = None
         if kind == "tvm-default":
             c = default_candidate(workload, target)
-            b = builder.build([BuildInput(c.mod_json, "default-" + c.mod_hash)], target)[0]
+            b = builder.build([BuildInput(c.mod_json, "default-" + c.mod_hash, mod_hash=c.mod_hash)], target)[0]
             if not b.ok:
                 log.warning("default schedule of %s did not build: %s", workload.key, b.error)
                 continue

@@ -8,6 +8,7 @@ schedule by :func:`apply_trace`, the one replay used by the search, bundles, loo
 from __future__ import annotations
 
 import logging
+import platform
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -27,16 +28,33 @@ def trace_to_json(trace) -> str:
 
 # TVM registers tensor intrinsics per target family in submodules of tvm.s_tir.tensor_intrin;
 # importing the package registers all of them, 15-35 s on 2 cores, 12 s of it the CUDA ones.
-_INTRIN_MODULES = {"llvm": ("x86", "arm_cpu"), "cuda": ("cuda",)}
+_INTRIN_MODULES = {"cuda": ("cuda",)}
 _ALL_INTRINS = ("cuda", "x86", "arm_cpu", "rocm", "hexagon", "riscv_cpu")
+_LLVM_INTRINS = {"x86_64": ("x86",), "amd64": ("x86",), "i686": ("x86",), "aarch64": ("arm_cpu",),
+                 "arm64": ("arm_cpu",), "riscv64": ("riscv_cpu",)}
 
 
-def ensure_tensor_intrinsics(target_kind: str | None = None) -> None:
-    """Register the tensor intrinsics a target kind's schedules can name (``None``: all of them).
+def intrinsic_families(target: dict | str | None) -> tuple[str, ...]:
+    """The tensor-intrinsic families the schedules of ``target`` (a target dict or just its kind;
+    ``None``: any target) can name. An llvm target compiles for its ``mtriple``, or for this host
+    without one: the x86 families alone on an x86 host (the Arm ones cost another second at every
+    start, most of the import)."""
+    if target is None:
+        return _ALL_INTRINS
+    t = {"kind": target} if isinstance(target, str) else dict(target)
+    if t.get("kind") == "llvm":
+        arch = str(t.get("mtriple") or "").split("-")[0] or platform.machine().lower()
+        return _LLVM_INTRINS.get(arch, ("x86", "arm_cpu", "riscv_cpu"))
+    return _INTRIN_MODULES.get(str(t.get("kind")), _ALL_INTRINS)
+
+
+def ensure_tensor_intrinsics(target: dict | str | None = None) -> None:
+    """Register the tensor intrinsics a target's schedules can name (``None``: all of them).
 
     MetaSchedule's design spaces and traces of tensorized kernels refer to intrinsics by name, so
-    they must be registered first. Only the families of ``target_kind`` are imported: a CPU job
-    does not pay for the CUDA intrinsics (0.5 s instead of 15 s here).
+    they must be registered first. Only the families of ``target`` are imported
+    (:func:`intrinsic_families`): a CPU job does not pay for the CUDA intrinsics (0.2 s instead of
+    15 s here).
     """
     import importlib
     import sys
@@ -52,7 +70,7 @@ def ensure_tensor_intrinsics(target_kind: str | None = None) -> None:
         stub.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
         stub.__package__ = pkg
         sys.modules[pkg] = stub
-    for name in _INTRIN_MODULES.get(target_kind or "", _ALL_INTRINS):
+    for name in intrinsic_families(target):
         try:
             importlib.import_module(f"{pkg}.{name}")
         except Exception as e:  # a family this TVM build lacks (e.g. no LLVM for arm)
