@@ -122,6 +122,10 @@ def test_a_build_far_slower_than_its_workloads_median_is_cut_and_the_others_go_o
         # another workload has no history yet: the same slow build gets the fixed limit and succeeds
         (other,) = b.build([BuildInput(slow, "slow-other", "v")], TARGET)
         assert other.ok and other.build_s > 0.5
+    # by default one build of the workload is history enough: the floor keeps the limit sane
+    with LocalBuilder(tmp_path / "d", workers=1, min_timeout=0.5) as b:
+        first, cut = b.build([BuildInput(fast[0], "f0", "w"), BuildInput(slow, "slow", "w")], TARGET)
+        assert first.ok and not cut.ok and "cut at" in cut.error
 
 
 def test_a_module_built_for_a_target_is_compiled_once_while_its_files_last(tmp_path):
