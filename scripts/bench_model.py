@@ -6,7 +6,7 @@ ONNX Runtime on the same cores. Prints, per model and share, the four latencies,
 and the task that costs most. Tuning resumes from the database (--db), so a second run with more
 --trials continues; the end-to-end runs are done again each time.
 
-SPATIALTUNE_QUICK=1 (or --quick): toy-sized models, one trial per task, a smoke test.
+SPATIALTUNE_QUICK=1 (or --quick): toy-sized models at 100 % only, one trial per task, a smoke test.
 """
 from __future__ import annotations
 
@@ -144,7 +144,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", default=bool(os.environ.get("SPATIALTUNE_QUICK")))
     ap.add_argument("--trials", type=int, default=None, help="trials per share per model (default 256; quick: one "
                                                              "per task)")
-    ap.add_argument("--ratios", default="100,50", help="shares, percent")
+    ap.add_argument("--ratios", default=None, help="shares, percent (default 100,50; quick: 100, since "
+                                                    "tests/test_models.py runs a model at two shares)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(tempfile.gettempdir()) / "spatialtune-bench-model"))
     ap.add_argument("--db", default=None, help="tuning database (default: OUT/bench.sqlite)")
@@ -157,7 +158,7 @@ def main() -> int:
         return print_saved(out, a.models.split(","))
     out.mkdir(parents=True, exist_ok=True)
     db_path = Path(a.db or (os.environ.get("SPATIALTUNE_DB") if a.quick else None) or out / "bench.sqlite")
-    ratios = [float(r) for r in a.ratios.split(",")]
+    ratios = [float(r) for r in (a.ratios or ("100" if a.quick else "100,50")).split(",")]
     import onnxruntime
 
     dev = detect_cpu()
