@@ -264,3 +264,47 @@ def test_a_cpu_job_registers_only_its_own_families_tensor_intrinsics():
     assert p.returncode == 0, p.stderr[-2000:]
     loaded = p.stdout.strip().splitlines()[-1]
     assert "'x86'" in loaded and "arm_cpu" not in loaded and "cuda" not in loaded, loaded
+
+
+def test_an_operator_jobs_measuring_workers_load_only_tvms_runtime(tmp_path, demo_space):
+    """Operator workloads are checked against numpy, so a job of them measures in workers that load
+    TVM's runtime library only (TVM_USE_RUNTIME_LIB): a third of the start time, 80 MB not 190."""
+    import os
+    import threading
+    import time
+
+    import psutil
+
+    from spatialtune.store.database import TuningDatabase
+    from spatialtune.tuning import TuneOptions, tune
+
+    seen: dict[int, set[str]] = {}
+    stop = threading.Event()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # other tests' runners
+
+    def watch() -> None:
+        while not stop.is_set():
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    if p.pid not in before and any("measure-cpu" in a for a in p.cmdline()):
+                        libs = {os.path.basename(m.path) for m in p.memory_maps() if "libtvm" in m.path}
+                        if libs:
+                            seen[p.pid] = libs
+                except psutil.Error:
+                    pass
+            time.sleep(0.05)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        with TuningDatabase(tmp_path / "db.sqlite") as db:
+            s = tune(demo_space.select(["dense_small"]), [100], db,
+                     TuneOptions(trials=2, batch=2, population=16, genetic_iters=1, baselines=False,
+                                 run=RunSettings(repeat=2, min_repeat_ms=5)))
+    finally:
+        stop.set()
+        t.join()
+    assert s.results[0].best_s, "nothing was measured"
+    assert seen, "no measuring worker was seen"
+    for libs in seen.values():
+        assert "libtvm_runtime.so" in libs and "libtvm_compiler.so" not in libs, libs

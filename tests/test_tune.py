@@ -256,7 +256,9 @@ def test_replay_runner_returns_what_was_recorded(tuned_db, tmp_path, demo_space)
         with TuningDatabase(path) as src:
             recorded = {m.mod_hash: m.median_s for m in src.measurements(workload_key=w.key, ratio=100)}
         for m in db.measurements():
-            if m.mod_hash in recorded:
+            if m.status == "build_error":  # cut by the build deadline on a loaded machine: never run
+                assert "build" in m.error
+            elif m.mod_hash in recorded:
                 assert m.median_s == recorded[m.mod_hash]
             else:
                 assert m.status == "runtime_error"

@@ -89,7 +89,12 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
     deadline = None if opt.time_budget_s is None else t_start + opt.time_budget_s
     own_runner = runner is None
     if own_runner:
-        runner = LocalRunner(partition, device_kind=opt.target, settings=opt.run)
+        # Operator workloads are checked against numpy, so their measuring workers only load and
+        # run kernels: TVM's runtime library is enough (0.4 s to import instead of 1.5, 80 MB
+        # instead of 190). A PrimFunc task's reference is compiled in the worker: full TVM.
+        lean = opt.target == "cpu" and all(w.prim is None for w in workloads)
+        runner = LocalRunner(partition, device_kind=opt.target, settings=opt.run,
+                             extra_env={"TVM_USE_RUNTIME_LIB": "1"} if lean else None)
     lanes = min(runner.parallel, len(workloads))
     if lanes > 1 and progress is not None:
         progress = serialised(progress)
