@@ -143,6 +143,9 @@ def test_a_module_built_for_a_target_is_compiled_once_while_its_files_last(tmp_p
         assert other.ok and other.build_s > 0
         (rebuilt,) = b.build([BuildInput(m, "c")], TARGET)  # a.so is not TARGET's build any more
         assert rebuilt.build_s > 0 and rebuilt.artifact.endswith("c.so")
+        b.artifact_dir = str(tmp_path / "elsewhere")  # as a bundle does per workload
+        (moved,) = b.build([BuildInput(m, "c")], TARGET)
+        assert moved.build_s > 0 and moved.artifact == str(tmp_path / "elsewhere" / "c.so")
 
 
 def test_a_build_failure_is_data(builder):

@@ -143,10 +143,10 @@ class LocalBuilder(Builder):
         self.relative_timeout, self.min_timeout, self.min_samples = relative_timeout, min_timeout, min_samples
         self._history: dict[tuple[str, str], deque[float]] = {}
         self._history_lock = threading.Lock()  # the drive threads add to it while others read
-        # Artifacts built by this builder, by (module, target): a job builds its best kernels
+        # Artifacts built by this builder, by (module, target, directory): a job builds its best kernels
         # again to confirm them and measures the same config under several neighbours, and a
         # module compiled once for a target need not be compiled again while its files exist.
-        self._built: dict[tuple[str, str], tuple[BuildResult, tuple]] = {}
+        self._built: dict[tuple[str, str, str], tuple[BuildResult, tuple]] = {}
         self._workers = [Worker(init="spatialtune.measure.builder:_init_build_worker", name=f"build{i}") for i in range(n)]
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="build")
         # Concurrent callers (a job tuning several workloads at once) take turns: each build
@@ -178,7 +178,8 @@ class LocalBuilder(Builder):
                 item = inputs[idx]
                 # a kernel replayed from its trace serialises differently from the one the search
                 # made, so the structural hash is the identity when the caller knows it
-                key = (item.mod_hash or hashlib.sha1(item.mod_json.encode()).hexdigest(), tkey)
+                # (and the directory: a caller that points the builder elsewhere wants the files there)
+                key = (item.mod_hash or hashlib.sha1(item.mod_json.encode()).hexdigest(), tkey, self.artifact_dir)
                 done = self._built.get(key)
                 if done is not None and None not in done[1] and done[1] == _stamp(done[0]):
                     results[idx] = BuildResult(done[0].artifact, cubin=done[0].cubin, build_s=0.0)
