@@ -102,7 +102,7 @@ def prebuild(device, workload, n: int, out: Path, workers: int) -> tuple[list[Ru
     cands = UniformSampler(workload, target, seed=1).sample(n)
     t0 = time.perf_counter()
     with LocalBuilder(out, workers=workers, timeout=30) as b:  # a pathological compile is left out, not waited for
-        built = b.build([BuildInput(c.mod_json, c.mod_hash, workload.key, c.mod_hash) for c in cands], target)
+        built = b.build([BuildInput.of(c, workload.key) for c in cands], target)
     build_s = time.perf_counter() - t0
     inputs = [RunInput(workload.to_dict(), r.artifact, r.cubin, c.mod_hash) for c, r in zip(cands, built) if r.ok]
     return inputs, len(cands) / build_s * 60

@@ -83,7 +83,7 @@ def run_uniform(w, share, trials: int, seed: int, art: Path, runner: LocalRunner
     with LocalBuilder(art) as b:
         for i in range(0, len(cands), 16):
             chunk = cands[i:i + 16]
-            built = b.build([BuildInput(c.mod_json, c.mod_hash, w.key, c.mod_hash) for c in chunk], target)
+            built = b.build([BuildInput.of(c, w.key) for c in chunk], target)
             ok = [j for j, x in enumerate(built) if x.ok]
             res = runner.run(share, "none", [RunInput(w.to_dict(), built[j].artifact) for j in ok])
             times = dict(zip(ok, res))

@@ -128,7 +128,7 @@ def test_search_beats_uniform_sampling_on_one_core(tmp_path):
                      runner=runner, builder=builder)
                 best["spatialtune", seed] = min(m.median_s for m in db.measurements(status="ok"))
             cands = UniformSampler(w, target, seed=seed).sample(budget)
-            built = builder.build([BuildInput(c.mod_json, c.mod_hash, w.key) for c in cands], target)
+            built = builder.build([BuildInput.of(c, w.key) for c in cands], target)
             res = runner.run(share, "none", [RunInput(w.to_dict(), x.artifact, None, c.mod_hash)
                                              for c, x in zip(cands, built) if x.ok])
             best["uniform", seed] = min(r.median_s for r in res if r.status == "ok")

@@ -39,6 +39,12 @@ class BuildInput:
     group: str = ""  # builds compared for the relative deadline (a workload key); see LocalBuilder
     mod_hash: str = ""  # the module's structural hash, when known: one build per (kernel, target)
 
+    @classmethod
+    def of(cls, candidate, group: str = "") -> "BuildInput":
+        """The input for a search candidate (anything with ``mod_json`` and ``mod_hash``): named
+        and identified by its structural hash, its builds compared within ``group``."""
+        return cls(candidate.mod_json, candidate.mod_hash, group, candidate.mod_hash)
+
 
 @dataclass
 class BuildResult:
