@@ -27,17 +27,32 @@ def measure_numpy(workload: dict, settings: RunSettings, seed: int) -> dict:
     xs = op.random_inputs(w.params, w.dtype, rng)
     fn = _numpy_impl(w)
     fn(xs)
-    times = []
-    for _ in range(settings.repeat):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn(xs)
-            n += 1
-            el = time.perf_counter() - t0
-            if el * 1e3 >= settings.min_repeat_ms:
-                break
-        times.append(el / n)
-    return {"status": "ok", "times": times, "median_s": float(np.median(times)), "granted_units": granted_units()}
+    end = time.perf_counter() + settings.warmup_ms / 1e3  # the kernels' warm-up, for a fair start
+    while time.perf_counter() < end:
+        fn(xs)
+    # The best of NUMPY_ROUNDS timings: on the 2-core VM of the benchmarks, right after a TVM
+    # kernel ran on the same cores, 4-5 of 12 numpy timings of a 128x2304x768 dense took 32 ms
+    # instead of 2.7-3.7 (a state of OpenBLAS's threads that passes within about half a second;
+    # a second timing straight after was clean in 5 of 6 cases). A slow anchor flatters every
+    # kernel compared with it, so numpy is timed at its best.
+    best: list[float] | None = None
+    for _ in range(NUMPY_ROUNDS):
+        times = []
+        for _ in range(settings.repeat):
+            n, t0 = 0, time.perf_counter()
+            while True:
+                fn(xs)
+                n += 1
+                el = time.perf_counter() - t0
+                if el * 1e3 >= settings.min_repeat_ms:
+                    break
+            times.append(el / n)
+        if best is None or np.median(times) < np.median(best):
+            best = times
+    return {"status": "ok", "times": best, "median_s": float(np.median(best)), "granted_units": granted_units()}
+
+
+NUMPY_ROUNDS = 3
 
 
 def _numpy_impl(w):
