@@ -169,9 +169,11 @@ def test_a_search_with_one_thread_proposes_the_same_kernels_when_told_the_same_t
 
 
 def test_exploration_survives_small_batches_and_repeats_never_end_the_search():
-    """Batches of 2 with a 0.25 exploration fraction: about a quarter of the candidates are
-    uniform samples (MetaSchedule's own epsilon-greedy would round 0.25 * 2 down to none), no
-    candidate comes twice, and a search seeded with measured kernels keeps proposing new ones."""
+    """Batches of 2 with 0.25 exploration and 0.25 neighbours: a quarter of the candidates are
+    uniform samples (MetaSchedule's own epsilon-greedy would round 0.25 * 2 down to none) and a
+    quarter single mutations of the fastest kernels measured (one knob changed, or only a
+    parallel annotation); no candidate comes twice, and a search seeded with measured kernels
+    keeps proposing new ones."""
     from spatialtune.device import detect_cpu, target_for
     from spatialtune.search.cost_model import create_cost_model
     from spatialtune.search.evolution import EvolutionarySearch, EvolutionConfig
@@ -182,8 +184,14 @@ def test_exploration_survives_small_batches_and_repeats_never_end_the_search():
     target = target_for(detect_cpu(), 1)
     measured = [(c.trace, 1e-3 * (i + 1)) for i, c in enumerate(UniformSampler(w, target, seed=5).sample(12))]
     search = EvolutionarySearch(w, target, create_cost_model("random", seed=0), measured=measured, batch=2,
-                                config=EvolutionConfig(population=32, genetic_iters=1, explore=0.25))
-    seen, explore = set(search.measured), 0
+                                config=EvolutionConfig(population=32, genetic_iters=1, explore=0.25, local=0.25))
+
+    def knobs(trace):
+        t = search.space.replay(trace).trace
+        return [str(t.decisions[i]) for i in t.insts if i in t.decisions]
+
+    fastest = [knobs(tr) for tr, _ in measured[:search.LOCAL_PARENTS]]  # told 1 ms and slower below
+    seen, explore, local = set(search.measured), 0, 0
     try:
         for i in range(12):
             got = search.ask(2)
@@ -192,10 +200,14 @@ def test_exploration_survives_small_batches_and_repeats_never_end_the_search():
                 assert c.mod_hash not in seen
                 seen.add(c.mod_hash)
                 explore += c.source == "explore"
-            search.tell(got, [1e-3] * len(got))
+                if c.source == "local":
+                    local += 1
+                    k = knobs(c.trace)
+                    assert min(sum(a != b for a, b in zip(k, f)) for f in fastest) <= 1, (k, fastest)
+            search.tell(got, [1.0] * len(got))  # slower than every kernel measured before
     finally:
         search.close()
-    assert explore == 6  # 0.25 of 24, carried over from batch to batch
+    assert explore == 6 and local == 6  # 0.25 of 24 each, carried over from batch to batch
 
 
 def test_a_batch_is_picked_for_new_knob_values_not_only_the_best_predictions():

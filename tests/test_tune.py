@@ -108,8 +108,9 @@ def random_search_data(tmp_path_factory, demo_space):
         tune(demo_space.select(["dense_small", "conv_small"]), [50], db,
              TuneOptions(trials=72, batch=12, cost_model="random", baselines=False, **TUNE_OPTIONS,
                          # random scores leave evolution nothing to select: a small population is
-                         # as diverse and costs an eighth of the search time
-                         population=64, genetic_iters=1), runner=runner, builder=builder)
+                         # as diverse and costs an eighth of the search time; no neighbours of the
+                         # best kernels either (diverse data, and the recorded table's kernels)
+                         population=64, genetic_iters=1, local=0.0), runner=runner, builder=builder)
         runner.save_if_asked(workloads="dense_small, conv_small at 50 %", settings="repeat 5, min_repeat_ms 20",
                              machine=f"{detect_cpu().name} ({detect_cpu().arch}), one core")
         print(f"cost-model data: {runner.replayed} times replayed, {runner.measured} measured now")
@@ -207,6 +208,7 @@ def test_kill_9_then_rerun_resumes_without_repeating(tmp_path):
     (["--interference", "loud"], "unknown interference 'loud'"),
     (["--cost-model", "oracle"], "unknown cost model 'oracle'"),
     (["--partition", "mps"], "needs --target cuda"),
+    (["--explore", "0.5", "--local", "0.6"], "--local must be a fraction in [0, 1 - explore]"),
 ])
 def test_cli_tune_bad_arguments_are_one_line_exit_2(tmp_path, args, needle):
     db_path = tmp_path / "x.sqlite"

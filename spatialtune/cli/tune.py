@@ -51,6 +51,8 @@ def add_tune(sub) -> None:
     s.add_argument("--genetic-iters", type=int, default=TuneOptions.genetic_iters, help="generations per batch")
     s.add_argument("--explore", type=float, default=TuneOptions.explore,
                    help="fraction of every batch sampled uniformly from the design space")
+    s.add_argument("--local", type=float, default=TuneOptions.local,
+                   help="fraction of every batch that are random single mutations of the share's fastest kernels")
     s.add_argument("--diversity", type=float, default=TuneOptions.diversity,
                    help="weight of new knob values when a batch is picked from the best-predicted candidates "
                         "(0: the top ones)")
@@ -81,7 +83,7 @@ def _cmd_tune(a) -> int:
     opts = TuneOptions(trials=a.trials, batch=a.batch, scheduler=scheduler, time_budget_s=a.time_budget, target=a.target,
                        partition=a.partition, interference=a.interference, cost_model=a.cost_model, seed=a.seed,
                        baselines=not a.no_baselines, build_workers=a.build_workers, population=a.population,
-                       genetic_iters=a.genetic_iters, explore=a.explore, diversity=a.diversity,
+                       genetic_iters=a.genetic_iters, explore=a.explore, local=a.local, diversity=a.diversity,
                        search_threads=a.search_threads, build_deadline=a.build_deadline or None,
                        transfer_top=a.transfer_top, mcpu=a.mcpu,
                        arch=a.arch, run=RunSettings(repeat=a.repeat, timeout=a.timeout, seed=a.seed))

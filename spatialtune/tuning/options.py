@@ -30,6 +30,7 @@ class TuneOptions:
     population: int = EvolutionConfig.population
     genetic_iters: int = EvolutionConfig.genetic_iters
     explore: float = EvolutionConfig.explore  # fraction of each batch sampled uniformly
+    local: float = EvolutionConfig.local  # fraction of each batch: random single mutations of the best kernels
     diversity: float = EvolutionConfig.diversity  # novelty weight when a batch is picked (0: top-n)
     # Threads of the evolution's sampling and mutation (default: the cores this process may use).
     # With 1 a search is reproducible: the same seed and the same measurements give the same
@@ -64,6 +65,8 @@ class TuneOptions:
             raise ConfigError(f"--genetic-iters must be a non-negative integer, got {self.genetic_iters!r}")
         if not (0.0 <= self.explore <= 1.0):
             raise ConfigError(f"--explore must be a fraction in [0, 1], got {self.explore!r}")
+        if not (isinstance(self.local, (int, float)) and 0.0 <= self.local <= 1.0 - self.explore):
+            raise ConfigError(f"--local must be a fraction in [0, 1 - explore], got {self.local!r}")
         if not (isinstance(self.diversity, (int, float)) and 0.0 <= self.diversity):
             raise ConfigError(f"--diversity must be a non-negative number, got {self.diversity!r}")
         if self.search_threads is not None and not (isinstance(self.search_threads, int) and self.search_threads >= 1):
@@ -81,7 +84,8 @@ class TuneOptions:
         return PolicyOptions(cost_model=self.cost_model, transfer_top=self.transfer_top,
                              seeds_per_share=self.seeds_per_share,
                              evolution=EvolutionConfig(population=self.population, genetic_iters=self.genetic_iters,
-                                                       explore=self.explore, diversity=self.diversity))
+                                                       explore=self.explore, local=self.local,
+                                                       diversity=self.diversity))
 
 
 @dataclass
