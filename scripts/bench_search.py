@@ -43,6 +43,7 @@ log = logging.getLogger("bench-search")
 
 FULL = ["bert_qkv_fp32", "r50_s2_3x3_fp32", "mbv2_dw_144_56_fp32", "bert_qk_fp32"]
 QUICK = ["dense_small"]
+DEFAULT_METHODS = "spatialtune,tune_tir,uniform"
 SPACES = ["bert_base.toml", "resnet50.toml", "mobilenet_v2.toml", "demo.toml"]
 MATMUL_FAMILY = ("dense", "matmul", "batch_matmul")
 QUICK_RUN = RunSettings(repeat=2, min_repeat_ms=5, warmup_ms=10, timeout=60)
@@ -220,7 +221,7 @@ def main() -> int:
     ap.add_argument("--budgets", default="64,128,256")
     ap.add_argument("--workloads", default=",".join(FULL))
     ap.add_argument("--ratios", default="100,50")
-    ap.add_argument("--methods", default="spatialtune,tune_tir,uniform")
+    ap.add_argument("--methods", default=DEFAULT_METHODS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--diversity", type=float, default=None,
                     help="spatialtune's novelty weight when it picks a batch (default: tune's; 0: the ablation)")
@@ -232,6 +233,8 @@ def main() -> int:
     quick = a.quick or bool(os.environ.get("SPATIALTUNE_QUICK"))
     if quick:  # at 50 % every method runs, spatialtune also from scratch: one share covers the script
         a.budgets, a.workloads, a.ratios = "2,4", ",".join(QUICK), "50"
+        if a.methods == DEFAULT_METHODS:  # and the ablation, so every method of the script runs
+            a.methods += ",spatialtune-nolocal"
         a.out = a.out if a.out != str(ROOT / "out" / "bench-search") else tempfile.mkdtemp(prefix="bench-search-")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("tvm").setLevel(logging.WARNING)

@@ -18,7 +18,7 @@ strategy assumes and we cannot give it as is:
 - **Neighbours of the best.** A fraction ``local`` of every batch are single mutations (the
   target's own mutators: a tile factor moved, another unroll depth, ...) of this share's fastest
   kernels, chosen at random and not by the model. The model-ranked evolution left a dense at
-  5.2 ms on 2 cores for 150 trials while one tile move of its best (16-wide vectors instead of 8)
+  5.2 ms on 2 cores for 150 trials while one tile move of its best (an innermost tile of 16 output columns instead of 8)
   was 3.0 ms; a model that has not seen a move work ranks it low, so it is never tried.
 - **Batches.** The strategy would hand out its n best-predicted candidates, often one tile size
   apart; the rest of a batch is picked among the 2n best for predicted speed and new knob
