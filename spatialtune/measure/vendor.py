@@ -32,9 +32,10 @@ def measure_numpy(workload: dict, settings: RunSettings, seed: int) -> dict:
         fn(xs)
     # The best of NUMPY_ROUNDS timings: on the 2-core VM of the benchmarks, right after a TVM
     # kernel ran on the same cores, 4-5 of 12 numpy timings of a 128x2304x768 dense took 32 ms
-    # instead of 2.7-3.7 (a state of OpenBLAS's threads that passes within about half a second;
-    # a second timing straight after was clean in 5 of 6 cases). A slow anchor flatters every
-    # kernel compared with it, so numpy is timed at its best.
+    # instead of 2.7-3.7 (a state of OpenBLAS's threads that passes within about half a second:
+    # a second timing straight after a slow one was clean all 5 times, and 1 of 12 second timings
+    # was slow on its own). A slow anchor flatters every kernel compared with it, so numpy is
+    # timed at its best.
     best: list[float] | None = None
     for _ in range(NUMPY_ROUNDS):
         times = []
