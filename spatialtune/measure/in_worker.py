@@ -36,6 +36,14 @@ def init_measure_worker(partition_kind: str, share: Share, device_kind: str) -> 
     return seen
 
 
+def warm_up(call, ms: float) -> None:
+    """Untimed calls of ``call`` for ``ms`` milliseconds (none for 0): the same warm-up for a
+    kernel and for the vendor baseline it is compared with."""
+    end = time.perf_counter() + ms / 1e3
+    while time.perf_counter() < end:
+        call()
+
+
 def share_cores() -> tuple[int, ...] | None:
     """The cores of this worker's CPU share (None outside a CPU share). The calling thread itself is
     bound to the first of them (see CpuPartition.enter), so a library that starts its own threads
@@ -100,11 +108,7 @@ def measure_one(workload: dict, artifact: str, cubin: str | None, settings: RunS
     # to 2.5x slower than its steady state here (the pool's threads waking, caches, clocks), which
     # was enough to reorder candidates.
     # (A loop of our own: time_evaluator's search for a run count took 60-160 ms to warm up for 60.)
-    if settings.warmup_ms > 0:
-        end = time.perf_counter() + settings.warmup_ms / 1e3
-        while time.perf_counter() < end:
-            f(*args, *outs)
-            dev.sync()
+    warm_up(lambda: (f(*args, *outs), dev.sync()), settings.warmup_ms)
     ev = mod.time_evaluator("main", dev, number=1, repeat=settings.repeat, min_repeat_ms=int(settings.min_repeat_ms))
     times = [float(t) for t in ev(*args, *outs).results]
     return res | {"status": "ok", "times": times, "median_s": float(np.median(times))}

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 def measure_numpy(workload: dict, settings: RunSettings, seed: int) -> dict:
     """The vendor baseline on the CPU: numpy (BLAS for the matmuls) with this worker's cores."""
     from ..workloads.spec import Workload
-    from .in_worker import granted_units
+    from .in_worker import granted_units, warm_up
 
     w = Workload.from_dict(workload)
     op = w.operator
@@ -27,9 +27,7 @@ def measure_numpy(workload: dict, settings: RunSettings, seed: int) -> dict:
     xs = op.random_inputs(w.params, w.dtype, rng)
     fn = _numpy_impl(w)
     fn(xs)
-    end = time.perf_counter() + settings.warmup_ms / 1e3  # the kernels' warm-up, for a fair start
-    while time.perf_counter() < end:
-        fn(xs)
+    warm_up(lambda: fn(xs), settings.warmup_ms)  # the kernels' warm-up, for a fair start
     # The best of NUMPY_ROUNDS timings: on the 2-core VM of the benchmarks, right after a TVM
     # kernel ran on the same cores, 4-5 of 12 numpy timings of a 128x2304x768 dense took 32 ms
     # instead of 2.7-3.7 (a state of OpenBLAS's threads that passes within about half a second:
