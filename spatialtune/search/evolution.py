@@ -88,6 +88,8 @@ class EvolutionarySearch(Search):
         self.measured: set[str] = set()
         self._fastest: list[tuple[float, str]] = []  # (time, trace) of this share's kernels, fastest first
         self._n_ok = 0
+        self._parents: dict[str, object] = {}  # trace -> its replayed Schedule (see _from_neighbours)
+        self._mutators = self._mutator_p = None
         for trace, t in measured:
             sch = self._commit(trace, t)
             if sch is not None:
@@ -167,24 +169,25 @@ class EvolutionarySearch(Search):
 
         ffi = self._ms._ffi_api
         gen = self.space.ctx.space_generator
-        mutators = list(gen.mutator_probs.items())
-        probs = np.asarray([float(p) for _, p in mutators])
-        probs /= probs.sum()
+        if self._mutators is None:
+            self._mutators = list(gen.mutator_probs)
+            p = np.asarray([float(v) for v in gen.mutator_probs.values()])
+            self._mutator_p = p / p.sum()
+        # the parents' schedules, replayed once while they stay among the fastest
+        self._parents = {tr: self._parents.get(tr) or self.space.replay(tr) for _, tr in self._fastest}
         rank_w = np.asarray([1.0 / (i + 1) for i in range(len(self._fastest))])
-        parents: dict[int, object] = {}
         out: list[Candidate] = []
         taken = self.measured | {c.mod_hash for c in self.pool}
         for _ in range(8 * n):
             if len(out) >= n:
                 break
             i = int(self._rng.choice(len(self._fastest), p=rank_w / rank_w.sum()))
-            if i not in parents:
-                parents[i] = self.space.replay(self._fastest[i][1])
-            if parents[i] is None:
+            parent = self._parents[self._fastest[i][1]]
+            if parent is None:
                 continue
-            mut = mutators[int(self._rng.choice(len(mutators), p=probs))][0]
+            mut = self._mutators[int(self._rng.choice(len(self._mutators), p=self._mutator_p))]
             # a seed of ours, not TVM's -1 (a device-random seed): a search stays reproducible
-            trace = ffi.MutatorApply(mut, parents[i].trace, int(self._rng.integers(1, 2**31 - 1)))
+            trace = ffi.MutatorApply(mut, parent.trace, int(self._rng.integers(1, 2**31 - 1)))
             if trace is None:
                 continue
             try:
