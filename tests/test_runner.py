@@ -314,9 +314,9 @@ def test_an_operator_jobs_measuring_workers_load_only_tvms_runtime(tmp_path, dem
 
 
 def test_a_transient_slow_state_of_blas_does_not_become_the_numpy_anchor(monkeypatch):
-    """numpy is timed at its best of a few rounds: on the benchmarks' VM OpenBLAS sometimes ran
-    10x slow for about half a second after a TVM kernel (32 ms instead of 3), and an anchor timed
-    then flatters every kernel compared with it. Here the first round's calls are slow."""
+    """numpy is timed at its best of a few rounds, in case the quiet before it (tested below) was
+    not long enough: an anchor timed slow flatters every kernel compared with it. Here the first
+    round's calls are slow."""
     import time as _time
 
     from spatialtune.measure import vendor
@@ -332,5 +332,50 @@ def test_a_transient_slow_state_of_blas_does_not_become_the_numpy_anchor(monkeyp
         return fn
 
     monkeypatch.setattr(vendor, "_numpy_impl", impl)
+    monkeypatch.setattr(vendor, "QUIET_S", 0.0)
     r = vendor.measure_numpy(DENSE.to_dict(), settings, 0)
     assert r["status"] == "ok" and r["median_s"] < 0.002, r
+
+
+def test_numpy_is_timed_after_tvms_pool_has_gone_quiet_on_the_shares_blas_threads(monkeypatch):
+    """On the benchmarks' VM numpy ran 10x slow while TVM's pool threads were still spinning after
+    a kernel (up to 0.3 s), every round alike. Here every call within 0.3 s of the start is slow,
+    so only the quiet before the timing gives the fast time; and numpy gets one BLAS thread per
+    core of the share (a worker's references run on one), the count before it afterwards."""
+    import os
+    import time as _time
+
+    from spatialtune.measure import blas, vendor
+    from spatialtune.measure.runner import RunSettings
+
+    assert blas.available(), "numpy's OpenBLAS was not found: measuring workers would time kernels next to its spinning threads"
+    settings = RunSettings(repeat=2, min_repeat_ms=2, warmup_ms=0)
+    start, seen = _time.perf_counter(), set()
+
+    def impl(w):
+        def fn(xs):
+            seen.add(blas.get_threads())
+            _time.sleep(0.004 if _time.perf_counter() - start < 0.3 else 0.0002)
+        return fn
+
+    monkeypatch.setattr(vendor, "_numpy_impl", impl)
+    monkeypatch.setattr(vendor, "QUIET_S", 0.35)
+    blas.set_threads(1)
+    try:
+        r = vendor.measure_numpy(DENSE.to_dict(), settings, 0)
+        assert blas.get_threads() == 1
+    finally:
+        blas.set_threads(len(os.sched_getaffinity(0)))
+    assert r["status"] == "ok" and r["median_s"] < 0.002, r
+    assert seen == {len(os.sched_getaffinity(0))}, seen
+
+
+def test_a_measuring_worker_computes_its_references_on_one_blas_thread():
+    """BLAS threads spinning after a two-thread reference put a 2x repeat into most kernel timings
+    on the benchmarks' VM (see spatialtune.measure.blas)."""
+    from spatialtune.measure.worker import Worker
+
+    share = CpuPartition().grant(100)
+    with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"),
+                env={"OPENBLAS_NUM_THREADS": str(share.units)}) as w:
+        assert w.call("spatialtune.measure.blas:get_threads", timeout=60) == 1

@@ -25,7 +25,11 @@ _state: dict[str, Any] = {}
 def init_measure_worker(partition_kind: str, share: Share, device_kind: str) -> int | None:
     """Apply the share inside this worker; return the units it sees (cores or SMs)."""
     from ..partitions import create_partition
+    from . import blas
 
+    # References on one BLAS thread: BLAS threads spinning after a reference slowed the kernel
+    # timed right after it (see measure.blas); the numpy baseline takes the share's threads itself.
+    blas.set_threads(1)
     part = create_partition(partition_kind) if partition_kind == "cpu" else None
     seen = part.enter(share) if part is not None else None
     if device_kind == "cuda":

@@ -3,6 +3,7 @@ candidates: numpy (BLAS) on the CPU, torch's matmul (cuBLAS) on a GPU."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -19,39 +20,43 @@ if TYPE_CHECKING:
 def measure_numpy(workload: dict, settings: RunSettings, seed: int) -> dict:
     """The vendor baseline on the CPU: numpy (BLAS for the matmuls) with this worker's cores."""
     from ..workloads.spec import Workload
-    from .in_worker import granted_units, warm_up
+    from . import blas
+    from .in_worker import granted_units, share_cores, warm_up
 
     w = Workload.from_dict(workload)
     op = w.operator
     rng = np.random.default_rng(seed)
     xs = op.random_inputs(w.params, w.dtype, rng)
     fn = _numpy_impl(w)
-    fn(xs)
-    warm_up(lambda: fn(xs), settings.warmup_ms)  # the kernels' warm-up, for a fair start
-    # The best of NUMPY_ROUNDS timings: on the 2-core VM of the benchmarks, right after a TVM
-    # kernel ran on the same cores, 4-5 of 12 numpy timings of a 128x2304x768 dense took 32 ms
-    # instead of 2.7-3.7 (a state of OpenBLAS's threads that passes within about half a second:
-    # a second timing straight after a slow one was clean all 5 times, and 1 of 12 second timings
-    # was slow on its own). A slow anchor flatters every kernel compared with it, so numpy is
-    # timed at its best.
-    best: list[float] | None = None
-    for _ in range(NUMPY_ROUNDS):
-        times = []
-        for _ in range(settings.repeat):
-            n, t0 = 0, time.perf_counter()
-            while True:
-                fn(xs)
-                n += 1
-                el = time.perf_counter() - t0
-                if el * 1e3 >= settings.min_repeat_ms:
-                    break
-            times.append(el / n)
-        if best is None or np.median(times) < np.median(best):
-            best = times
+    cores = share_cores()
+    # After TVM's pool and before BLAS's: each spins on the share's cores for a while after its
+    # last call, and numpy timed within 0.1 s of a kernel ran 10x slow (see measure.blas).
+    time.sleep(QUIET_S)
+    with blas.threads(len(cores) if cores else len(os.sched_getaffinity(0))):
+        fn(xs)
+        warm_up(lambda: fn(xs), settings.warmup_ms)  # the kernels' warm-up, for a fair start
+        # The best of NUMPY_ROUNDS timings, in case the quiet was not long enough: a slow anchor
+        # flatters every kernel compared with it.
+        best: list[float] | None = None
+        for _ in range(NUMPY_ROUNDS):
+            times = []
+            for _ in range(settings.repeat):
+                n, t0 = 0, time.perf_counter()
+                while True:
+                    fn(xs)
+                    n += 1
+                    el = time.perf_counter() - t0
+                    if el * 1e3 >= settings.min_repeat_ms:
+                        break
+                times.append(el / n)
+            if best is None or np.median(times) < np.median(best):
+                best = times
+    time.sleep(QUIET_S)  # BLAS's threads go quiet before the next kernel is timed here
     return {"status": "ok", "times": best, "median_s": float(np.median(best)), "granted_units": granted_units()}
 
 
 NUMPY_ROUNDS = 3
+QUIET_S = 0.5  # TVM's pool was quiet 0.3 s after a kernel on the benchmarks' VM
 
 
 def _numpy_impl(w):
