@@ -7,7 +7,9 @@ cores, by spatialtune's runner in one pass at the end, so the ratios come from o
 machine. Also the trials each method needed to reach 95 % of its final best, and for the smaller
 shares spatialtune with transfer (after the whole-device share, in one database) against
 spatialtune from scratch (a fresh database). Method ``spatialtune-nolocal`` is the ablation of the
-batch's neighbours of the best kernels (``TuneOptions.local`` 0, its own database).
+batch's neighbours of the best kernels (``TuneOptions.local`` 0, its own database), and
+``spatialtune-nopack`` that of the design space with packed operand panels
+(``TuneOptions.pack_panels`` off, its own database).
 
 Results go to --out as JSON per (workload, share, method), so an interrupted run resumes; the
 table is printed at the end (and with --table-only from what is there). Nothing is asserted.
@@ -61,13 +63,16 @@ def find_workload(name: str):
 
 
 def run_spatialtune(w, ratio: float, db_path: Path, trials: int, seed: int, art: Path,
-                    diversity: float | None = None, quick: bool = False, local: float | None = None) -> list[dict]:
+                    diversity: float | None = None, quick: bool = False, local: float | None = None,
+                    pack_panels: bool = True) -> list[dict]:
     from spatialtune.store.database import TuningDatabase
     from spatialtune.tuning import TuneOptions, tune
 
     extra = {} if diversity is None else {"diversity": diversity}
     if local is not None:
         extra["local"] = local
+    if not pack_panels:
+        extra["pack_panels"] = False
     if quick:  # a smoke test of the script, not of the search: a small population, short timings
         extra |= {"population": 32, "genetic_iters": 1, "run": QUICK_RUN}
     with TuningDatabase(db_path) as db:
@@ -234,7 +239,7 @@ def main() -> int:
     if quick:  # at 50 % every method runs, spatialtune also from scratch: one share covers the script
         a.budgets, a.workloads, a.ratios = "2,4", ",".join(QUICK), "50"
         if a.methods == DEFAULT_METHODS:  # and the ablation, so every method of the script runs
-            a.methods += ",spatialtune-nolocal"
+            a.methods += ",spatialtune-nolocal,spatialtune-nopack"
         a.out = a.out if a.out != str(ROOT / "out" / "bench-search") else tempfile.mkdtemp(prefix="bench-search-")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("tvm").setLevel(logging.WARNING)
@@ -262,6 +267,9 @@ def main() -> int:
                         "spatialtune-nolocal": lambda: run_spatialtune(
                             w, ratio, out / f"{w.name}-nolocal.sqlite", budgets[-1], a.seed, work / "art", a.diversity,
                             quick, local=0.0),
+                        "spatialtune-nopack": lambda: run_spatialtune(
+                            w, ratio, out / f"{w.name}-nopack.sqlite", budgets[-1], a.seed, work / "art", a.diversity,
+                            quick, pack_panels=False),
                         "uniform": lambda: run_uniform(w, share, budgets[-1], a.seed, work / "art", runner),
                         "tune_tir": lambda: run_tune_tir(w, share, budgets[-1], a.seed, work)}
                 if ratio < 100:
@@ -330,11 +338,12 @@ def verdicts(finals: list[dict], budgets: list[int]) -> list[str]:
                 out.append(f"  {d['workload']} {d['ratio']:g}% @{b}: spatialtune "
                            + ("beats " if worst < 1 else "does not beat ") + " and ".join(rivals)
                            + ("" if worst < 1 else f" (slower by {100 * (worst - 1):.0f} % than the best of them)"))
-        ablation = by.get("spatialtune-nolocal", {})
-        for b in budgets:
-            if b in st and b in ablation:
-                out.append(f"  {d['workload']} {d['ratio']:g}% @{b}: with neighbours of the best kernels "
-                           f"{st[b] / ablation[b]:.2f}x the time without them")
+        for m, what in (("spatialtune-nolocal", "with neighbours of the best kernels {}x the time without them"),
+                        ("spatialtune-nopack", "with the packed-panel space {}x the time without it")):
+            ablation = by.get(m, {})
+            for b in budgets:
+                if b in st and b in ablation:
+                    out.append(f"  {d['workload']} {d['ratio']:g}% @{b}: " + what.format(f"{st[b] / ablation[b]:.2f}"))
         if d.get("numpy_s") and st.get(budgets[-1]):
             out.append(f"  {d['workload']} {d['ratio']:g}%: spatialtune at {budgets[-1]} trials is "
                        f"{d['numpy_s'] / st[budgets[-1]]:.2f}x numpy on the same cores")

@@ -59,6 +59,9 @@ class EvolutionConfig:
     # Weight of novelty when a batch is picked from the best-predicted candidates (0: plain top-n);
     # see diverse_pick.
     diversity: float = 1.0
+    # On a CPU target, a second design space that packs a matmul's transposed operand into
+    # vector-wide panels (search.rules.PackPanels; False: MetaSchedule's own spaces only).
+    pack_panels: bool = True
 
 
 class EvolutionarySearch(Search):
@@ -76,7 +79,7 @@ class EvolutionarySearch(Search):
         self.share_units = share_units
         self.rand_state = rand_state
         self._ms = ms
-        self.space = DesignSpace(workload, target, rand_state=rand_state,
+        self.space = DesignSpace(workload, target, rand_state=rand_state, pack_panels=config.pack_panels,
                                  threads=threads or len(os.sched_getaffinity(0)),
                                  strategy=ms.search_strategy.EvolutionarySearch(
                                      population_size=config.population, init_measured_ratio=config.init_measured_ratio,
@@ -250,7 +253,8 @@ class EvolutionarySearch(Search):
         if self._uniform is None:
             from .uniform import UniformSampler
 
-            self._uniform = UniformSampler(self.workload, self.space.target_dict, seed=self.rand_state)
+            self._uniform = UniformSampler(self.workload, self.space.target_dict, seed=self.rand_state,
+                                           pack_panels=self.config.pack_panels)
         got = self._uniform.sample(n, exclude=self.measured | {c.mod_hash for c in self.pool} | exclude)
         for c in got:
             c.source = "explore"

@@ -49,7 +49,7 @@ class DesignSpace:
     """MetaSchedule's design spaces of ``workload`` for ``target`` (a JSON-dict target)."""
 
     def __init__(self, workload, target: dict, *, rand_state: int = 0, threads: int = 1,
-                 strategy=None, task_name: str | None = None):
+                 strategy=None, task_name: str | None = None, pack_panels: bool = True):
         import tvm
         from tvm.s_tir import meta_schedule as ms
 
@@ -60,7 +60,8 @@ class DesignSpace:
         self.target_dict = dict(target)
         # The design space generator's rules name tensor intrinsics (VNNI on x86, MMA on CUDA)
         ensure_tensor_intrinsics(target)
-        self.ctx = ms.TuneContext(mod=self.mod, target=self.target, space_generator="post-order-apply",
+        self.ctx = ms.TuneContext(mod=self.mod, target=self.target,
+                                  space_generator=space_generator(self.mod, self.target, pack_panels),
                                   search_strategy=strategy, task_name=task_name or workload.key,
                                   rand_state=rand_state, num_threads=max(1, int(threads)))
         self.spaces = self.ctx.space_generator.generate_design_space(self.mod)
@@ -92,6 +93,20 @@ class DesignSpace:
         except Exception as e:  # a trace from another TVM version: not a candidate, not fatal
             log.debug("a stored trace does not replay on %s: %s", self.workload.key, e)
             return None
+
+
+def space_generator(mod, target, pack_panels: bool = True):
+    """MetaSchedule's post-order-apply generator with the target's own rules, and on a CPU target
+    :class:`~spatialtune.search.rules.PackPanels` after them (``pack_panels``)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if target.kind.name != "llvm" or not pack_panels:
+        return "post-order-apply"
+    from .rules import PackPanels
+
+    # The target's rules as MetaSchedule picks them (x86 ones with AVX-512 or VNNI, else llvm's)
+    own = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply", task_name="rules")
+    return ms.space_generator.PostOrderApply(sch_rules=[*own.space_generator.sch_rules, PackPanels()])
 
 
 def candidate_from_trace(workload, trace: str, source: str, features: np.ndarray | None = None,

@@ -20,10 +20,10 @@ class UniformSampler:
     """Draws candidates uniformly from a workload's design space, never one in ``exclude`` and
     never the same one twice."""
 
-    def __init__(self, workload, target: dict, *, seed: int = 0, chunk: int = 64):
+    def __init__(self, workload, target: dict, *, seed: int = 0, chunk: int = 64, pack_panels: bool = True):
         from tvm.s_tir import meta_schedule as ms
 
-        self.space = DesignSpace(workload, target, rand_state=(seed * 7919 + 17) % (2**31 - 1),
+        self.space = DesignSpace(workload, target, rand_state=(seed * 7919 + 17) % (2**31 - 1), pack_panels=pack_panels,
                                  strategy=ms.search_strategy.ReplayTrace(max_fail_count=2000))
         self.chunk = chunk
         self.seen: set[str] = set()

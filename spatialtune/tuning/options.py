@@ -32,6 +32,7 @@ class TuneOptions:
     explore: float = EvolutionConfig.explore  # fraction of each batch sampled uniformly
     local: float = EvolutionConfig.local  # fraction of each batch: random single mutations of the best kernels
     diversity: float = EvolutionConfig.diversity  # novelty weight when a batch is picked (0: top-n)
+    pack_panels: bool = EvolutionConfig.pack_panels  # CPU: also the space with packed operand panels
     # Threads of the evolution's sampling and mutation (default: the cores this process may use).
     # With 1 a search is reproducible: the same seed and the same measurements give the same
     # candidates (with more, which thread draws what depends on timing).
@@ -85,7 +86,7 @@ class TuneOptions:
                              seeds_per_share=self.seeds_per_share,
                              evolution=EvolutionConfig(population=self.population, genetic_iters=self.genetic_iters,
                                                        explore=self.explore, local=self.local,
-                                                       diversity=self.diversity))
+                                                       diversity=self.diversity, pack_panels=self.pack_panels))
 
 
 @dataclass
