@@ -334,10 +334,15 @@ def verdicts(finals: list[dict], budgets: list[int]) -> list[str]:
         for b in budgets:
             rivals = {m: by[m][b] for m in ("tune_tir", "uniform") if b in by.get(m, {})}
             if b in st and rivals:
-                worst = max(st[b] / t for t in rivals.values())
-                out.append(f"  {d['workload']} {d['ratio']:g}% @{b}: spatialtune "
-                           + ("beats " if worst < 1 else "does not beat ") + " and ".join(rivals)
-                           + ("" if worst < 1 else f" (slower by {100 * (worst - 1):.0f} % than the best of them)"))
+                ahead = [m for m, t in rivals.items() if st[b] < t]
+                behind = {m: st[b] / t for m, t in rivals.items() if st[b] >= t}
+                line = f"  {d['workload']} {d['ratio']:g}% @{b}: spatialtune "
+                if not behind:
+                    line += "beats " + " and ".join(ahead)
+                else:
+                    line += (("beats " + " and ".join(ahead) + ", not ") if ahead else "does not beat ") + \
+                        " and ".join(f"{m} (slower by {100 * (r - 1):.0f} %)" for m, r in behind.items())
+                out.append(line)
         for m, what in (("spatialtune-nolocal", "with neighbours of the best kernels {}x the time without them"),
                         ("spatialtune-nopack", "with the packed-panel space {}x the time without it")):
             ablation = by.get(m, {})
