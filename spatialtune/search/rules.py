@@ -18,8 +18,9 @@ from tvm.s_tir.meta_schedule.schedule_rule import PyScheduleRule
 PANEL_WIDTH = 16
 
 
-def panel_operand(sch, block) -> int | None:
-    """The index in ``block``'s reads of the operand to pack, or None."""
+def panel_operand(sch, block) -> tuple[int, int] | None:
+    """(index in ``block``'s reads of the operand to pack, its dimension indexed by the output's
+    innermost axis), or None."""
     from tvm import tirx
 
     b = sch.get(block)
@@ -39,7 +40,7 @@ def panel_operand(sch, block) -> int | None:
         if isinstance(last, tirx.Var) and last in reduce and any(m.same_as(j) for m in mins[:-1]):
             jdim = next(d for d, m in enumerate(mins[:-1]) if m.same_as(j))
             if int(r.source.shape[jdim]) % PANEL_WIDTH == 0 and int(r.source.shape[jdim]) > PANEL_WIDTH:
-                return i
+                return i, jdim
     return None
 
 
@@ -49,13 +50,10 @@ class PackPanels(PyScheduleRule):
         pass
 
     def apply(self, sch, block):
-        idx = panel_operand(sch, block)
-        if idx is None:
+        found = panel_operand(sch, block)
+        if found is None:
             return [sch]
-        b = sch.get(block)
-        mins = [rg.min for rg in b.reads[idx].region]
-        j = sch.get(block).writes[0].region[-1].min
-        jdim = next(d for d, m in enumerate(mins[:-1]) if m.same_as(j))
+        idx, jdim = found
         width = PANEL_WIDTH
 
         def index_map(*axes):
