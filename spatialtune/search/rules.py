@@ -37,8 +37,8 @@ def panel_operand(sch, block) -> tuple[int, int] | None:
         if r.source.same_as(b.writes[0].source) or len(mins) < 2:
             continue
         last = mins[-1]
-        if isinstance(last, tirx.Var) and last in reduce and any(m.same_as(j) for m in mins[:-1]):
-            jdim = next(d for d, m in enumerate(mins[:-1]) if m.same_as(j))
+        jdim = next((d for d, m in enumerate(mins[:-1]) if m.same_as(j)), None)
+        if isinstance(last, tirx.Var) and last in reduce and jdim is not None:
             if int(r.source.shape[jdim]) % PANEL_WIDTH == 0 and int(r.source.shape[jdim]) > PANEL_WIDTH:
                 return i, jdim
     return None
