@@ -59,6 +59,9 @@ def add_tune(sub) -> None:
     s.add_argument("--no-pack-panels", action="store_true",
                    help="CPU: search MetaSchedule's own design spaces only, without the one that packs a "
                         "matmul's transposed operand into vector-wide panels")
+    s.add_argument("--tile-seeds", type=int, default=TuneOptions.tile_seeds, metavar="N",
+                   help="CPU: candidates of a share's first batches drawn with a register-sized innermost tile "
+                        "(0: none)")
     s.add_argument("--search-threads", type=int, default=None, metavar="N",
                    help="threads of the evolution (default: this process's cores); 1 makes a search "
                         "reproducible from its seed and its measurements")
@@ -87,7 +90,7 @@ def _cmd_tune(a) -> int:
                        partition=a.partition, interference=a.interference, cost_model=a.cost_model, seed=a.seed,
                        baselines=not a.no_baselines, build_workers=a.build_workers, population=a.population,
                        genetic_iters=a.genetic_iters, explore=a.explore, local=a.local, diversity=a.diversity,
-                       pack_panels=not a.no_pack_panels,
+                       pack_panels=not a.no_pack_panels, tile_seeds=a.tile_seeds,
                        search_threads=a.search_threads, build_deadline=a.build_deadline or None,
                        transfer_top=a.transfer_top, mcpu=a.mcpu,
                        arch=a.arch, run=RunSettings(repeat=a.repeat, timeout=a.timeout, seed=a.seed))

@@ -62,6 +62,9 @@ class EvolutionConfig:
     # On a CPU target, a second design space that packs a matmul's transposed operand into
     # vector-wide panels (search.rules.PackPanels; False: MetaSchedule's own spaces only).
     pack_panels: bool = True
+    # CPU: this many candidates of a share's first batches (up to half of each) are uniform samples
+    # given a register tile (search.seeds); 0: none. Not when other shares' configs seed the share.
+    tile_seeds: int = 16
 
 
 class EvolutionarySearch(Search):
@@ -100,6 +103,8 @@ class EvolutionarySearch(Search):
                 self._note_time(trace, t)
         for trace, t in seeds:
             self._commit(trace, t)
+        # transferred configs already carry what the register tiles would bring
+        self._tile_left = config.tile_seeds if not seeds and len(self.measured) < config.tile_seeds else 0
         # Enough per generation to cover the measured kernels that can come back (they are parents)
         per_iter = self.batch + min(len(self.measured), int(config.population * config.init_measured_ratio))
         self.strategy = self.space.ctx.search_strategy
@@ -144,7 +149,9 @@ class EvolutionarySearch(Search):
         local = self._from_neighbours(n_local)
         # what could not be drawn (no kernel measured yet) is owed for one batch at most
         self._local_credit = min(self._local_credit - len(local), max(1.0, self.config.local * n))
-        out = local + self._from_evolution(n - n_rand - len(local), exclude={c.mod_hash for c in local})
+        tiles = self._from_tile_seeds(min(self._tile_left, (n - n_rand - len(local)) // 2 if n > 1 else 0))
+        out = local + tiles
+        out += self._from_evolution(n - n_rand - len(out), exclude={c.mod_hash for c in out})
         out += self._from_uniform(n - len(out), exclude={c.mod_hash for c in out})
         return stamp(out, t0)
 
@@ -208,6 +215,26 @@ class EvolutionarySearch(Search):
             out.append(self.space.candidate(sch, "local"))
         return out
 
+    def _from_tile_seeds(self, n: int) -> list[Candidate]:
+        if n <= 0:
+            return []
+        from .seeds import register_tile_seeds
+
+        sampler = self._uniform_sampler()
+        got = register_tile_seeds(sampler.space, sampler.sample(4 * n, exclude=self.measured), n, self._rng,
+                                  exclude=self.measured | {c.mod_hash for c in self.pool})
+        # none where nothing takes a register tile (a GPU target, an elementwise operator)
+        self._tile_left = self._tile_left - len(got) if got else 0
+        return got
+
+    def _uniform_sampler(self):
+        if self._uniform is None:
+            from .uniform import UniformSampler
+
+            self._uniform = UniformSampler(self.workload, self.space.target_dict, seed=self.rand_state,
+                                           pack_panels=self.config.pack_panels)
+        return self._uniform
+
     def _from_evolution(self, n: int, exclude: set[str] = frozenset()) -> list[Candidate]:
         if n <= 0:
             return []
@@ -250,12 +277,7 @@ class EvolutionarySearch(Search):
     def _from_uniform(self, n: int, exclude: set[str] = frozenset()) -> list[Candidate]:
         if n <= 0:
             return []
-        if self._uniform is None:
-            from .uniform import UniformSampler
-
-            self._uniform = UniformSampler(self.workload, self.space.target_dict, seed=self.rand_state,
-                                           pack_panels=self.config.pack_panels)
-        got = self._uniform.sample(n, exclude=self.measured | {c.mod_hash for c in self.pool} | exclude)
+        got = self._uniform_sampler().sample(n, exclude=self.measured | {c.mod_hash for c in self.pool} | exclude)
         for c in got:
             c.source = "explore"
         return got

@@ -33,6 +33,7 @@ class TuneOptions:
     local: float = EvolutionConfig.local  # fraction of each batch: random single mutations of the best kernels
     diversity: float = EvolutionConfig.diversity  # novelty weight when a batch is picked (0: top-n)
     pack_panels: bool = EvolutionConfig.pack_panels  # CPU: also the space with packed operand panels
+    tile_seeds: int = EvolutionConfig.tile_seeds  # CPU: register-tiled samples in a share's first batches
     # Threads of the evolution's sampling and mutation (default: the cores this process may use).
     # With 1 a search is reproducible: the same seed and the same measurements give the same
     # candidates (with more, which thread draws what depends on timing).
@@ -76,6 +77,8 @@ class TuneOptions:
                                                     and self.build_deadline > 1):
             raise ConfigError(f"--build-deadline must exceed 1 (times the median build) or be 0 for none, "
                               f"got {self.build_deadline!r}")
+        if isinstance(self.tile_seeds, bool) or not (isinstance(self.tile_seeds, int) and self.tile_seeds >= 0):
+            raise ConfigError(f"--tile-seeds must be a non-negative integer, got {self.tile_seeds!r}")
         if self.transfer_top < 0 or self.seeds_per_share < 0:
             raise ConfigError("--transfer-top and --seeds-per-share must not be negative")
         check_interference(self.interference)
@@ -86,7 +89,8 @@ class TuneOptions:
                              seeds_per_share=self.seeds_per_share,
                              evolution=EvolutionConfig(population=self.population, genetic_iters=self.genetic_iters,
                                                        explore=self.explore, local=self.local,
-                                                       diversity=self.diversity, pack_panels=self.pack_panels))
+                                                       diversity=self.diversity, pack_panels=self.pack_panels,
+                                                       tile_seeds=self.tile_seeds))
 
 
 @dataclass
