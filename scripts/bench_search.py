@@ -9,7 +9,8 @@ shares spatialtune with transfer (after the whole-device share, in one database)
 spatialtune from scratch (a fresh database). Method ``spatialtune-nolocal`` is the ablation of the
 batch's neighbours of the best kernels (``TuneOptions.local`` 0, its own database), and
 ``spatialtune-nopack`` that of the design space with packed operand panels
-(``TuneOptions.pack_panels`` off, its own database).
+(``TuneOptions.pack_panels`` off, its own database), ``spatialtune-notile`` that of the
+register-tile seeds (``TuneOptions.tile_seeds`` 0).
 
 Results go to --out as JSON per (workload, share, method), so an interrupted run resumes; the
 table is printed at the end (and with --table-only from what is there). Nothing is asserted.
@@ -48,6 +49,7 @@ QUICK = ["dense_small"]
 DEFAULT_METHODS = "spatialtune,tune_tir,uniform"
 SPACES = ["bert_base.toml", "resnet50.toml", "mobilenet_v2.toml", "demo.toml"]
 MATMUL_FAMILY = ("dense", "matmul", "batch_matmul")
+FINAL_ROUNDS = 5  # rounds of the final pass
 QUICK_RUN = RunSettings(repeat=2, min_repeat_ms=5, warmup_ms=10, timeout=60)
 
 
@@ -62,17 +64,16 @@ def find_workload(name: str):
 # ---------------------------------------------------------------- the three methods
 
 
+# spatialtune without one of its parts: method spatialtune-<name> sets these TuneOptions
+ABLATIONS = {"nolocal": {"local": 0.0}, "nopack": {"pack_panels": False}, "notile": {"tile_seeds": 0}}
+
+
 def run_spatialtune(w, ratio: float, db_path: Path, trials: int, seed: int, art: Path,
-                    diversity: float | None = None, quick: bool = False, local: float | None = None,
-                    pack_panels: bool = True) -> list[dict]:
+                    diversity: float | None = None, quick: bool = False, **ablation) -> list[dict]:
     from spatialtune.store.database import TuningDatabase
     from spatialtune.tuning import TuneOptions, tune
 
-    extra = {} if diversity is None else {"diversity": diversity}
-    if local is not None:
-        extra["local"] = local
-    if not pack_panels:
-        extra["pack_panels"] = False
+    extra = ({} if diversity is None else {"diversity": diversity}) | ablation
     if quick:  # a smoke test of the script, not of the search: a small population, short timings
         extra |= {"population": 32, "genetic_iters": 1, "run": QUICK_RUN}
     with TuningDatabase(db_path) as db:
@@ -201,9 +202,12 @@ def common_t95(have: dict[str, list[dict]]) -> dict[str, int | None]:
     return {m: trials_to_95(rows, min(bests)) for m, rows in pair.items()}
 
 
-def remeasure(w, share, traces: list[str], art: Path, runner: LocalRunner, repeat: int = 3) -> list[float | None]:
-    """Each config built again and measured ``repeat`` times, interleaved, by spatialtune's runner
-    under ``share``: the median of the medians."""
+def final_pass(w, share, traces: list[str], art: Path, runner: LocalRunner, rounds: int,
+               numpy: bool) -> tuple[list[list[float | None]], list[float]]:
+    """Each config built again and measured by spatialtune's runner under ``share`` in ``rounds``
+    rounds, each round every config and then (``numpy``) numpy on the same cores: (per config
+    its time in each round, numpy's time in each round). The host drifts by tens of percent over
+    a minute; a ratio between two times of one round is what holds still."""
     import tvm
 
     from spatialtune.workloads.schedule import apply_trace
@@ -212,13 +216,30 @@ def remeasure(w, share, traces: list[str], art: Path, runner: LocalRunner, repea
     mods = [tvm.ir.save_json(apply_trace(w, t).mod) for t in traces]
     with LocalBuilder(art) as b:
         built = b.build([BuildInput(m, f"re{i}") for i, m in enumerate(mods)], target)
-    times: list[list[float]] = [[] for _ in traces]
-    for _ in range(repeat):
+    times: list[list[float | None]] = [[] for _ in traces]
+    numpy_s: list[float] = []
+    for _ in range(rounds):
         res = runner.run(share, "none", [RunInput(w.to_dict(), x.artifact) for x in built])
         for i, r in enumerate(res):
-            if r.status == "ok":
-                times[i].append(r.median_s)
-    return [float(np.median(t)) if t else None for t in times]
+            times[i].append(r.median_s if r.status == "ok" else None)
+        if numpy:
+            r = runner.measure_baseline(share, "none", w.to_dict(), "numpy")
+            numpy_s.append(r.median_s if r.status == "ok" else None)
+    return times, numpy_s
+
+
+def _median(xs) -> float | None:
+    xs = [x for x in xs if x]
+    return float(np.median(xs)) if xs else None
+
+
+def vs_numpy(d: dict, pick: dict) -> float | None:
+    """numpy's time over the pick's: the median of the final pass's per-round ratios (results of
+    older passes: the ratio of the two times)."""
+    rounds, ns = pick.get("rounds"), d.get("numpy_rounds")
+    if rounds and ns and len(rounds) == len(ns):
+        return _median([n / t for n, t in zip(ns, rounds) if n and t])
+    return d["numpy_s"] / pick["t"] if d.get("numpy_s") and pick.get("t") else None
 
 
 def main() -> int:
@@ -239,7 +260,7 @@ def main() -> int:
     if quick:  # at 50 % every method runs, spatialtune also from scratch: one share covers the script
         a.budgets, a.workloads, a.ratios = "2,4", ",".join(QUICK), "50"
         if a.methods == DEFAULT_METHODS:  # and the ablation, so every method of the script runs
-            a.methods += ",spatialtune-nolocal,spatialtune-nopack"
+            a.methods += "," + ",".join(f"spatialtune-{abl}" for abl in ABLATIONS)
         a.out = a.out if a.out != str(ROOT / "out" / "bench-search") else tempfile.mkdtemp(prefix="bench-search-")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("tvm").setLevel(logging.WARNING)
@@ -263,15 +284,13 @@ def main() -> int:
                 share = part.grant(ratio)
                 tag = f"{w.name}@{share.key_ratio:g}"
                 runs = {"spatialtune": lambda: run_spatialtune(w, ratio, out / f"{w.name}.sqlite", budgets[-1], a.seed,
-                                                               work / "art", a.diversity, quick),
-                        "spatialtune-nolocal": lambda: run_spatialtune(
-                            w, ratio, out / f"{w.name}-nolocal.sqlite", budgets[-1], a.seed, work / "art", a.diversity,
-                            quick, local=0.0),
-                        "spatialtune-nopack": lambda: run_spatialtune(
-                            w, ratio, out / f"{w.name}-nopack.sqlite", budgets[-1], a.seed, work / "art", a.diversity,
-                            quick, pack_panels=False),
-                        "uniform": lambda: run_uniform(w, share, budgets[-1], a.seed, work / "art", runner),
-                        "tune_tir": lambda: run_tune_tir(w, share, budgets[-1], a.seed, work)}
+                                                               work / "art", a.diversity, quick)}
+                for abl, opt in ABLATIONS.items():  # each in its own database
+                    runs[f"spatialtune-{abl}"] = (lambda abl=abl, opt=opt: run_spatialtune(
+                        w, ratio, out / f"{w.name}-{abl}.sqlite", budgets[-1], a.seed, work / "art", a.diversity, quick,
+                        **opt))
+                runs |= {"uniform": lambda: run_uniform(w, share, budgets[-1], a.seed, work / "art", runner),
+                         "tune_tir": lambda: run_tune_tir(w, share, budgets[-1], a.seed, work)}
                 if ratio < 100:
                     runs["spatialtune-scratch"] = lambda: run_spatialtune(
                         w, ratio, out / f"{w.name}-scratch-{ratio:g}.sqlite", budgets[-1], a.seed, work / "art",
@@ -298,15 +317,13 @@ def main() -> int:
                         if best is not None:
                             picks.append((m, b, best["trace"]))
                 log.info("%s: re-measuring %d configs and numpy", tag, len(picks))
-                times = remeasure(w, share, [p[2] for p in picks], work / "art", runner, repeat=1 if quick else 3)
-                numpy_s = None
-                if w.op in MATMUL_FAMILY:
-                    ns = [runner.measure_baseline(share, "none", w.to_dict(), "numpy") for _ in range(1 if quick else 3)]
-                    numpy_s = float(min(r.median_s for r in ns if r.status == "ok"))  # numpy at its best
+                times, ns = final_pass(w, share, [p[2] for p in picks], work / "art", runner,
+                                       rounds=1 if quick else FINAL_ROUNDS, numpy=w.op in MATMUL_FAMILY)
                 final.write_text(json.dumps({
                     "machine": machine(), "date": time.strftime("%Y-%m-%d"), "workload": w.name, "key": w.key, "op": w.op, "flops": w.flops, "ratio": share.key_ratio,
-                    "units": share.units, "numpy_s": numpy_s,
-                    "picks": [{"method": m, "budget": b, "t": t} for (m, b, _), t in zip(picks, times)],
+                    "units": share.units, "numpy_s": _median(ns), "numpy_rounds": ns,
+                    "picks": [{"method": m, "budget": b, "t": _median(t), "rounds": t}
+                              for (m, b, _), t in zip(picks, times)],
                     "t95": {m: trials_to_95(rows) for m, rows in have.items()},
                     # the same bar for both: 95 % of the better of the two final bests (a run that
                     # ends on a slower kernel reaches 95 % of *its own* final best sooner)
@@ -327,9 +344,12 @@ def verdicts(finals: list[dict], budgets: list[int]) -> list[str]:
     out = ["", "verdicts:"]
     for d in finals:
         by: dict[str, dict[int, float]] = {}
+        last_pick = None
         for p in d["picks"]:
             if p["t"]:
                 by.setdefault(p["method"], {})[p["budget"]] = p["t"]
+                if p["method"] == "spatialtune" and p["budget"] == budgets[-1]:
+                    last_pick = p
         st = by.get("spatialtune", {})
         for b in budgets:
             rivals = {m: by[m][b] for m in ("tune_tir", "uniform") if b in by.get(m, {})}
@@ -344,14 +364,15 @@ def verdicts(finals: list[dict], budgets: list[int]) -> list[str]:
                         " and ".join(f"{m} (slower by {100 * (r - 1):.0f} %)" for m, r in behind.items())
                 out.append(line)
         for m, what in (("spatialtune-nolocal", "with neighbours of the best kernels {}x the time without them"),
-                        ("spatialtune-nopack", "with the packed-panel space {}x the time without it")):
+                        ("spatialtune-nopack", "with the packed-panel space {}x the time without it"),
+                        ("spatialtune-notile", "with register-tile seeds {}x the time without them")):
             ablation = by.get(m, {})
             for b in budgets:
                 if b in st and b in ablation:
                     out.append(f"  {d['workload']} {d['ratio']:g}% @{b}: " + what.format(f"{st[b] / ablation[b]:.2f}"))
-        if d.get("numpy_s") and st.get(budgets[-1]):
+        if last_pick is not None and vs_numpy(d, last_pick):
             out.append(f"  {d['workload']} {d['ratio']:g}%: spatialtune at {budgets[-1]} trials is "
-                       f"{d['numpy_s'] / st[budgets[-1]]:.2f}x numpy on the same cores")
+                       f"{vs_numpy(d, last_pick):.2f}x numpy on the same cores")
         t95 = d.get("t95", {})
         if t95.get("spatialtune") and t95.get("spatialtune-scratch"):
             out.append(f"  {d['workload']} {d['ratio']:g}%: 95 % of the final best after {t95['spatialtune']} trials "
@@ -375,14 +396,17 @@ def table(out: Path, budgets: list[int]) -> str:
            + f" {'GFLOP/s':>8} {'vs numpy':>8} {'t95':>5} {'wall s':>7}")
     lines += [hdr, "-" * len(hdr)]
     for d in finals:
-        by = {}
+        by, last_picks = {}, {}
         for p in d["picks"]:
             by.setdefault(p["method"], {})[p["budget"]] = p["t"]
+            if p["budget"] == budgets[-1]:
+                last_picks[p["method"]] = p
         for m, bs in by.items():
             last = bs.get(budgets[-1])
             cells = " ".join(f"{(bs[b] * 1e3 if bs.get(b) else float('nan')):>8.3f}ms" for b in budgets)
             gf = d["flops"] / last / 1e9 if last else float("nan")
-            vs = f"{d['numpy_s'] / last:.2f}x" if d.get("numpy_s") and last else "-"
+            r = vs_numpy(d, last_picks[m]) if m in last_picks else None
+            vs = f"{r:.2f}x" if r else "-"
             lines.append(f"{d['workload']:<22} {d['ratio']:>5g}% {m:<20} {cells} {gf:>8.1f} {vs:>8} "
                          f"{d['t95'].get(m) or '-':>5} {d['wall_s'].get(m, 0):>7.0f}")
         if d.get("numpy_s"):
@@ -390,7 +414,9 @@ def table(out: Path, budgets: list[int]) -> str:
                          f"(same {d['units']} core{'s' if d['units'] > 1 else ''})")
     lines += verdicts(finals, budgets)
     lines.append("best@B: the best config after B trials by the method's own measurements, re-measured by spatialtune's "
-                 "runner in one final pass; vs numpy > 1: faster than numpy (OpenBLAS) on the same cores; t95: trials "
+                 "runner in one final pass (the median of its rounds); vs numpy > 1: faster than numpy (OpenBLAS) on the "
+                 "same cores (the median of the rounds' ratios, numpy timed in each round; passes before 2026-11-30: numpy's "
+                 "best time after the rounds); t95: trials "
                  "to 95 % of the method's final best; spatialtune-scratch: the share tuned in a fresh database, "
                  "without the whole-device share's configs and data")
     return "\n".join(lines)

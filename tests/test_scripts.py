@@ -45,3 +45,17 @@ def test_script_quick_mode(name, tmp_path):
     assert EXPECT[name] in out, f"{name} did not print {EXPECT[name]!r}:\n{out[-4000:]}"
     if name == "demo":  # it wrote where it was told, not into the repository's database
         assert (tmp_path / "db.sqlite").exists() and (tmp_path / "report" / "report.html").exists()
+
+
+def test_bench_search_takes_each_ratio_to_numpy_within_one_round():
+    """A slow phase of the host slows numpy and the kernels of that round alike: the ratio is
+    the median of the rounds' ratios, so it does not move with the phase."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_search import vs_numpy
+
+    d = {"numpy_s": 2.0, "numpy_rounds": [2.0, 3.0, 2.0, 3.0]}
+    assert vs_numpy(d, {"t": 2.5, "rounds": [2.5, 3.75, 2.5, 3.75]}) == pytest.approx(0.8)
+    assert vs_numpy(d, {"t": 2.5, "rounds": [2.5, None, 2.5, 3.75]}) == pytest.approx(0.8)  # a failed round
+    assert vs_numpy({"numpy_s": 2.0}, {"t": 2.5}) == pytest.approx(0.8)  # a pass recorded before the rounds
