@@ -5,13 +5,17 @@ block of accumulators per step of the inner reduction loop. BLAS kernels size th
 register file: ``nr`` output columns as a few whole vectors times ``mr`` rows, so that one
 broadcast of the left operand and ``nr / lanes`` vector loads of the right one feed ``mr * nr /
 lanes`` independent FMAs, enough to cover the FMA latency and few enough to stay in registers.
-Drawn uniformly, such a tile is rare (for a 128 x 2304 dense, about one sample in 200 has one);
-the model cannot rank what it has not seen, so the search may never try one.
+MetaSchedule's tile sampling (each prime factor to a random level) gives one to about one
+sample in 25 of a 128 x 2304 x 768 dense, and also an inner reduction of 48 or 64 to one in 100;
+a model that has not seen such a kernel does not rank it high.
 
-:func:`register_tile_seeds` takes uniform samples of the design space and sets their innermost
-tiles to such shapes (derived from the target's vector width and register count, never from the
-workload's name), the inner reduction tile long, the rest of every decision left as drawn. They
-are measured like any other candidate and the evolution takes the fast ones as parents.
+:func:`register_tile_seeds` takes uniform samples of the design space and gives them such an
+innermost tile (from the target's vector width and register count, never from the workload's
+name) and the loop order around it that GotoBLAS uses: a long inner reduction, a column tile a
+few register tiles wide with (in half of them) every row inside it, a packed operand copied once
+per column tile, a deep unroll; the outer tile levels are drawn again and every other decision
+stays as sampled. They are measured like any other candidate, in a share's first batches, and
+the evolution takes the fast ones as parents.
 """
 
 from __future__ import annotations
@@ -131,8 +135,12 @@ def seed_decisions(trace, unit: VectorUnit, dtype_bits: int, rng) -> dict | None
         else:  # batch-like axes: outside the tile, where the parallel loop is
             out[inst] = [*_split(ext[inst], 2, rng), 1, 1]
     ns = len(spatial)
-    for inst in trace.insts:  # a packed operand: once per column tile (whole, or a block of rows of
-        # the reduction at a time), not once per row tile nor once for all before the loops
+    # The sampled compute locations (on a CPU target the packed operand's, rules.PackPanels): under
+    # the column tile's outer loop or the reduction's outer loop, so a panel is copied once per
+    # column tile (whole or a block of the reduction at a time), not once per row tile or all of
+    # it before the loops. Loops are numbered as the tiling orders them (the spatial axes' levels
+    # 0 and 1, then the reduction's level 0); a location that does not exist fails the replay.
+    for inst in trace.insts:
         if inst.kind.name == "SampleComputeLocation" and inst in trace.decisions:
             out[inst] = 2 * ns - 1 + int(rng.integers(2))
     k_i = max(reduction, key=lambda i: ext[i])
