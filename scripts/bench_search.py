@@ -1,5 +1,6 @@
 """Search quality at equal trial budgets on this machine: spatialtune vs MetaSchedule's own
-tune_tir (same design space, same target) vs uniform sampling of the same design space.
+tune_tir (MetaSchedule's own design spaces, the same target) vs uniform sampling of spatialtune's
+design space (MetaSchedule's spaces and, on a CPU, the packed-panel one).
 
 For each workload and share: every method gets the largest budget; its best config after the
 first B trials (by its own measurements) is re-measured, together with numpy under the same
