@@ -416,7 +416,7 @@ def table(out: Path, budgets: list[int]) -> str:
     lines += verdicts(finals, budgets)
     lines.append("best@B: the best config after B trials by the method's own measurements, re-measured by spatialtune's "
                  "runner in one final pass (the median of its rounds); vs numpy > 1: faster than numpy (OpenBLAS) on the "
-                 "same cores (the median of the rounds' ratios, numpy timed in each round; passes before 2026-11-30: numpy's "
+                 "same cores (the median of the rounds' ratios where numpy was timed in each round; older passes: numpy's "
                  "best time after the rounds); t95: trials "
                  "to 95 % of the method's final best; spatialtune-scratch: the share tuned in a fresh database, "
                  "without the whole-device share's configs and data")
