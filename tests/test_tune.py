@@ -212,6 +212,7 @@ def test_kill_9_then_rerun_resumes_without_repeating(tmp_path):
     (["--cost-model", "oracle"], "unknown cost model 'oracle'"),
     (["--partition", "mps"], "needs --target cuda"),
     (["--explore", "0.5", "--local", "0.6"], "--local must be a fraction in [0, 1 - explore]"),
+    (["--tile-seeds", "-1"], "--tile-seeds must be a non-negative integer"),
 ])
 def test_cli_tune_bad_arguments_are_one_line_exit_2(tmp_path, args, needle):
     db_path = tmp_path / "x.sqlite"
