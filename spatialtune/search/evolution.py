@@ -175,8 +175,6 @@ class EvolutionarySearch(Search):
         when there are none yet, or when mutations keep landing on measured kernels)."""
         if n <= 0 or self._n_ok < self.LOCAL_AFTER_BATCHES * self.batch:
             return []
-        from tvm.s_tir import Schedule
-
         ffi = self._ms._ffi_api
         gen = self.space.ctx.space_generator
         if self._mutators is None:
@@ -200,13 +198,8 @@ class EvolutionarySearch(Search):
             trace = ffi.MutatorApply(mut, parent.trace, int(self._rng.integers(1, 2**31 - 1)))
             if trace is None:
                 continue
-            try:
-                sch = Schedule(self.space.mod)
-                trace.apply_to_schedule(sch, remove_postproc=True)
-                sch.enter_postproc()
-                if not all(p.apply(sch) for p in gen.postprocs):
-                    continue
-            except Exception:  # a mutation the postprocessors or the replay reject
+            sch = self.space.apply(trace)
+            if sch is None:  # a mutation the postprocessors or the replay reject
                 continue
             h = mod_hash(sch.mod)
             if h in taken:

@@ -161,13 +161,11 @@ def register_tile_seeds(space, samples, n: int, rng, exclude=frozenset()) -> lis
     """Up to ``n`` candidates: ``samples`` (uniform candidates of ``space``, with their
     MetaSchedule schedules) with register-tile decisions (:func:`seed_decisions`)."""
     import tvm
-    from tvm.s_tir import Schedule
 
     unit = vector_unit(space.target)
     if unit is None or n <= 0:
         return []
     dtype_bits = tvm.DataType(str(space.args_info[-1].dtype)).bits  # the output's
-    gen = space.ctx.space_generator
     out, taken = [], set(exclude)
     for c in samples:
         if len(out) >= n:
@@ -181,14 +179,8 @@ def register_tile_seeds(space, samples, n: int, rng, exclude=frozenset()) -> lis
             continue
         for inst, d in dec.items():
             trace = trace.with_decision(inst, d, remove_postproc=True)
-        try:
-            sch = Schedule(space.mod)
-            trace.apply_to_schedule(sch, remove_postproc=True)
-            sch.enter_postproc()
-            if not all(p.apply(sch) for p in gen.postprocs):
-                continue
-        except Exception as e:  # a decision the replay or the postprocessors reject
-            log.debug("a register-tile seed does not apply: %s", e)
+        sch = space.apply(trace)
+        if sch is None:  # a decision the replay or the postprocessors reject
             continue
         h = mod_hash(sch.mod)
         if h in taken:

@@ -86,6 +86,22 @@ class DesignSpace:
         return Candidate(mod_hash=mod_hash(sch.mod), trace=trace_to_json(sch.trace), mod_json=tvm.ir.save_json(sch.mod),
                          features=features, source=source, _ms=ms_cand)
 
+    def apply(self, trace):
+        """A schedule from a MetaSchedule trace whose decisions were changed (a mutation, a
+        seed): replayed without its postprocessing, then through this space's postprocessors
+        again. None when the replay or a postprocessor rejects it."""
+        from tvm.s_tir import Schedule
+
+        try:
+            sch = Schedule(self.mod)
+            trace.apply_to_schedule(sch, remove_postproc=True)
+            sch.enter_postproc()
+            if all(p.apply(sch) for p in self.ctx.space_generator.postprocs):
+                return sch
+        except Exception as e:
+            log.debug("a changed trace does not apply to %s: %s", self.workload.key, e)
+        return None
+
     def replay(self, trace: str):
         """A schedule from a stored trace, or None when it does not replay here."""
         try:
