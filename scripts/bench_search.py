@@ -371,9 +371,10 @@ def verdicts(finals: list[dict], budgets: list[int]) -> list[str]:
             for b in budgets:
                 if b in st and b in ablation:
                     out.append(f"  {d['workload']} {d['ratio']:g}% @{b}: " + what.format(f"{st[b] / ablation[b]:.2f}"))
-        if last_pick is not None and vs_numpy(d, last_pick):
+        r = vs_numpy(d, last_pick) if last_pick is not None else None
+        if r:
             out.append(f"  {d['workload']} {d['ratio']:g}%: spatialtune at {budgets[-1]} trials is "
-                       f"{vs_numpy(d, last_pick):.2f}x numpy on the same cores")
+                       f"{r:.2f}x numpy on the same cores")
         t95 = d.get("t95", {})
         if t95.get("spatialtune") and t95.get("spatialtune-scratch"):
             out.append(f"  {d['workload']} {d['ratio']:g}%: 95 % of the final best after {t95['spatialtune']} trials "
