@@ -20,7 +20,6 @@ the evolution takes the fast ones as parents.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +27,6 @@ import numpy as np
 from ..workloads.schedule import mod_hash
 from .rules import PANEL_WIDTH
 from .space import Candidate
-
-log = logging.getLogger(__name__)
 
 SPATIAL_LEVELS = 4  # SSRSRS: a spatial loop is split in four, a reduction loop in two
 REDUCTION_LEVELS = 2
