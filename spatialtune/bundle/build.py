@@ -28,7 +28,7 @@ from ..errors import ConfigError, DeviceError
 from ..search.cost_model import CostModel, create_cost_model
 from ..search.evolution import EvolutionConfig
 from ..search.policy import (KeyId, PolicyOptions, SharePolicy, TrainingSet, best_by_key, fit_share_model,
-                             missing_comparisons)
+                             missing_winners)
 from ..search.space import candidate_from_trace
 from ..search.uniform import UniformSampler
 from ..terms import WHOLE, norm_ratio, parse_condition
@@ -327,24 +327,25 @@ def _next_round(w, tgt: dict, db, dev: dict, n: int, selectors: Sequence[str], o
                 cands.append(c)
                 out_notes.append({"source": "best", "shares": [labels[k]],
                                   "for": [condition_key(kk.partition, kk.ratio, kk.interference) for kk in chosen]})
-    # the configs the single- vs multi-tenant comparison needs under every condition measured so far
-    for k, configs in missing_comparisons(rows).items():
+    # the winners matrix: every condition's fastest kernels under every condition measured so far
+    # (the configs the single- vs multi-tenant comparison needs are among them)
+    for k, configs in missing_winners(rows, options.matrix_top).items():
         ck = condition_key(k.partition, k.ratio, k.interference)
         for m in configs:
             if m.mod_hash not in index:
-                c = candidate_from_trace(w, m.trace, "comparison", m.features, m.mod_hash)
+                c = candidate_from_trace(w, m.trace, "matrix", m.features, m.mod_hash)
                 if c is None:
                     continue
                 index[c.mod_hash] = len(cands)
                 cands.append(c)
-                out_notes.append({"source": "comparison", "shares": [], "for": []})
+                out_notes.append({"source": "matrix", "shares": [], "for": []})
             note = out_notes[index[m.mod_hash]]
             if ck not in note["for"]:
                 note["for"].append(ck)
                 note["shares"].append(share_label(k, total))
     info |= {"new": len(new), "transfer": sum(nt["source"] == "transfer" for nt in out_notes),
              "best": sum(nt["source"] == "best" for nt in out_notes),
-             "comparison": sum(nt["source"] == "comparison" for nt in out_notes)}
+             "matrix": sum(nt["source"] == "matrix" for nt in out_notes)}
     return cands, out_notes, info
 
 

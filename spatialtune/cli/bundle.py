@@ -82,8 +82,8 @@ def _cmd_bundle_build(a) -> int:
         for wk, info in r["workloads"].items():
             print(f"  {wk}: from {info['measured']} measurements on {r['device']} [{r['device_id']}]: "
                   f"{info['new']} new, {info.get('explore', 0)} uniform samples, {info['transfer']} winners to "
-                  f"measure at other shares, {info['best']} winners re-measured, {info.get('comparison', 0)} "
-                  f"comparison configs for conditions that lack them")
+                  f"measure at other shares, {info['best']} winners re-measured, {info.get('matrix', 0)} "
+                  f"other conditions' winners for the winners matrix")
     return 0
 
 

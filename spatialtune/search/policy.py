@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 class PolicyOptions:
     cost_model: str = "xgb"
     transfer_top: int = 2  # configs measured here from each other share
+    matrix_top: int = 3  # each condition's fastest kernels measured under every other (missing_winners)
     seeds_per_share: int = 16  # parents taken from each other share
     own_share_weight: float = 3.0
     transfer_fade_rows: float = 32.0  # another share's rows weigh 1 / (1 + own rows / this)
@@ -141,19 +142,73 @@ def comparison_configs(best_of: dict[KeyId, list], key: KeyId) -> list:
     return out
 
 
-def missing_comparisons(rows: Sequence) -> dict[KeyId, list]:
-    """For every key measured in ``rows`` (one workload on one device), the comparison configs not
-    measured under it yet: what ``tune`` and a bundle round add so that every cell of the
-    comparison is measured, whichever condition was tuned first."""
+def missing_winners(rows: Sequence, top: int) -> dict[KeyId, list]:
+    """The winners matrix still to measure: for every key measured in ``rows`` (one workload on
+    one device), the ``top`` fastest kernels of every other key of the same partition that were
+    never tried under it (the comparison configs are the top-1 of two of those keys, so they are
+    always among them). Once every one is measured, a key's best is the fastest kernel measured
+    there, whichever condition found it and whichever order the conditions were tuned in.
+
+    Measuring them can change a key's top (a kernel from elsewhere is faster there): call again
+    until it returns nothing. That ends, since every kernel it proposes is measured everywhere."""
     best_of = best_by_key(rows)
     seen: dict[KeyId, set[str]] = {}
     for m in rows:
         seen.setdefault(KeyId.of(m), set()).add(m.mod_hash)
     out = {}
     for k in seen:
-        need = [m for m in comparison_configs(best_of, k) if m.mod_hash not in seen[k]]
+        need: dict[str, object] = {}
+        for src, ms in sorted(best_of.items(), key=lambda kv: (-kv[0].ratio, kv[0].interference)):
+            if src == k or src.partition != k.partition:
+                continue
+            for m in ms[:max(1, top)]:
+                if m.mod_hash not in seen[k]:
+                    need.setdefault(m.mod_hash, m)
         if need:
-            out[k] = need
+            out[k] = list(need.values())
+    return out
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a key's best kernel was first measured: under the key itself (``own``), or under
+    another share, another neighbour or both, and by which step (the row's ``source``:
+    ``tune``, ``transfer``, ``matrix``, ``import``...)."""
+
+    kind: str  # own | share | neighbour | share+neighbour
+    found_at: KeyId
+    source: str
+
+    def label(self) -> str:
+        k = self.found_at
+        if self.kind == "own":
+            return "own search" if self.source in ("tune", "") else f"own ({self.source})"
+        if self.kind == "share":
+            return f"from {k.ratio:g}%"
+        if self.kind == "neighbour":
+            return f"from neighbour {k.interference}"
+        return f"from {k.ratio:g}% with neighbour {k.interference}"
+
+
+def winner_origins(rows: Sequence) -> dict[KeyId, Origin]:
+    """For every key with an ok measurement in ``rows`` (one workload on one device; any order),
+    where its fastest kernel came from: the key under which that kernel was measured first."""
+    first: dict[str, object] = {}
+    for m in sorted(rows, key=lambda m: (m.id is None, m.id or 0)):
+        first.setdefault(m.mod_hash, m)
+    out = {}
+    for k, ms in best_by_key(rows).items():
+        f = first[ms[0].mod_hash]
+        at = KeyId.of(f)
+        if at == k or at.partition != k.partition:
+            kind = "own"
+        elif at.interference == k.interference:
+            kind = "share"
+        elif at.ratio == k.ratio:
+            kind = "neighbour"
+        else:
+            kind = "share+neighbour"
+        out[k] = Origin(kind, at, f.source if kind == "own" or f.source not in ("tune", "") else "search")
     return out
 
 

@@ -32,7 +32,7 @@ from ..measure.builder import BuildInput, Builder, LocalBuilder
 from ..measure.runner import LocalRunner, Runner, RunInput
 from ..partitions import Partition
 from ..search.cost_model import CostModel, create_cost_model
-from ..search.policy import KeyId, SharePolicy, TrainingSet, fit_share_model, missing_comparisons
+from ..search.policy import KeyId, SharePolicy, TrainingSet, fit_share_model, missing_winners
 from ..search.space import Candidate, candidate_from_trace
 from ..store.database import Measurement, TuningDatabase
 from ..store.paths import artifact_dir
@@ -52,6 +52,7 @@ class _Stage:
     def __init__(self):
         self.t = {"setup": 0.0, "search": 0.0, "build": 0.0, "run": 0.0, "train": 0.0, "baseline": 0.0}
         self.counts = {"built": 0, "measured": 0}
+        self.gaps: list[str] = []  # winners-matrix cells that could not be measured, and why
         self._lock = threading.Lock()  # workloads tuned in threads add to the same totals
 
     def add(self, k: str, dt: float) -> None:
@@ -111,7 +112,7 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
                     return out, True
                 out.append(job.tune_share(workloads[wi], r, position=(wi, len(workloads), ri, len(ratios))))
             if runner.real:
-                job.fill_comparisons(workloads[wi])
+                job.fill_matrix(workloads[wi])
             return out, False
 
         def tune_tasks() -> tuple[list[ShareResult], bool]:
@@ -123,7 +124,7 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
                     return out, True
                 out += job.tune_tasks(workloads, r, position=(0, 1, ri, len(ratios)))
             for w in workloads if runner.real else []:
-                job.fill_comparisons(w)
+                job.fill_matrix(w)
             return out, False
 
         if opt.scheduler == "gradient":
@@ -154,6 +155,7 @@ class _Job:
         self.builder, self.runner = builder, runner
         self.stage, self.progress, self.deadline = stage, progress, deadline
         self.models: dict[float, CostModel] = {}
+        self.gaps = stage.gaps
         self._data: TrainingSet | None = None
 
     def out_of_time(self) -> bool:
@@ -262,24 +264,35 @@ class _Job:
         return ShareResult(w.key, w.name, share.key_ratio, share.units, share.unit, best[0].median_s if best else None,
                            n, n - before, None, base.get("tvm-default"), base.get("numpy"))
 
-    def fill_comparisons(self, w: Workload) -> None:
-        """Measure, under every condition of ``w`` measured on this partition, the configs the
-        single- vs multi-tenant comparison needs there and does not have yet (the whole-device
-        quiet best; the share's quiet best under a neighbour): whichever condition was tuned
-        first, every cell ends up measured. These are reference measurements, beyond the budget."""
-        rows = self.db.measurements(workload_key=w.key, device_id=self.device.id, partition=self.partition.kind,
-                                    with_features=True)
-        for k, configs in sorted(missing_comparisons(rows).items(), key=lambda kv: (-kv[0].ratio,
-                                                                                    kv[0].interference)):
-            share = self.partition.grant(k.ratio)
-            if share.key_ratio != k.ratio:  # a key this partition cannot grant again exactly
-                log.info("%s: cannot grant %g%% again exactly; comparison left unmeasured there", w.key, k.ratio)
-                continue
-            cands = [c for m in configs if (c := candidate_from_trace(w, m.trace, "comparison", m.features,
-                                                                      m.mod_hash)) is not None]
-            if cands:
-                log.info("%s @ %g%% %s: measuring %d comparison configs", w.key, k.ratio, k.interference, len(cands))
-                self._measure(w, share, self.key(w, k.ratio) | {"interference": k.interference}, cands)
+    def fill_matrix(self, w: Workload) -> None:
+        """The winners matrix of ``w`` on this partition: each condition's ``matrix_top`` fastest
+        kernels measured under every other condition measured so far (every share, every
+        neighbour), so that a cell's best is the fastest kernel measured there whichever condition
+        found it and whichever order they were tuned in. Read from the database each time, so a
+        resumed job measures only what is missing. Reference measurements, beyond the budget."""
+        for _ in range(4):  # a kernel from elsewhere can enter a cell's top: measure until none is new
+            rows = self.db.measurements(workload_key=w.key, device_id=self.device.id,
+                                        partition=self.partition.kind, with_features=True)
+            todo = missing_winners(rows, self.opt.matrix_top)
+            measured = 0
+            for k, configs in sorted(todo.items(), key=lambda kv: (-kv[0].ratio, kv[0].interference)):
+                if self.out_of_time():
+                    return
+                share = self.partition.grant(k.ratio)
+                if share.key_ratio != k.ratio:  # a key this partition cannot grant again exactly
+                    self.gaps.append(f"{w.name or w.key} @ {k.ratio:g}% {k.interference}: {len(configs)} winners "
+                                     f"not measured (this partition cannot grant {k.ratio:g}% again exactly)")
+                    log.info("%s", self.gaps[-1])
+                    continue
+                cands = [c for m in configs if (c := candidate_from_trace(w, m.trace, "matrix", m.features,
+                                                                          m.mod_hash)) is not None]
+                if cands:
+                    log.info("%s @ %g%% %s: measuring %d winners of other conditions", w.key, k.ratio,
+                             k.interference, len(cands))
+                    self._measure(w, share, self.key(w, k.ratio) | {"interference": k.interference}, cands)
+                    measured += len(cands)
+            if not measured:
+                return
 
     def _measure(self, w: Workload, share: Share, key: dict, cands: Sequence[Candidate]) -> list[float | None]:
         """Build and measure ``cands`` under ``key``'s neighbour; each result is recorded the

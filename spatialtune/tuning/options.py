@@ -26,6 +26,7 @@ class TuneOptions:
     interference: str = "none"
     cost_model: str = "xgb"
     transfer_top: int = 2  # configs taken from each other share
+    matrix_top: int = PolicyOptions.matrix_top  # each condition's fastest kernels measured under every other
     seeds_per_share: int = 16  # parents taken from each other condition
     population: int = EvolutionConfig.population
     genetic_iters: int = EvolutionConfig.genetic_iters
@@ -81,12 +82,14 @@ class TuneOptions:
             raise ConfigError(f"--tile-seeds must be a non-negative integer, got {self.tile_seeds!r}")
         if self.transfer_top < 0 or self.seeds_per_share < 0:
             raise ConfigError("--transfer-top and --seeds-per-share must not be negative")
+        if isinstance(self.matrix_top, bool) or not (isinstance(self.matrix_top, int) and self.matrix_top >= 0):
+            raise ConfigError(f"--matrix-top must be a non-negative integer, got {self.matrix_top!r}")
         check_interference(self.interference)
         create_cost_model(self.cost_model)
 
     def policy(self) -> PolicyOptions:
         return PolicyOptions(cost_model=self.cost_model, transfer_top=self.transfer_top,
-                             seeds_per_share=self.seeds_per_share,
+                             matrix_top=self.matrix_top, seeds_per_share=self.seeds_per_share,
                              evolution=EvolutionConfig(population=self.population, genetic_iters=self.genetic_iters,
                                                        explore=self.explore, local=self.local,
                                                        diversity=self.diversity, pack_panels=self.pack_panels,
