@@ -31,6 +31,7 @@ from ..search.policy import (KeyId, PolicyOptions, SharePolicy, TrainingSet, bes
                              missing_winners)
 from ..search.space import candidate_from_trace
 from ..search.uniform import UniformSampler
+from ..store.records import SavedCostModel
 from ..terms import WHOLE, norm_ratio, parse_condition
 from . import FORMAT
 from .manifest import condition_key, write_json
@@ -302,13 +303,13 @@ def _next_round(w, tgt: dict, db, dev: dict, n: int, selectors: Sequence[str], o
         notes += [{"source": c.source, "shares": [labels[k]], "for": [condition_key(k.partition, k.ratio,
                                                                                      k.interference)]} for c in got]
         here = [m for m in rows if KeyId.of(m) == k]
-        info["shares"][labels[k]] = {"measured": len(here), "cost_model": saved[0] if saved else None,
-                                     "cost_model_samples": saved[2] if saved else 0,
+        info["shares"][labels[k]] = {"measured": len(here), "cost_model": saved.kind if saved else None,
+                                     "cost_model_samples": saved.n_samples if saved else 0,
                                      "seeds": policy.n_seeds,
                                      "new": len(got), "transfers_in": len(moved)}
         log.info("%s %s: %d measured, model %s (%s samples) -> %d new, %d configs of other conditions to measure "
-                 "here", w.key, labels[k], len(here), saved[0] if saved else options.cost_model,
-                 saved[2] if saved else 0, len(got), len(moved))
+                 "here", w.key, labels[k], len(here), saved.kind if saved else options.cost_model,
+                 saved.n_samples if saved else 0, len(got), len(moved))
     cands, out_notes = list(new), list(notes)
     for c, to in transfers.values():
         cands.append(c)
@@ -349,12 +350,12 @@ def _next_round(w, tgt: dict, db, dev: dict, n: int, selectors: Sequence[str], o
     return cands, out_notes, info
 
 
-def _model_for(db, dev: dict, k: KeyId, options: PolicyOptions, seed: int) -> tuple[CostModel, tuple | None]:
+def _model_for(db, dev: dict, k: KeyId, options: PolicyOptions, seed: int) -> tuple[CostModel, SavedCostModel | None]:
     """The share's saved model, or one fit now on the device's measurements (the same training as
     ``tune``), or an untrained one of ``options.cost_model``."""
     saved = db.load_cost_model(dev["id"], k.partition, k.ratio, k.interference)
     if saved:
-        model = CostModel.from_json(saved[1])
+        model = CostModel.from_json(saved.model)
         if model.trained:
             return model, saved
     model = create_cost_model(options.cost_model, seed=seed)
@@ -363,7 +364,7 @@ def _model_for(db, dev: dict, k: KeyId, options: PolicyOptions, seed: int) -> tu
                                   status="ok", with_features=True))
     if model.kind != "random" and fit_share_model(model, data, k.ratio, options.own_share_weight,
                                                         options.transfer_fade_rows):
-        return model, (model.kind, "", len(data))
+        return model, SavedCostModel(model.kind, "", len(data))
     if saved is None:
         log.warning("%s: no cost model saved in the database; ranking with %r", share_label(k, int(dev["units"])),
                     options.cost_model)

@@ -53,8 +53,8 @@ def export_metaschedule(db: TuningDatabase, ratio: float, out: Path, *, interfer
     rows = db.best_index_rows()
     if not rows:
         raise ConfigError(f"{db.path}: no tuned configs to export")
-    device_id = device_id or only_one({r[1] for r in rows}, "devices", "--device")
-    partition = partition or only_one({r[2] for r in rows if r[1] == device_id} or {"?"}, "partitions", "--partition")
+    device_id = device_id or only_one({r.device_id for r in rows}, "devices", "--device")
+    partition = partition or only_one({r.partition for r in rows if r.device_id == device_id} or {"?"}, "partitions", "--partition")
     device = db.device(device_id)
     if device is None:
         raise ConfigError(f"no device {device_id} in {db.path}")
@@ -68,7 +68,7 @@ def export_metaschedule(db: TuningDatabase, ratio: float, out: Path, *, interfer
         msdb = ms.database.JSONDatabase(path_workload=str(tmp / WORKLOAD_FILE),
                                         path_tuning_record=str(tmp / RECORD_FILE), allow_missing=True)
         with Lookup(db.path, check_interval_s=None, preload=True, here=[device_id]) as lk:
-            for key in sorted({r[0] for r in rows}):
+            for key in sorted({r.workload_key for r in rows}):
                 res = lk.lookup(key, ratio=ratio, interference=interference, device=device_id, partition=partition)
                 if not res.found:
                     summary.skipped.append({"key": key, "reason": res.reason})

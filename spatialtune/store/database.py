@@ -26,7 +26,8 @@ import sqlite_utils
 
 from ..errors import DatabaseError
 from ..terms import norm_ratio
-from .records import MEASUREMENT_COLUMNS, BestConfig, Measurement, measurement_from_row
+from .records import (MEASUREMENT_COLUMNS, BestConfig, BestIndexRow, Measurement, SavedCostModel,
+                      measurement_from_row)
 from .schema import KEY_FIELDS, MIGRATIONS, SCHEMA_VERSION, STATUSES, decode_trace, encode_trace
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,23 @@ def _now() -> str:
 
 
 class TuningDatabase:
-    """A tuning database file. Not shared between threads; open one per thread or process."""
+    """A tuning database file. Not shared between threads; open one per thread or process.
+
+    The contract a caller may rely on:
+
+    - **Several processes** may open one file and call every method at once: each write is one
+      ``BEGIN IMMEDIATE`` transaction (waiting up to 30 s for the lock), so jobs on the same keys
+      interleave whole measurements, and :meth:`record` of a kernel already measured under a key
+      is a no-op returning None (the first measurement stands), except that it replaces an
+      ``unchecked`` (imported) row with the checked one.
+    - **Readers** see committed states only. A ``best`` row always points at the fastest ``ok``
+      measurement of its key, updated in the same transaction as the measurement; measurement
+      rows are never deleted, and only :meth:`add_times` (a confirmation's repeats) and the
+      replacement of an ``unchecked`` row change one.
+    - Rows come out as frozen types (:class:`Measurement` is the one mutable exception: it is what
+      callers fill in before :meth:`record`): :class:`BestConfig`, :class:`BestIndexRow`,
+      :class:`SavedCostModel`.
+    """
 
     def __init__(self, path: str | Path, *, create: bool = True):
         self.path = Path(path)
@@ -326,14 +343,13 @@ class TuningDatabase:
             )
 
     def load_cost_model(self, device_id: str, partition: str, ratio: float,
-                        interference: str) -> tuple[str, str, int] | None:
-        """(kind, model json, n_samples) or None."""
+                        interference: str) -> SavedCostModel | None:
         row = self.db.execute(
             "SELECT kind, model, n_samples FROM cost_models WHERE device_id = ? AND partition = ? AND ratio = ?"
             " AND interference = ?",
             [device_id, partition, norm_ratio(ratio), interference],
         ).fetchone()
-        return tuple(row) if row else None
+        return SavedCostModel(*row) if row else None
 
     def record_baseline(self, workload_key: str, device_id: str, partition: str, ratio: float, interference: str,
                         kind: str, median_s: float, granted_units: int | None = None) -> None:
@@ -353,17 +369,13 @@ class TuningDatabase:
 
     # -- readers for lookup, report and merge (appended; the methods above are unchanged) ----
 
-    def best_index_rows(self, workload_key: str | None = None) -> list[tuple]:
-        """Best rows without the trace (traces are ~10 KB each and most readers never need them).
-
-        Tuples of (workload_key, device_id, partition, ratio, interference, measurement_id,
-        median_s, n_trials, mod_hash, granted_units, updated_at).
-        """
+    def best_index_rows(self, workload_key: str | None = None) -> list[BestIndexRow]:
+        """Best rows without the trace (traces are ~10 KB each and most readers never need them)."""
         conds, args = _filters(prefix="b.", workload_key=workload_key)
-        return self.db.execute(
+        return [BestIndexRow(*r) for r in self.db.execute(
             "SELECT b.workload_key, b.device_id, b.partition, b.ratio, b.interference, b.measurement_id, b.median_s,"
             " b.n_trials, m.mod_hash, m.granted_units, b.updated_at"
-            f" FROM best b JOIN measurements m ON m.id = b.measurement_id {conds}", args).fetchall()
+            f" FROM best b JOIN measurements m ON m.id = b.measurement_id {conds}", args).fetchall()]
 
     def workload_names(self) -> dict[str, str]:
         """Workload key -> name ('' when unnamed)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -80,3 +80,27 @@ def measurement_from_row(r: dict[str, Any]) -> Measurement:
     r["neighbour_unit"] = r.get("neighbour_unit") or ""
     r["source"] = r.get("source") or ""
     return Measurement(**r)
+
+
+class BestIndexRow(NamedTuple):
+    """A best row without its trace (what lookups, merges and exports read)."""
+
+    workload_key: str
+    device_id: str
+    partition: str
+    ratio: float
+    interference: str
+    measurement_id: int
+    median_s: float
+    n_trials: int
+    mod_hash: str
+    granted_units: int | None
+    updated_at: str
+
+
+class SavedCostModel(NamedTuple):
+    """A share's cost model as stored: its kind, its own JSON, and how many rows it was fit on."""
+
+    kind: str
+    model: str
+    n_samples: int

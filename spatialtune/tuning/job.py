@@ -186,8 +186,8 @@ class _Job:
         if r not in self.models:
             saved = self.db.load_cost_model(self.device.id, self.partition.kind, r, self.opt.interference)
             model = None
-            if saved and saved[0] == self.opt.cost_model:
-                model = CostModel.from_json(saved[1])
+            if saved and saved.kind == self.opt.cost_model:
+                model = CostModel.from_json(saved.model)
             if model is None or model.n_samples != len(self.data()):
                 model = create_cost_model(self.opt.cost_model, seed=self.opt.seed)
                 self._fit(r, model)
