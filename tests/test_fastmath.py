@@ -7,6 +7,7 @@ import re
 import tomllib
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper, save
 from scipy import special
@@ -14,6 +15,8 @@ from scipy import special
 from spatialtune.measure.runner import RunSettings
 
 CHECK = RunSettings(repeat=1, min_repeat_ms=1, warmup_ms=0)
+# packed single-precision arithmetic on SSE/AVX/AVX-512 registers (x86-64 assembly, AT&T syntax)
+PACKED = r"\bv?(?:fmadd|fnmadd|fmsub|mul|add|sub|div|min|max)\w*ps\s+%[xyz]mm"
 
 
 def _const(name, value):
@@ -56,7 +59,7 @@ def gelu(tmp_path_factory):
     return path, task
 
 
-def _vectorised(w):
+def _schedule(w):
     """The task with its elementwise blocks inlined into the last and that block's inner loop
     vectorised: a schedule whose GELU is a vector loop if its erf can be."""
     from tvm.s_tir import Schedule
@@ -66,7 +69,11 @@ def _vectorised(w):
     for b in blocks[1:-1]:
         sch.compute_inline(b)
     sch.vectorize(sch.get_loops(blocks[-1])[-1])
-    return sch.mod
+    return sch
+
+
+def _vectorised(w):
+    return _schedule(w).mod
 
 
 def _asm(mod):
@@ -89,7 +96,7 @@ def test_the_gelu_task_uses_fast_math_and_its_fast_build_is_vector_code(gelu):
     assert re.search(r"call\w*\s+erff\b", exact)  # TVM's own build: one libm call per element
     assert "erff" not in fast and not re.search(r"call\w*\s+\w*(erf|exp)", fast)
     # the polynomial is packed float arithmetic on vector registers
-    packed = re.findall(r"\bv(?:fmadd|fnmadd|fmsub|mul|add|div|min|max)\w*ps\s+%[xyz]mm", fast)
+    packed = re.findall(PACKED, fast)
     assert len(packed) >= 10, packed
 
 
@@ -207,3 +214,38 @@ def test_the_approximations_errors_are_within_the_stated_bounds(op):
         err = err / np.abs(want)
     worst = float(err.max())
     assert 0 < worst <= bound, f"{op}: max {kind} error {worst:.3g} at x = {x[err.argmax()]:.6g}"
+
+
+def test_the_model_compiles_with_the_tuned_gelu_record_and_fast_math(gelu):
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from spatialtune.models.e2e import compile_model
+    from spatialtune.models.importer import load_onnx
+    from spatialtune.workloads.schedule import apply_trace, trace_to_json
+
+    path, w = gelu
+    model = load_onnx(path)
+    mod = w.ir_module()
+    tgt = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+    # a tuning record of the task: the vectorised schedule's trace, replayed as records_for does
+    replayed = apply_trace(w, trace_to_json(_schedule(w).trace))
+    msdb = ms.database.MemoryDatabase()
+    msdb.commit_tuning_record(ms.database.TuningRecord(
+        replayed.trace, msdb.commit_workload(mod), run_secs=[1e-5], target=tvm.target.Target(tgt),
+        args_info=ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+    x = np.random.default_rng(1).uniform(-1, 1, (8, 16)).astype(np.float32)
+    init = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in onnx.load(path).graph.initializer}
+    h = x.astype(np.float64) @ init["w"] + init["b"]
+    want = h * 0.5 * (1 + special.erf(h / math.sqrt(2)))
+    asms = {}
+    for label, tasks in (("fast", [w]), ("exact", [])):
+        ex, applied = compile_model(model, tgt, msdb, tasks=tasks)
+        assert applied == 1  # the record still matches the model's function structurally
+        asms[label] = "\n".join(m.inspect_source("asm") for m in ex.mod.imports if m.kind == "llvm")
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert re.search(r"call\w*\s+erff\b", asms["exact"])
+    assert "erff" not in asms["fast"] and len(re.findall(PACKED, asms["fast"])) >= 10
