@@ -249,3 +249,15 @@ def test_the_model_compiles_with_the_tuned_gelu_record_and_fast_math(gelu):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert re.search(r"call\w*\s+erff\b", asms["exact"])
     assert "erff" not in asms["fast"] and len(re.findall(PACKED, asms["fast"])) >= 10
+
+
+def test_the_cli_writes_the_decision_into_the_space_and_exact_math_turns_it_off(gelu, tmp_path):
+    from conftest import run_cli
+
+    path, _ = gelu
+    run_cli("workloads", "--from-onnx", path, "--out", tmp_path / "fast.toml", check=True)
+    run_cli("workloads", "--from-onnx", path, "--exact-math", "--out", tmp_path / "exact.toml", check=True)
+    assert "exact_math" not in (tmp_path / "fast.toml").read_text()
+    assert 'exact_math = "fast math turned off"' in (tmp_path / "exact.toml").read_text()
+    bad = run_cli("workloads", "--space", "demo", "--exact-math")
+    assert bad.returncode == 2 and "--exact-math go with --from-onnx" in bad.stderr
