@@ -46,9 +46,7 @@ class BuildInput:
     def of(cls, candidate, group: str = "", fast_math: bool = False) -> "BuildInput":
         """The input for a search candidate (anything with ``mod_json`` and ``mod_hash``): named
         and identified by its structural hash, its builds compared within ``group``."""
-        # a distinct file name: the exact and the fast build of one kernel are different libraries
-        name = candidate.mod_hash + ("-fast" if fast_math else "")
-        return cls(candidate.mod_json, name, group, candidate.mod_hash, fast_math)
+        return cls(candidate.mod_json, candidate.mod_hash, group, candidate.mod_hash, fast_math)
 
 
 @dataclass
@@ -227,9 +225,12 @@ class LocalBuilder(Builder):
     def _build_in(self, w: Worker, item: BuildInput, target: dict, tkey: str) -> BuildResult:
         t0 = time.perf_counter()
         limit = self.deadline(item.group, tkey)
+        fast = item.fast_math and target.get("kind") == "llvm"
+        # the exact and the fast build of one kernel are different libraries: different files
+        name = item.name + ("-fast" if fast else "")
         try:
-            r = w.call("spatialtune.measure.builder:build_one", item.mod_json, target, self.artifact_dir, item.name,
-                       item.fast_math, timeout=limit)
+            r = w.call("spatialtune.measure.builder:build_one", item.mod_json, target, self.artifact_dir, name,
+                       fast, timeout=limit)
         except WorkerError as e:
             log.debug("build of %s failed: %s", item.name, e)
             why = f"build {e.kind}: {e}"
