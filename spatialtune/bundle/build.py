@@ -106,7 +106,7 @@ def build_bundle(space: str, workload_names: Sequence[str], out: str, *, candida
                 if not cands:
                     raise DeviceError(f"the search produced no candidate for {w.key}")
                 builder.artifact_dir = str(out_p / "kernels" / w.key)
-                built = builder.build([BuildInput.of(c, w.key) for c in cands], tgt)
+                built = builder.build([BuildInput.of(c, w.key, w.fast_math) for c in cands], tgt)
                 manifest["workloads"][w.key] = w.to_dict() | {"key": w.key, "flops": w.flops}
                 if w.prim is not None:
                     # The run host may have no compiler: a PrimFunc's float64 reference is built here.

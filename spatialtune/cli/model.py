@@ -23,6 +23,9 @@ def add_model(sub) -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per variant and share")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--mcpu", default=None, help="the LLVM CPU the tuning records were measured for")
+    p.add_argument("--exact-math", action="store_true",
+                   help="build the tuned variants with exact erf/exp/tanh (default: vectorisable approximations "
+                        "for the tasks whose output check passes with them; see docs/models.md)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON array instead of tables")
     db_arg(p)
     p.set_defaults(func=_cmd_model)
@@ -36,7 +39,8 @@ def _cmd_model(a) -> int:
     ratios = parse_ratios(a.ratios)
     if a.repeat < 1 or a.timeout <= 0 or a.min_repeat_ms < 0:
         raise ConfigError("--repeat must be at least 1, --timeout positive, --min-repeat-ms not negative")
-    opts = ModelOptions(repeat=a.repeat, min_repeat_ms=a.min_repeat_ms, timeout=a.timeout, seed=a.seed, mcpu=a.mcpu)
+    opts = ModelOptions(repeat=a.repeat, min_repeat_ms=a.min_repeat_ms, timeout=a.timeout, seed=a.seed, mcpu=a.mcpu,
+                        fast_math=not a.exact_math)
     shapes = parse_shapes(a.shape)
     with open_db(a.db, create=True) as db:
         res = measure_model(a.model, ratios, db, shapes=shapes, options=opts,

@@ -38,12 +38,15 @@ class BuildInput:
     name: str  # file stem for the artifact (the kernel's mod_hash)
     group: str = ""  # builds compared for the relative deadline (a workload key); see LocalBuilder
     mod_hash: str = ""  # the module's structural hash, when known: one build per (kernel, target)
+    # float32 erf/exp/tanh/sigmoid as vectorisable polynomials on a CPU target (workloads.fastmath);
+    # the workload says whether (Workload.fast_math), so a task that fell back builds exact
+    fast_math: bool = False
 
     @classmethod
-    def of(cls, candidate, group: str = "") -> "BuildInput":
+    def of(cls, candidate, group: str = "", fast_math: bool = False) -> "BuildInput":
         """The input for a search candidate (anything with ``mod_json`` and ``mod_hash``): named
         and identified by its structural hash, its builds compared within ``group``."""
-        return cls(candidate.mod_json, candidate.mod_hash, group, candidate.mod_hash)
+        return cls(candidate.mod_json, candidate.mod_hash, group, candidate.mod_hash, fast_math)
 
 
 @dataclass
@@ -84,12 +87,19 @@ def _init_build_worker() -> int:
     return os.getpid()
 
 
-def build_one(mod_json: str, target: dict, out_dir: str, name: str) -> dict:
-    """Compile one scheduled module and export it; runs inside a build worker."""
+def build_one(mod_json: str, target: dict, out_dir: str, name: str, fast_math: bool = False) -> dict:
+    """Compile one scheduled module and export it; runs inside a build worker. ``fast_math``: on
+    an llvm target, the module's float32 erf/exp/tanh/sigmoid become their vectorisable
+    approximations first (:mod:`spatialtune.workloads.fastmath`; a GPU lowers them to fast
+    device functions already)."""
     import tvm
 
     t0 = time.perf_counter()
     mod = tvm.ir.load_json(mod_json)
+    if fast_math and target.get("kind") == "llvm":
+        from ..workloads.fastmath import rewrite
+
+        mod = rewrite(mod)[0]
     tgt = tvm.target.Target(target)
     lib = tvm.compile(mod, target=tgt)
     os.makedirs(out_dir, exist_ok=True)
@@ -152,7 +162,7 @@ class LocalBuilder(Builder):
         # Artifacts built by this builder, by (module, target, directory): a job builds its best kernels
         # again to confirm them and measures the same config under several neighbours, and a
         # module compiled once for a target need not be compiled again while its files exist.
-        self._built: dict[tuple[str, str, str], tuple[BuildResult, tuple]] = {}
+        self._built: dict[tuple[str, str, str, bool], tuple[BuildResult, tuple]] = {}
         self._workers = [Worker(init="spatialtune.measure.builder:_init_build_worker", name=f"build{i}") for i in range(n)]
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="build")
         # Concurrent callers (a job tuning several workloads at once) take turns: each build
@@ -185,7 +195,8 @@ class LocalBuilder(Builder):
                 # a kernel replayed from its trace serialises differently from the one the search
                 # made, so the structural hash is the identity when the caller knows it
                 # (and the directory: a caller that points the builder elsewhere wants the files there)
-                key = (item.mod_hash or hashlib.sha1(item.mod_json.encode()).hexdigest(), tkey, self.artifact_dir)
+                key = (item.mod_hash or hashlib.sha1(item.mod_json.encode()).hexdigest(), tkey, self.artifact_dir,
+                       item.fast_math)
                 done = self._built.get(key)
                 if done is not None and None not in done[1] and done[1] == _stamp(done[0]):
                     results[idx] = BuildResult(done[0].artifact, cubin=done[0].cubin, build_s=0.0)
@@ -214,9 +225,12 @@ class LocalBuilder(Builder):
     def _build_in(self, w: Worker, item: BuildInput, target: dict, tkey: str) -> BuildResult:
         t0 = time.perf_counter()
         limit = self.deadline(item.group, tkey)
+        fast = item.fast_math and target.get("kind") == "llvm"
+        # the exact and the fast build of one kernel are different libraries: different files
+        name = item.name + ("-fast" if fast else "")
         try:
-            r = w.call("spatialtune.measure.builder:build_one", item.mod_json, target, self.artifact_dir, item.name,
-                       timeout=limit)
+            r = w.call("spatialtune.measure.builder:build_one", item.mod_json, target, self.artifact_dir, name,
+                       fast, timeout=limit)
         except WorkerError as e:
             log.debug("build of %s failed: %s", item.name, e)
             why = f"build {e.kind}: {e}"

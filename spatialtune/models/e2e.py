@@ -60,6 +60,7 @@ class ModelOptions:
     seed: int = 0  # the random inputs
     mcpu: str | None = None  # the device whose tuning records are used (default: this machine's CPU)
     interference: str = "none"  # whose records: the condition they were tuned under
+    fast_math: bool = True  # tasks build with vectorisable erf/exp/tanh where that passes the check
 
     def settings(self) -> dict:
         return {"repeat": self.repeat, "min_repeat_ms": self.min_repeat_ms, "warmup_ms": self.warmup_ms}
@@ -119,20 +120,30 @@ def records_for(db: TuningDatabase, tasks: Sequence[Workload], device: DeviceInf
     return msdb, facts
 
 
-def compile_model(model: ImportedModel, target: dict, msdb=None, out: str | None = None) -> tuple[object, int]:
-    """(the Relax executable, how many functions the database scheduled); exported to ``out``."""
+def compile_model(model: ImportedModel, target: dict, msdb=None, out: str | None = None,
+                  tasks: Sequence[Workload] = ()) -> tuple[object, int]:
+    """(the Relax executable, how many functions the database scheduled); exported to ``out``.
+
+    On a CPU target the functions that are ``tasks`` using fast math (:attr:`Workload.fast_math`)
+    are built with it, as their tuned candidates were (:mod:`spatialtune.workloads.fastmath`);
+    the rest, and every function when ``tasks`` is empty (TVM's own build), keep exact math."""
     import tvm
     from tvm import relax
     from tvm.relax import pipeline
 
+    from ..workloads.fastmath import rewrite
+
     tgt = tvm.target.Target(target)
     mod = fuse(model.relax_mod, target)
+    fast = _fast_functions(mod, tasks) if target.get("kind") == "llvm" else set()
     applied = 0
     if msdb is not None:
         with tgt, msdb, tvm.transform.PassContext(opt_level=3):
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         applied = sum(1 for f in mod.functions.values()
                       if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs)
+    if fast:  # after the database: the records match the exact functions the tasks were extracted as
+        mod = rewrite(mod, skip=lambda name, _: name not in fast)[0]
     try:
         passes = [*pipeline.dataflow_lower_passes(tgt), *pipeline.finalize_passes(tgt)]
     except (AttributeError, ValueError):  # the 0.27 wheel's CPU backend does not export them: the same list
@@ -145,6 +156,20 @@ def compile_model(model: ImportedModel, target: dict, msdb=None, out: str | None
     if out is not None:
         ex.export_library(out)
     return ex, applied
+
+
+def _fast_functions(mod, tasks: Sequence[Workload]) -> set[str]:
+    """Names of the fused module's PrimFuncs that are a task with fast math, found by the
+    structural hash the task was keyed by (its function as extraction names it, ``main``)."""
+    import tvm
+
+    from ..workloads.schedule import mod_hash
+
+    want = {w.prim.hash for w in tasks if w.fast_math}
+    if not want:
+        return set()
+    return {gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+            and mod_hash(tvm.IRModule({"main": f.with_attr("global_symbol", "main")})) in want}
 
 
 def measure_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase, *,
@@ -161,7 +186,7 @@ def measure_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase,
     device = detect_cpu(opt.mcpu)
     partition = create_partition("cpu")
     db.add_device(device)
-    tasks = extract_workloads(model)
+    tasks = extract_workloads(model, fast_math=opt.fast_math)
     result = ModelResult(model, device, partition.kind, time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}", tasks)
     feeds = random_feeds(model, opt.seed)
     with tempfile.TemporaryDirectory(prefix="spatialtune-model-") as tmp, partition:
@@ -174,7 +199,9 @@ def measure_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase,
                 msdb, facts = (None, {}) if ratio is None else records_for(db, tasks, device, partition.kind, ratio,
                                                                            opt.interference)
                 out = os.path.join(tmp, f"model-{ratio}-{units}.so")
-                _, applied = compile_model(model, target_for(device, units), msdb, out)
+                # the tuned variants build their tasks as they were measured (fast math where it
+                # passed); untuned is TVM's own build, exact
+                _, applied = compile_model(model, target_for(device, units), msdb, out, () if ratio is None else tasks)
                 say(f"compiled {'untuned' if ratio is None else f'with the {ratio:g}% configs'} for {units} cores: "
                     f"{applied} of {len(tasks)} tasks tuned, {time.perf_counter() - t0:.1f} s")
                 libs[(ratio, units)] = (out, applied, facts)

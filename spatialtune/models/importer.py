@@ -13,6 +13,7 @@ dependency.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError, SpecError
-from ..workloads.prim import prim_task
+from ..workloads.prim import PrimTask, prim_task
 from ..workloads.spec import Workload
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,12 @@ def fuse(mod, target: dict | None = None):
         return seq(mod)
 
 
-def extract_workloads(model: ImportedModel, target: dict | None = None) -> list[Workload]:
-    """The model's tuning tasks as workloads, heaviest (weight x FLOPs) first."""
+def extract_workloads(model: ImportedModel, target: dict | None = None, fast_math: bool = True) -> list[Workload]:
+    """The model's tuning tasks as workloads, heaviest (weight x FLOPs) first.
+
+    A task with float32 erf/exp/tanh/sigmoid is probed once here (:func:`decide_math`): it builds
+    with their vectorisable approximations on a CPU only when that passes the output check;
+    ``fast_math=False`` keeps every task exact."""
     import tvm
     from tvm.s_tir.meta_schedule.relax_integration import extract_tasks
 
@@ -149,10 +154,29 @@ def extract_workloads(model: ImportedModel, target: dict | None = None) -> list[
             task = prim_task(script, t.task_name)
         except SpecError as e:
             raise SpecError(f"{model.path}: task {t.task_name}: {e}") from None
+        task = decide_math(task, fast_math, where=f"{model.name}: {t.task_name}")
         out.append(Workload.from_prim(task, name=t.task_name, model=model.name, weight=int(t.weight)))
     out.sort(key=lambda w: (-w.weight * w.flops, w.name))
     log.info("%s: %d tasks", model.name, len(out))
     return out
+
+
+def decide_math(task: PrimTask, fast_math: bool = True, where: str = "") -> PrimTask:
+    """``task`` with :attr:`PrimTask.exact_math` set when it has calls fast math would replace and
+    either ``fast_math`` is off or the fast build fails the output check (:func:`.fastmath.probe`,
+    logged); unchanged otherwise."""
+    from ..workloads.fastmath import approximable, probe
+
+    calls = approximable(task.ir_module())
+    if not calls:
+        return task
+    ops = ", ".join(sorted(calls))
+    why = "fast math turned off" if not fast_math else probe(task)
+    if why:
+        log.warning("%s: exact %s (%s)", where or task.key, ops, why)
+        return dataclasses.replace(task, exact_math=why)
+    log.info("%s: fast %s (passes the output check)", where or task.key, ops)
+    return task
 
 
 def merge_tasks(per_model: Sequence[Sequence[Workload]]) -> list[Workload]:
@@ -178,14 +202,14 @@ def merge_tasks(per_model: Sequence[Sequence[Workload]]) -> list[Workload]:
 
 
 def space_from_onnx(paths: Sequence[str | Path], shapes: Mapping[str, Sequence[int]] | None = None,
-                    name: str | None = None) -> tuple[str, list[Workload]]:
+                    name: str | None = None, fast_math: bool = True) -> tuple[str, list[Workload]]:
     """(the search-space file's text, its workloads) for the tasks of the models at ``paths``."""
     from ..workloads.spacefile import format_space
 
     if not paths:
         raise ConfigError("no model given")
     models = [load_onnx(p, shapes) for p in paths]
-    workloads = merge_tasks([extract_workloads(m) for m in models])
+    workloads = merge_tasks([extract_workloads(m, fast_math=fast_math) for m in models])
     desc = "Tuning tasks of " + ", ".join(
         f"{m.name} ({Path(m.path).name} {m.hash}; inputs " + ", ".join(f"{n}={','.join(map(str, s))}"
                                                                           for n, s, _ in m.inputs) + ")"

@@ -30,7 +30,7 @@ def confirm_best(db, builder, runner, workload, share, key: dict, target: dict, 
         return 0
     cands = [candidate_from_trace(workload, m.trace, "confirm", expect_hash=m.mod_hash) for m in rows]
     keep = [(m, c) for m, c in zip(rows, cands) if c is not None]
-    built = builder.build([BuildInput.of(c, workload.key) for _, c in keep], target)
+    built = builder.build([BuildInput.of(c, workload.key, workload.fast_math) for _, c in keep], target)
     keep = [(m, b) for (m, _), b in zip(keep, built) if b.ok]
     extra: dict[int, list[float]] = {i: [] for i in range(len(keep))}
     for _ in range(rounds):

@@ -278,7 +278,7 @@ class _Job:
         """Build and measure ``cands`` under ``key``'s neighbour; each result is recorded the
         moment it exists."""
         t0 = time.perf_counter()
-        built = self.builder.build([BuildInput.of(c, w.key) for c in cands], self.target(share))
+        built = self.builder.build([BuildInput.of(c, w.key, w.fast_math) for c in cands], self.target(share))
         self.stage.add("build", time.perf_counter() - t0)
         self.stage.count("built", len(cands))
         times: list[float | None] = [None] * len(cands)

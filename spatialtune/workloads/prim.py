@@ -54,6 +54,10 @@ class PrimTask:
     args: tuple[tuple[tuple[int, ...], str], ...]  # (shape, dtype) of every parameter, in order
     n_outputs: int  # the trailing parameters are written: the outputs
     flops: int
+    # why this task builds with exact math on a CPU ("": its float32 erf/exp/tanh/sigmoid, if any,
+    # build as vectorisable approximations; see .fastmath); not part of the key, which says what
+    # is computed, not how it is built
+    exact_math: str = ""
 
     @property
     def key(self) -> str:
@@ -81,8 +85,9 @@ class PrimTask:
         return "int"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"script": self.script, "hash": self.hash, "task": self.task,
-                "args": [[list(s), dt] for s, dt in self.args], "n_outputs": self.n_outputs, "flops": self.flops}
+        d = {"script": self.script, "hash": self.hash, "task": self.task,
+             "args": [[list(s), dt] for s, dt in self.args], "n_outputs": self.n_outputs, "flops": self.flops}
+        return d | ({"exact_math": self.exact_math} if self.exact_math else {})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PrimTask":
@@ -90,7 +95,7 @@ class PrimTask:
         try:
             return cls(script=str(d["script"]), hash=str(d["hash"]), task=str(d["task"]),
                        args=tuple((tuple(int(x) for x in s), str(dt)) for s, dt in d["args"]),
-                       n_outputs=int(d["n_outputs"]), flops=int(d["flops"]))
+                       n_outputs=int(d["n_outputs"]), flops=int(d["flops"]), exact_math=str(d.get("exact_math", "")))
         except (KeyError, TypeError, ValueError) as e:
             raise SpecError(f"not a PrimFunc workload ({type(e).__name__}: {e})") from None
 

@@ -38,6 +38,8 @@ def format_space(name: str, description: str, workloads: Sequence[Workload]) -> 
             lines.append(f"task = {json.dumps(p.task)}")
             lines.append(f"weight = {int(w.weight)}")
             lines.append(f"hash = {json.dumps(p.hash)}")
+            if p.exact_math:  # a task that builds with exact math on a CPU, and why (see workloads.fastmath)
+                lines.append(f"exact_math = {json.dumps(p.exact_math)}")
             shapes = ", ".join(f"{'x'.join(map(str, s)) or 'scalar'} {dt}" for s, dt in p.args)
             lines.append(f"# {p.flops / 1e6:.3g} MFLOP; {shapes} (last {p.n_outputs} written)")
             lines.append(f"script = {_string(p.script)}")

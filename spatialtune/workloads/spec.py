@@ -26,6 +26,7 @@ readable name plus the hash (:mod:`.prim`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import tomllib
@@ -70,6 +71,13 @@ class Workload:
         if self.prim is not None:
             return self.prim.key
         return make_key(self.op, self.dtype, self.params)
+
+    @property
+    def fast_math(self) -> bool:
+        """Whether its builds for a CPU replace float32 erf/exp/tanh/sigmoid by vectorisable
+        approximations (:mod:`.fastmath`): a model's task unless it fell back to exact math;
+        never an operator (none of them calls those functions)."""
+        return self.prim is not None and not self.prim.exact_math
 
     @property
     def flops(self) -> int:
@@ -295,7 +303,7 @@ def parse_space(raw: Mapping[str, Any], where: str) -> SearchSpace:
 
 
 
-PRIM_FIELDS = ("name", "task", "model", "weight", "hash", "script")
+PRIM_FIELDS = ("name", "task", "model", "weight", "hash", "script", "exact_math")
 
 
 def _prim_entry(e: Mapping[str, Any], at: str) -> Workload:
@@ -305,7 +313,7 @@ def _prim_entry(e: Mapping[str, Any], at: str) -> Workload:
     for req in ("name", "hash", "script"):
         if req not in e:
             raise SpecError(f"{at}.{req}: missing")
-    for f in ("name", "task", "model", "hash", "script"):
+    for f in ("name", "task", "model", "hash", "script", "exact_math"):
         if f in e and not isinstance(e[f], str):
             raise SpecError(f"{at}.{f}: must be a string")
     name = e["name"]
@@ -321,4 +329,6 @@ def _prim_entry(e: Mapping[str, Any], at: str) -> Workload:
     if task.hash != e["hash"]:
         raise SpecError(f"{at}.hash: the script hashes to {task.hash}, not {e['hash']}: it was edited or written by "
                         "another TVM; extract the model's tasks again")
+    if e.get("exact_math"):
+        task = dataclasses.replace(task, exact_math=e["exact_math"])
     return Workload.from_prim(task, name=name, model=e.get("model", ""), weight=weight)
