@@ -217,7 +217,7 @@ def measure_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase,
             rows = {"onnxruntime": ModelRun(**base, variant="onnxruntime", status=ort["status"],
                                             error=ort.get("error", ""), latency_s=ort.get("median_s"),
                                             times=ort["times"], detail={"version": ort.get("version"),
-                                                                        "cores": ort.get("cores")})}
+                                                                        "cores": ort.get("cores"), "spinning": False})}
             for v, (_, facts) in plan.items():
                 src = res[same_as[v]]
                 row = ModelRun(**base, variant=v, status=src["status"], error=src.get("error", ""),

@@ -7,8 +7,7 @@ The parent loads every variant of a share here (:func:`load_compiled`, :func:`lo
 outputs first, then ``warmup_ms`` of untimed calls), then asks for one *slot* at a time
 (:func:`time_slot`) in round-robin order, A B C D, A B C D, ...: a host that drifts over seconds
 then drifts under every variant alike instead of under whichever ran last. A slot is one untimed
-call (the previous slot's variant evicted this one's data from the caches, and its pool threads,
-ONNX Runtime's spinning ones included, wind down meanwhile) and then whole calls,
+call (the previous slot's variant evicted this one's data from the caches) and then whole calls,
 timed from Python, for at least ``min_repeat_ms`` (at least one); its time per call is that
 variant's time in that round. A model runs for milliseconds, so the microseconds of Python around
 each call do not change the comparison.
@@ -62,7 +61,12 @@ def _session(model_path: str, profile_prefix: str | None = None):
     """An ONNX Runtime session (CPU execution provider) on this worker's share: as many intra-op
     threads as the share has cores, no inter-op parallelism. Its pool threads are started with the
     share's whole core set (this thread is bound to one core of it, and new threads inherit the mask
-    of the thread that starts them); returns (session, how many cores those threads may run on)."""
+    of the thread that starts them); returns (session, how many cores those threads may run on).
+
+    Its pool threads do not spin waiting for work: interleaved with TVM's variants in this process,
+    spinning threads kept the share's cores busy during the next variant's slot and made TVM's pool,
+    one thread per core, many times slower. Waking blocked threads costs ONNX Runtime a little on
+    each parallel section, the price of timing every variant on the same quiet cores."""
     import onnxruntime as ort
 
     from ..measure.in_worker import share_cores
@@ -73,6 +77,7 @@ def _session(model_path: str, profile_prefix: str | None = None):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
