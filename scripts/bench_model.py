@@ -181,7 +181,7 @@ def main() -> int:
         with TuningDatabase(db_path) as db:
             summary = tune(tasks, ratios, db, opts)
             tune_s = time.perf_counter() - t0
-            mopts = ModelOptions(repeat=2, min_repeat_ms=5, warmup_ms=5) if a.quick else ModelOptions()
+            mopts = ModelOptions(rounds=2, min_repeat_ms=5, warmup_ms=5) if a.quick else ModelOptions()
             res = measure_model(onnx_path, ratios, db, options=mopts)
         new = sum(r.new_trials for r in summary.results)
         head = f"{name}: {len(tasks)} tasks, {trials} trials per share"

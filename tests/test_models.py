@@ -216,7 +216,7 @@ def test_a_model_tuned_at_two_shares_runs_end_to_end_and_matches_onnx_runtime(tm
             per_task = [db.count_measurements(workload_key=w.key, ratio=r) for w in tasks]
             assert sum(per_task) == batch_each and min(per_task) >= 1, per_task  # the budget, every task in it
         assert all(res.best_s for res in summary.results)
-        res = measure_model(model, [50, 100], db, options=ModelOptions(repeat=2, min_repeat_ms=5, warmup_ms=5))
+        res = measure_model(model, [50, 100], db, options=ModelOptions(rounds=2, min_repeat_ms=5, warmup_ms=5))
         assert {(r.ratio, r.variant) for r in res.rows} == {(r, v) for r in (50.0, 100.0)
                                                             for v in ("share-tuned", "whole-tuned", "untuned",
                                                                       "onnxruntime")}

@@ -18,9 +18,14 @@ def add_model(sub) -> None:
     p.add_argument("--ratios", default="100", help="shares to run at, percent, e.g. 25,50,100")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=D1,D2,...",
                    help="static shape of a model input (as given to workloads --from-onnx)")
-    p.add_argument("--repeat", type=int, default=5, help="timed repeats per variant (median counts)")
-    p.add_argument("--min-repeat-ms", type=int, default=50, help="each repeat runs at least this long")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per variant and share")
+    p.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=5,
+                   help="interleaved timing rounds per share, every variant once per round (its median counts)")
+    p.add_argument("--min-repeat-ms", type=int, default=50, help="a variant's slot in a round runs at least this long")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds per call into the measuring worker (a variant's load, one slot, the profile)")
+    p.add_argument("--profile", action="store_true",
+                   help="per share, each task's weight x kernel time next to ONNX Runtime's profile of the same "
+                        "operators, and the time outside the tuned kernels")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--mcpu", default=None, help="the LLVM CPU the tuning records were measured for")
     p.add_argument("--exact-math", action="store_true",
@@ -37,10 +42,10 @@ def _cmd_model(a) -> int:
     from ..terms import parse_ratios
 
     ratios = parse_ratios(a.ratios)
-    if a.repeat < 1 or a.timeout <= 0 or a.min_repeat_ms < 0:
-        raise ConfigError("--repeat must be at least 1, --timeout positive, --min-repeat-ms not negative")
-    opts = ModelOptions(repeat=a.repeat, min_repeat_ms=a.min_repeat_ms, timeout=a.timeout, seed=a.seed, mcpu=a.mcpu,
-                        fast_math=not a.exact_math)
+    if a.rounds < 1 or a.timeout <= 0 or a.min_repeat_ms < 0:
+        raise ConfigError("--rounds must be at least 1, --timeout positive, --min-repeat-ms not negative")
+    opts = ModelOptions(rounds=a.rounds, min_repeat_ms=a.min_repeat_ms, timeout=a.timeout, seed=a.seed, mcpu=a.mcpu,
+                        profile=a.profile, fast_math=not a.exact_math)
     shapes = parse_shapes(a.shape)
     with open_db(a.db, create=True) as db:
         res = measure_model(a.model, ratios, db, shapes=shapes, options=opts,
@@ -68,7 +73,7 @@ def format_model(res) -> str:
             tuned = "-" if x.tuned_tasks is None else f"{x.tuned_tasks}/{x.n_tasks}"
             table.append([x.variant, fmt_time(x.latency_s), vs, "-" if x.rel_err is None else f"{x.rel_err:.1e}",
                           tuned, "-" if x.trials is None else str(x.trials),
-                          x.status if x.status == "ok" else f"{x.status}: {x.error[:80]}"])
+                          _status(x)])
         units = rows[0].granted_units if rows else "?"
         out += ["", f"share {r:g}% ({units} cores)",
                 text_table(["variant", "latency", "vs ONNX Runtime", "error vs ORT", "tasks tuned", "trials", "status"],
@@ -77,6 +82,45 @@ def format_model(res) -> str:
         if top:
             out.append(f"costliest task at this share: {top['name']} (weight {top['weight']} x "
                        f"{fmt_time(top['time_s'])} = {top['part']:.0%} of the tuned kernels' time)")
+        if r in res.profiles:
+            out += ["", format_profile(res.profiles[r])]
+        elif any("profile_error" in x.detail for x in rows):
+            out.append("no profile: " + next(x.detail["profile_error"] for x in rows if "profile_error" in x.detail))
+    return "\n".join(out)
+
+
+def _status(x) -> str:
+    if x.status != "ok":
+        return f"{x.status}: {x.error[:80]}"
+    same = (x.detail or {}).get("same_as")
+    return f"ok (same kernels as {same}: timed once)" if same else "ok"
+
+
+def format_profile(bd) -> str:
+    """A :class:`~spatialtune.models.profile.Breakdown` as a table: per task TVM's weight x kernel
+    time and ONNX Runtime's time for the nodes matched to it, then the rest, then the totals."""
+    from .tables import text_table
+
+    def row(t, nodes: str) -> list[str]:
+        vs = f"{t.vs_ort:.2f}x" if t.vs_ort is not None else "-"
+        diff = "-" if t.tvm_s is None else ("+" if t.tvm_s >= t.ort_s else "-") + fmt_time(abs(t.tvm_s - t.ort_s))
+        return [t.name, str(t.weight) if t.key else "", fmt_time(t.tvm_s) if t.tvm_s is not None else "untuned",
+                fmt_time(t.ort_s), vs, diff, nodes]
+
+    def nodes(t) -> str:
+        return ", ".join(t.ort_nodes[:3]) + (f" +{len(t.ort_nodes) - 3}" if len(t.ort_nodes) > 3 else "")
+
+    table = [row(t, nodes(t)) for t in bd.tasks] + [row(bd.outside, nodes(bd.outside) or "(executor)")]
+    total = [["total", "", fmt_time(bd.tvm_total_s), fmt_time(bd.ort_total_s), f"{bd.tvm_total_s / bd.ort_total_s:.2f}x"
+              if bd.ort_total_s > 0 else "-", "", ""]]
+    out = ["where the time goes (TVM: weight x tuned kernel time at this share from the database, the rest of "
+           "the share-tuned latency outside; ONNX Runtime: its profiler's mean run, nodes matched by operator)",
+           text_table(["task", "weight", "TVM", "ONNX Runtime", "vs ORT", "TVM - ORT", "ORT nodes"], table + total)]
+    lose = bd.loser()
+    if lose:
+        out.append(f"loses most: {lose.name}, {fmt_time(lose.tvm_s - lose.ort_s)} slower than ONNX Runtime's "
+                   f"{len(lose.ort_nodes)} node(s) ({lose.vs_ort:.2f}x)" if lose.ort_s > 0 else
+                   f"loses most: {lose.name}, {fmt_time(lose.tvm_s)} with no ONNX Runtime node matched")
     return "\n".join(out)
 
 

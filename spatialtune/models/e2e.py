@@ -11,6 +11,15 @@ threads confined to them). Every variant's outputs are checked against ONNX Runt
 random inputs. A task with no config for a variant runs untuned in it (``tuned_tasks`` says how
 many had one). Each variant's latency is a row of ``model_runs`` (:mod:`spatialtune.store.model_runs`).
 
+Timing holds against a drifting host: per share, every variant (ONNX Runtime included) is loaded
+once in the same worker, then all are timed in ``rounds`` interleaved rounds (A B C D, A B C D, ...,
+see :mod:`.in_worker`); a variant's latency is the median of its rounds, ``times`` keeps each
+round's. Variants that are the same kernels (every task's chosen record the same: share-tuned and
+whole-tuned at 100 %, or at a share where every pick is the 100 % one; share-tuned and untuned where
+no task has a config) are compiled and timed once; the other's row repeats the numbers and says
+``same_as`` in its ``detail``. With ``profile``, ONNX Runtime's profiler then runs under the share
+and :mod:`.profile` breaks the share-tuned latency down per task next to it (``detail["profile"]``).
+
 Compilation is ``compile_relax``'s pipeline spelled out: legalize and fuse (:func:`.importer.fuse`,
 the passes the tasks were extracted with, so the database's workloads match structurally),
 ``MetaScheduleApplyDatabase`` with a MetaSchedule database holding the chosen configs, then only
@@ -42,9 +51,11 @@ from ..store.database import TuningDatabase
 from ..store.model_runs import ModelRun, record_model_run
 from ..terms import check_ratio, norm_ratio
 from ..workloads.check import check_output
+from ..workloads.fastmath import approximable
 from ..workloads.schedule import apply_trace
 from ..workloads.spec import Workload
 from .importer import ImportedModel, extract_workloads, fuse, load_onnx
+from .profile import Breakdown, breakdown, call_order
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +64,18 @@ CHECK_DTYPES = {"float32": "fp32", "float16": "fp16", "float64": "fp64"}
 
 @dataclass
 class ModelOptions:
-    repeat: int = 5  # timed repeats; the median counts
-    min_repeat_ms: int = 50  # each repeat runs the model enough times to last this long (at least once)
-    warmup_ms: int = 100
-    timeout: float = 900.0  # per variant and share: load, run, time
+    rounds: int = 5  # interleaved rounds per share; each variant's median round counts
+    min_repeat_ms: int = 50  # a variant's slot in a round runs the model at least this long (at least once)
+    warmup_ms: int = 100  # untimed runs of each variant when it is loaded
+    timeout: float = 900.0  # per call into the worker: a variant's load, one round's slot, the profile
     seed: int = 0  # the random inputs
     mcpu: str | None = None  # the device whose tuning records are used (default: this machine's CPU)
     interference: str = "none"  # whose records: the condition they were tuned under
     fast_math: bool = True  # tasks build with vectorisable erf/exp/tanh where that passes the check
+    profile: bool = False  # also break the share-tuned latency down per task next to ONNX Runtime's profile
 
     def settings(self) -> dict:
-        return {"repeat": self.repeat, "min_repeat_ms": self.min_repeat_ms, "warmup_ms": self.warmup_ms}
+        return {"rounds": self.rounds, "min_repeat_ms": self.min_repeat_ms, "warmup_ms": self.warmup_ms}
 
 
 @dataclass
@@ -74,6 +86,7 @@ class ModelResult:
     run: str
     tasks: list[Workload]
     rows: list[ModelRun] = field(default_factory=list)
+    profiles: dict[float, Breakdown] = field(default_factory=dict)  # per share key ratio, with --profile
 
     def row(self, ratio: float, variant: str) -> ModelRun | None:
         return next((r for r in self.rows if r.ratio == norm_ratio(ratio) and r.variant == variant), None)
@@ -176,11 +189,13 @@ def measure_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase,
                   shapes: dict | None = None, options: ModelOptions | None = None,
                   progress: Callable[[str], None] | None = None) -> ModelResult:
     """Compile and run the model at ``path`` under every share of ``ratios`` (see the module doc);
-    every variant's result is recorded in ``db`` as it is measured."""
+    every variant's result is recorded in ``db`` once its share is measured."""
     opt = options or ModelOptions()
     ratios = sorted({norm_ratio(check_ratio(r)) for r in ratios}, reverse=True)
     if not ratios:
         raise ConfigError("no shares to run the model at")
+    if opt.rounds < 1 or opt.min_repeat_ms < 0 or opt.timeout <= 0:
+        raise ConfigError("rounds must be at least 1, min_repeat_ms not negative, timeout positive")
     say = progress or (lambda s: None)
     model = load_onnx(path, shapes)
     device = detect_cpu(opt.mcpu)
@@ -189,54 +204,122 @@ def measure_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase,
     tasks = extract_workloads(model, fast_math=opt.fast_math)
     result = ModelResult(model, device, partition.kind, time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}", tasks)
     feeds = random_feeds(model, opt.seed)
+    plans = []  # per share: (share, {variant: (msdb, facts)})
+    for r in ratios:
+        share = partition.grant(r)
+        plan = {v: (None, {}) if ratio is None else records_for(db, tasks, device, partition.kind, ratio,
+                                                                 opt.interference)
+                for v, ratio in (("share-tuned", share.key_ratio), ("whole-tuned", 100.0), ("untuned", None))}
+        if opt.profile and not any(f["time_s"] for f in plan["share-tuned"][1].values()):
+            raise ConfigError(f"--profile: no task of {model.name} has a tuned config at {share.key_ratio:g}% on "
+                              f"{device.id} ({partition.kind}, interference {opt.interference}): tune it first "
+                              f"(spatialtune workloads --from-onnx, then spatialtune tune)")
+        plans.append((share, plan))
+    calls = call_order(model, tasks) if opt.profile else []
     with tempfile.TemporaryDirectory(prefix="spatialtune-model-") as tmp, partition:
-        libs: dict[tuple, tuple[str, int, dict]] = {}
-
-        def build(ratio: float | None, units: int) -> tuple[str, int, dict]:
-            """The model with the configs tuned at ``ratio`` (None: untuned), for a share of ``units``."""
-            if (ratio, units) not in libs:
-                t0 = time.perf_counter()
-                msdb, facts = (None, {}) if ratio is None else records_for(db, tasks, device, partition.kind, ratio,
-                                                                           opt.interference)
-                out = os.path.join(tmp, f"model-{ratio}-{units}.so")
-                # the tuned variants build their tasks as they were measured (fast math where it
-                # passed); untuned is TVM's own build, exact
-                _, applied = compile_model(model, target_for(device, units), msdb, out, () if ratio is None else tasks)
-                say(f"compiled {'untuned' if ratio is None else f'with the {ratio:g}% configs'} for {units} cores: "
-                    f"{applied} of {len(tasks)} tasks tuned, {time.perf_counter() - t0:.1f} s")
-                libs[(ratio, units)] = (out, applied, facts)
-            return libs[(ratio, units)]
-
-        for r in ratios:
-            share = partition.grant(r)
+        libs: dict[tuple, tuple[str, int]] = {}  # (cores, each task's kernel, fast) -> (library, tasks tuned)
+        # the tuned variants build their tasks as they were measured (fast math where it passed);
+        # untuned is TVM's own build, exact
+        fast = [w for w in tasks if w.fast_math and approximable(w.ir_module())]
+        for share, plan in plans:
             base = dict(run=result.run, model=model.name, model_hash=model.hash, device_id=device.id,
                         partition=partition.kind, ratio=share.key_ratio, granted_units=share.units,
                         n_tasks=len(tasks))
-            plan = [("share-tuned", share.key_ratio), ("whole-tuned", 100.0), ("untuned", None)]
-            built = {v: build(ratio, share.units) for v, ratio in plan}
+            same_as: dict[str, str] = {}
+            idents: dict[str, tuple] = {}
+            for v, (msdb, facts) in plan.items():  # the same kernels are one compiled model, timed once
+                idents[v] = ident = (share.units, tuple(facts.get(w.key, {}).get("mod_hash") for w in tasks),
+                                     bool(fast) and msdb is not None)
+                same_as[v] = next(u for u in idents if idents[u] == ident)
+                if ident not in libs:
+                    libs[ident] = _compile(model, device, share.units, msdb, tmp, v, tasks if ident[2] else (), say)
+            loads = [("onnxruntime", "load_onnxruntime", (model.path, feeds, opt.settings()))]
+            loads += [(v, "load_compiled", (libs[idents[v]][0], [feeds[n] for n, _, _ in model.inputs],
+                                            opt.settings())) for v in plan if same_as[v] == v]
             env = dict(os.environ) | partition.worker_env(share)
             with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"),
                         env=env, name=f"model-{share.units}core") as w:
-                ort = _call(w, opt, "spatialtune.models.in_worker:run_onnxruntime", model.path, feeds, opt.settings())
-                ref = ort.get("outputs")
-                row = ModelRun(**base, variant="onnxruntime", status=ort["status"], error=ort.get("error", ""),
-                               latency_s=ort.get("median_s"), times=ort.get("times", []),
-                               detail={"version": ort.get("version"), "cores": ort.get("cores")})
+                res = _interleave(w, opt, loads, say)
+                prof = _call(w, opt, f"{_W}:profile_onnxruntime", model.path, feeds, opt.settings(),
+                             os.path.join(tmp, f"ort-{share.units}")) if opt.profile else None
+            ort = res["onnxruntime"]
+            ref = ort.get("outputs")
+            rows = {"onnxruntime": ModelRun(**base, variant="onnxruntime", status=ort["status"],
+                                            error=ort.get("error", ""), latency_s=ort.get("median_s"),
+                                            times=ort["times"], detail={"version": ort.get("version"),
+                                                                        "cores": ort.get("cores"), "spinning": False})}
+            for v, (_, facts) in plan.items():
+                src = res[same_as[v]]
+                row = ModelRun(**base, variant=v, status=src["status"], error=src.get("error", ""),
+                               latency_s=src.get("median_s"), times=src["times"],
+                               tuned_tasks=libs[idents[v]][1],
+                               trials=sum(f["trials"] for f in facts.values()) if facts else None,
+                               detail={"tasks": facts} if facts else {})
+                if same_as[v] != v:
+                    row.detail["same_as"] = same_as[v]
+                if row.status == "ok" and ref is not None:
+                    row.rel_err, wrong = _compare(src["outputs"], ref)
+                    if wrong:
+                        row.status, row.error = "wrong_result", wrong
+                rows[v] = row
+            st = rows["share-tuned"]
+            if prof is not None and prof["status"] == "ok" and st.latency_s:
+                bd = breakdown(share.key_ratio, calls, plan["share-tuned"][1], st.latency_s, prof)
+                st.detail["profile"] = bd.to_dict()
+                result.profiles[share.key_ratio] = bd
+            elif prof is not None:
+                st.detail["profile_error"] = prof.get("error") or "the share-tuned model has no latency"
+            for row in rows.values():
                 _keep(db, result, row, say)
-                for variant, ratio in plan:
-                    lib, applied, facts = built[variant]
-                    res = _call(w, opt, "spatialtune.models.in_worker:run_compiled", lib,
-                                [feeds[n] for n, _, _ in model.inputs], opt.settings())
-                    row = ModelRun(**base, variant=variant, status=res["status"], error=res.get("error", ""),
-                                   latency_s=res.get("median_s"), times=res.get("times", []), tuned_tasks=applied,
-                                   trials=sum(f["trials"] for f in facts.values()) if facts else None,
-                                   detail={"tasks": facts} if facts else {})
-                    if row.status == "ok" and ref is not None:
-                        row.rel_err, wrong = _compare(res["outputs"], ref)
-                        if wrong:
-                            row.status, row.error = "wrong_result", wrong
-                    _keep(db, result, row, say)
     return result
+
+
+_W = "spatialtune.models.in_worker"
+
+
+def _compile(model, device, units: int, msdb, tmp: str, variant: str, fast_tasks: Sequence[Workload],
+             say) -> tuple[str, int]:
+    t0 = time.perf_counter()
+    out = os.path.join(tmp, f"model-{variant}-{units}-{len(os.listdir(tmp))}.so")
+    _, applied = compile_model(model, target_for(device, units), msdb, out, fast_tasks)
+    say(f"compiled {variant} for {units} cores: {applied} tasks tuned, {time.perf_counter() - t0:.1f} s")
+    return out, applied
+
+
+def _interleave(w: Worker, opt: ModelOptions, loads: list[tuple[str, str, tuple]], say) -> dict[str, dict]:
+    """Load every variant of ``loads`` ((name, loader in in_worker, its arguments)) in the worker,
+    then time them in ``opt.rounds`` round-robin rounds; per variant its load's answer (status,
+    outputs, ...) with ``times`` (one per round) and ``median_s``. A call that kills the worker
+    fails its variant; the others are loaded again into the fresh one and go on."""
+    out: dict[str, dict] = {}
+
+    def call(name: str, fn: str, *args) -> dict:
+        pid = w.pid
+        res = _call(w, opt, f"{_W}:{fn}", *args)
+        if w.pid != pid:  # a fresh process: the variants loaded in the old one are gone
+            for n, loader, a in loads:
+                if n != name and out.get(n, {}).get("status") == "ok":
+                    again = _call(w, opt, f"{_W}:{loader}", n, *a)
+                    if again["status"] != "ok":
+                        out[n] |= {"status": "error", "error": f"loading again after {name} failed: {again['error']}"}
+        return res
+
+    for name, loader, args in loads:
+        out[name] = call(name, loader, name, *args) | {"times": []}
+        if out[name]["status"] != "ok":
+            say(f"{name}: {out[name]['error']}")
+    for k in range(opt.rounds):
+        for name, _, _ in loads:
+            if out[name]["status"] == "ok":
+                res = call(name, "time_slot", name, opt.settings())
+                if res["status"] == "ok":
+                    out[name]["times"].append(res["time_s"])
+                else:
+                    out[name] |= {"status": "error", "error": f"round {k + 1}: {res['error']}"}
+    for r in out.values():
+        if r["status"] == "ok":
+            r["median_s"] = float(np.median(r["times"]))
+    return out
 
 
 def _call(w: Worker, opt: ModelOptions, fn: str, *args) -> dict:

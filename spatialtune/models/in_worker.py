@@ -1,38 +1,28 @@
-"""The measuring worker's side of an end-to-end run: a compiled model or an ONNX Runtime session,
-run and timed inside a worker that holds the share (``spatialtune.measure.in_worker`` applied it:
-every thread pinned to the share's cores, TVM's pool one thread per core).
+"""The measuring worker's side of an end-to-end run: compiled models and an ONNX Runtime session,
+loaded once and timed interleaved, inside a worker that holds the share
+(``spatialtune.measure.in_worker`` applied it: every thread pinned to the share's cores, TVM's
+pool one thread per core).
 
-Both are timed the same way, from Python, whole calls: untimed runs first (at least
-``warmup_ms``), then ``repeat`` repeats of at least ``min_repeat_ms`` each (at least one call);
-the median repeat's time per call counts. A model runs for milliseconds, so the microseconds of
-Python around each call do not change the comparison.
+The parent loads every variant of a share here (:func:`load_compiled`, :func:`load_onnxruntime`:
+outputs first, then ``warmup_ms`` of untimed calls), then asks for one *slot* at a time
+(:func:`time_slot`) in round-robin order, A B C D, A B C D, ...: a host that drifts over seconds
+then drifts under every variant alike instead of under whichever ran last. A slot is one untimed
+call (the previous slot's variant evicted this one's data from the caches) and then whole calls,
+timed from Python, for at least ``min_repeat_ms`` (at least one); its time per call is that
+variant's time in that round. A model runs for milliseconds, so the microseconds of Python around
+each call do not change the comparison.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Callable
 
 import numpy as np
 
-
-def _time(fn: Callable[[], Any], settings: dict) -> list[float]:
-    t_end = time.perf_counter() + settings.get("warmup_ms", 100) / 1e3
-    fn()
-    while time.perf_counter() < t_end:
-        fn()
-    times = []
-    for _ in range(int(settings.get("repeat", 5))):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            el = time.perf_counter() - t0
-            if el * 1e3 >= settings.get("min_repeat_ms", 50):
-                break
-        times.append(el / n)
-    return times
+_loaded: dict[str, Callable[[], Any]] = {}
 
 
 def _as_list(out) -> list[np.ndarray]:
@@ -45,9 +35,15 @@ def _as_list(out) -> list[np.ndarray]:
     return [np.asarray(out)]
 
 
-def run_compiled(library: str, inputs: list[np.ndarray], settings: dict) -> dict:
-    """Load a Relax executable exported by ``export_library`` and run ``main`` on ``inputs`` in a
-    Relax VirtualMachine on the CPU: its outputs (flattened), then its time."""
+def _warm(fn: Callable[[], Any], settings: dict) -> None:
+    t_end = time.perf_counter() + settings.get("warmup_ms", 100) / 1e3
+    while time.perf_counter() < t_end:
+        fn()
+
+
+def load_compiled(name: str, library: str, inputs: list[np.ndarray], settings: dict) -> dict:
+    """Load a Relax executable exported by ``export_library`` into a Relax VirtualMachine on the
+    CPU as variant ``name``: its outputs (flattened) from a first run, then its warm-up."""
     import tvm
     from tvm import relax
 
@@ -56,16 +52,21 @@ def run_compiled(library: str, inputs: list[np.ndarray], settings: dict) -> dict
     args = [tvm.runtime.tensor(x, dev) for x in inputs]
     main = vm["main"]
     outputs = _as_list(main(*args))
-    times = _time(lambda: main(*args), settings)
-    return {"outputs": outputs, "times": times, "median_s": float(np.median(times)),
-            "cores": len(os.sched_getaffinity(0))}
+    _loaded[name] = lambda: main(*args)
+    _warm(_loaded[name], settings)
+    return {"outputs": outputs, "cores": len(os.sched_getaffinity(0))}
 
 
-def run_onnxruntime(model_path: str, feeds: dict[str, np.ndarray], settings: dict) -> dict:
-    """ONNX Runtime (CPU execution provider) on this worker's share: as many intra-op threads as
-    the share has cores, no inter-op parallelism. Its pool threads are started with the share's
-    whole core set (this thread is bound to one core of it, and new threads inherit the mask of
-    the thread that starts them); ``cores`` is what those threads are allowed to run on."""
+def _session(model_path: str, profile_prefix: str | None = None):
+    """An ONNX Runtime session (CPU execution provider) on this worker's share: as many intra-op
+    threads as the share has cores, no inter-op parallelism. Its pool threads are started with the
+    share's whole core set (this thread is bound to one core of it, and new threads inherit the mask
+    of the thread that starts them); returns (session, how many cores those threads may run on).
+
+    Its pool threads do not spin waiting for work: interleaved with TVM's variants in this process,
+    spinning threads kept the share's cores busy during the next variant's slot and made TVM's pool,
+    one thread per core, many times slower. Waking blocked threads costs ONNX Runtime a little on
+    each parallel section, the price of timing every variant on the same quiet cores."""
     import onnxruntime as ort
 
     from ..measure.in_worker import share_cores
@@ -76,12 +77,15 @@ def run_onnxruntime(model_path: str, feeds: dict[str, np.ndarray], settings: dic
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     mine = os.sched_getaffinity(0)
     before = set(os.listdir("/proc/self/task"))
     os.sched_setaffinity(0, share)
     try:
         sess = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
-        outputs = [np.asarray(o) for o in sess.run(None, feeds)]
     finally:
         os.sched_setaffinity(0, mine)
     allowed: set[int] = set()
@@ -90,6 +94,68 @@ def run_onnxruntime(model_path: str, feeds: dict[str, np.ndarray], settings: dic
             allowed |= os.sched_getaffinity(int(tid))
         except OSError:  # a thread that ended
             pass
-    times = _time(lambda: sess.run(None, feeds), settings)
-    return {"outputs": outputs, "times": times, "median_s": float(np.median(times)),
-            "cores": len(allowed) if allowed else 1, "version": ort.__version__}
+    return sess, len(allowed) if allowed else 1
+
+
+def load_onnxruntime(name: str, model_path: str, feeds: dict[str, np.ndarray], settings: dict) -> dict:
+    """ONNX Runtime on this worker's share as variant ``name`` (see :func:`_session`): its outputs,
+    the cores its threads may use, its version; then its warm-up."""
+    import onnxruntime as ort
+
+    sess, cores = _session(model_path)
+    outputs = [np.asarray(o) for o in sess.run(None, feeds)]
+    _loaded[name] = lambda: sess.run(None, feeds)
+    _warm(_loaded[name], settings)
+    return {"outputs": outputs, "cores": cores, "version": ort.__version__}
+
+
+def time_slot(name: str, settings: dict) -> dict:
+    """One round's time per call of the loaded variant ``name`` (see the module doc): ``time_s``."""
+    fn = _loaded[name]
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        el = time.perf_counter() - t0
+        if el * 1e3 >= settings.get("min_repeat_ms", 50):
+            return {"time_s": el / n}
+
+
+def unload(name: str) -> None:
+    _loaded.pop(name, None)
+
+
+def profile_onnxruntime(model_path: str, feeds: dict[str, np.ndarray], settings: dict, prefix: str) -> dict:
+    """ONNX Runtime's own profile of the model on this share: a session like the timed one with
+    ``enable_profiling``, warmed up (those runs are dropped), then ``rounds`` x at least
+    ``min_repeat_ms`` of runs. Per node of ORT's optimized graph, in execution order: its name,
+    operator and mean time per run; ``total_s``: the mean ``model_run`` (the whole ``run`` call).
+    Means, not medians, so the nodes and the rest add up to the total."""
+    sess, _ = _session(model_path, prefix)
+    _warm(lambda: sess.run(None, feeds), settings)
+    sess.run(None, feeds)
+    t_start = time.perf_counter()
+    runs = 0
+    while runs < 2 or (time.perf_counter() - t_start) * 1e3 < settings.get("min_repeat_ms", 50) * \
+            settings.get("rounds", 5):
+        sess.run(None, feeds)
+        runs += 1
+    path = sess.end_profiling()
+    try:
+        with open(path) as f:
+            events = json.load(f)
+    finally:
+        os.unlink(path)
+    run_events = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    kept = run_events[-runs:]  # the warm-up's runs come first
+    t0 = kept[0]["ts"]
+    nodes: dict[str, dict] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= t0:
+            n = nodes.setdefault(e["name"][: -len("_kernel_time")],
+                                 {"op": e.get("args", {}).get("op_name", "?"), "us": 0.0, "first": e["ts"]})
+            n["us"] += e["dur"]
+    ordered = sorted(nodes.items(), key=lambda kv: kv[1]["first"])
+    return {"nodes": [{"name": k, "op": v["op"], "time_s": v["us"] / 1e6 / runs} for k, v in ordered],
+            "total_s": sum(e["dur"] for e in kept) / 1e6 / runs, "runs": runs}

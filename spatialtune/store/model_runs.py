@@ -30,13 +30,15 @@ class ModelRun:
     status: str  # ok | wrong_result | error
     granted_units: int | None = None
     error: str = ""
-    latency_s: float | None = None  # median
-    times: list[float] = field(default_factory=list)
+    latency_s: float | None = None  # median of the rounds
+    times: list[float] = field(default_factory=list)  # one per interleaved round
     rel_err: float | None = None  # against ONNX Runtime's outputs
     tuned_tasks: int | None = None  # tasks that had a config for this variant
     n_tasks: int | None = None
     trials: int | None = None  # trials measured for the configs this variant used
-    detail: dict[str, Any] = field(default_factory=dict)  # per task: weight, kernel time (what costs most)
+    # per task: weight, kernel time (what costs most); same_as: the variant whose kernels these are
+    # (timed once, numbers repeated); profile (share-tuned, with --profile): models.profile.Breakdown
+    detail: dict[str, Any] = field(default_factory=dict)
     created_at: str = ""
     id: int | None = None
 
