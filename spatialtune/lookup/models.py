@@ -92,8 +92,9 @@ def read_manifest(directory: str | Path) -> dict:
         if not isinstance(m["variants"], list):
             raise TypeError("variants is not a list")
         for v in m["variants"]:
-            if not (isinstance(v["file"], str) and int(v["granted_units"]) >= 1 and int(v["threads"]) >= 1
-                    and 0 < float(v["ratio"]) <= 100):
+            # a bare file name: a manifest may not point a scheduler at a library outside its directory
+            if not (isinstance(v["file"], str) and Path(v["file"]).name == v["file"]
+                    and int(v["granted_units"]) >= 1 and int(v["threads"]) >= 1 and 0 < float(v["ratio"]) <= 100):
                 raise ValueError(v)
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"{path}: malformed manifest ({type(e).__name__} {str(e)[:80]})") from None
