@@ -18,6 +18,7 @@ from .common import EXIT_USAGE, Parser, fail
 from .db import add_db
 from .lookup import add_lookup, add_report
 from .model import add_model
+from .model_export import add_model_export, route
 from .serve import add_serve
 from .tune import add_show, add_tune, add_workloads
 
@@ -25,7 +26,7 @@ log = logging.getLogger("spatialtune")
 
 COMMANDS: list[Callable] = [add_tune, add_workloads, add_show]
 COMMANDS += [add_lookup, add_report, add_db]
-COMMANDS += [add_bundle, add_serve, add_model]
+COMMANDS += [add_bundle, add_serve, add_model, add_model_export]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    a = parser.parse_args(route(sys.argv[1:] if argv is None else list(argv)))
     level = logging.DEBUG if a.debug else logging.INFO if a.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     # MetaSchedule logs every evolution round at INFO; keep it for --debug.

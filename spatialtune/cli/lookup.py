@@ -7,13 +7,14 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .common import db_arg, open_db
+from .model_export import add_model_lookup_args, cmd_model_lookup
 
 
 def add_lookup(sub) -> None:
     p = sub.add_parser("lookup", help="the config a scheduler should use for a granted share (JSON)")
     db_arg(p)
-    p.add_argument("--workload", required=True, help="workload name or key")
-    g = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--workload", help="workload name or key")
+    g = p.add_mutually_exclusive_group()
     g.add_argument("--ratio", type=float, help="granted share, percent of the device")
     g.add_argument("--units", type=int, help="granted cores or SMs")
     p.add_argument("--interference", default="none")
@@ -24,12 +25,17 @@ def add_lookup(sub) -> None:
                    help="also serve imported configs never run through the output check (marked checked: false)")
     p.add_argument("--partition", default=None, help="cpu, mps or green (needed when several were tuned)")
     p.add_argument("--trace", action="store_true", help="include the stored trace")
+    add_model_lookup_args(p)
     p.set_defaults(func=_cmd_lookup)
 
 
 def _cmd_lookup(a) -> int:
     from ..lookup import Lookup
 
+    if a.model:
+        return cmd_model_lookup(a)
+    if not a.workload or (a.ratio is None and a.units is None):
+        raise ConfigError("lookup needs --workload and one of --ratio or --units (or --model, see --help)")
     path = Path(a.db) if a.db else None
     if path is None:
         from ..store.paths import default_db_path

@@ -3,5 +3,7 @@
 :mod:`.importer`: an ONNX file through TVM Relax, its tuning tasks as PrimFunc workloads (the
 search space ``spatialtune workloads --from-onnx`` writes). :mod:`.e2e`: the whole model compiled
 with the kernels tuned for a share, with those tuned for 100 %, and untuned, each run under the
-share next to ONNX Runtime confined to the same cores (``spatialtune model``). See docs/models.md.
+share next to ONNX Runtime confined to the same cores (``spatialtune model``). :mod:`.export`: the
+model compiled once per share, with a manifest, for schedulers (``spatialtune model export``;
+``spatialtune.lookup.ModelLookup`` reads it). See docs/models.md.
 """

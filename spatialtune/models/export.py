@@ -1,0 +1,133 @@
+"""A compiled model per share, for schedulers: ``spatialtune model export``.
+
+A scheduler that resizes a tenant needs the model compiled for the share it grants, ready before
+it grants it: compiling a model takes seconds, the swap must not. :func:`export_model` compiles
+the model once per share with each task's best config at that share (:func:`.e2e.records_for`,
+:func:`.e2e.compile_model`, the same build ``spatialtune model`` times) and writes
+
+- one shared library per share (the Relax VM executable, ``export_library``), and
+- ``manifest.json``: the model (name, sha256, inputs), the device it was compiled for (its id:
+  a library built for another CPU model or TVM is not this one), the partition, and per share
+  the granted cores, the thread count the variant is meant to run with (on a core set, one
+  thread per granted core: the count the kernels were tuned with), its file, each task's config
+  provenance (workload key, measurement id, mod_hash, the share it was tuned at) and the
+  end-to-end latencies ``spatialtune model`` measured for it (``model_runs``), if any.
+
+The manifest is written last, through a rename, so a reader never sees one that names a library
+not yet written. ``spatialtune.lookup.ModelLookup`` reads it without TVM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..device import detect_cpu, target_for
+from ..errors import ConfigError
+from ..partitions import create_partition
+from ..store.database import TuningDatabase
+from ..store.model_runs import model_runs
+from ..terms import check_interference, check_ratio, norm_ratio
+from .e2e import compile_model, records_for
+from .importer import extract_workloads, load_onnx
+
+FORMAT = "spatialtune-model-export"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def export_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase, out: str | Path, *,
+                 shapes: dict | None = None, mcpu: str | None = None, interference: str = "none",
+                 progress: Callable[[str], None] | None = None) -> dict:
+    """Compile the model at ``path`` once per share of ``ratios`` into ``out``; returns the manifest.
+
+    Shares that grant the same cores (25 % and 50 % of two cores are both one core) are one
+    variant, listing every ratio asked for it. A task with no config at a share runs untuned in
+    that variant (its provenance says so, and ``tuned_tasks`` counts the others)."""
+    say = progress or (lambda s: None)
+    interference = check_interference(interference)
+    asked = sorted({norm_ratio(check_ratio(r)) for r in ratios})
+    if not asked:
+        raise ConfigError("no shares to export the model at")
+    model = load_onnx(path, shapes)
+    device = detect_cpu(mcpu)
+    partition = create_partition("cpu")
+    shares: dict[float, dict] = {}
+    for r in asked:
+        share = partition.grant(r)
+        v = shares.setdefault(share.key_ratio, {"ratio": share.key_ratio, "asked": [], "granted_units": share.units})
+        v["asked"].append(r)
+    tasks = extract_workloads(model)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create it ({e.strerror})") from None
+    runs = [r for r in model_runs(db, model=model.name) if r.model_hash == model.hash
+            and r.device_id == device.id and r.partition == partition.kind]
+    variants = []
+    for key_ratio in sorted(shares):
+        v = shares[key_ratio]
+        t0 = time.perf_counter()
+        msdb, facts = records_for(db, tasks, device, partition.kind, key_ratio, interference)
+        v["file"] = f"{model.name}-{key_ratio:g}pct-{v['granted_units']}core.so"
+        _, applied = compile_model(model, target_for(device, v["granted_units"]), msdb, str(out / v["file"]))
+        v["threads"] = v["granted_units"]
+        v["tuned_tasks"], v["n_tasks"] = applied, len(tasks)
+        v["tasks"] = _provenance(db, tasks, facts, device.id, partition.kind, key_ratio, interference)
+        v["latencies"] = _latencies([r for r in runs if r.ratio == key_ratio], v["tasks"])
+        say(f"{key_ratio:g}% ({v['granted_units']} cores): {applied} of {len(tasks)} tasks tuned, "
+            f"{v['file']} in {time.perf_counter() - t0:.1f} s")
+        variants.append(v)
+    manifest = {"format": FORMAT, "version": VERSION,
+                "model": {"name": model.name, "hash": model.hash, "file": Path(model.path).name,
+                          "inputs": [{"name": n, "shape": list(s), "dtype": dt} for n, s, dt in model.inputs],
+                          "outputs": model.outputs},
+                "device": device.to_dict(), "partition": partition.kind, "interference": interference,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "variants": variants}
+    tmp = out / f".{MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def _provenance(db: TuningDatabase, tasks, facts: dict, device_id: str, partition: str, ratio: float,
+                interference: str) -> list[dict]:
+    """Per task, the config compiled in: the measurement it came from, or nulls for a task that
+    runs untuned (no config at this share, or one that does not replay)."""
+    out = []
+    for w in tasks:
+        f = facts.get(w.key, {})
+        row = {"workload_key": w.key, "name": w.name, "weight": w.weight, "measurement_id": None,
+               "mod_hash": None, "tuned_ratio": None, "time_s": None}
+        if f.get("mod_hash"):
+            best = db.best(workload_key=w.key, device_id=device_id, partition=partition, ratio=ratio,
+                           interference=interference)
+            b = next((b for b in best if b.mod_hash == f["mod_hash"]), None)
+            if b is not None:
+                row |= {"measurement_id": b.measurement_id, "mod_hash": b.mod_hash, "tuned_ratio": b.ratio,
+                        "time_s": b.median_s}
+        out.append(row)
+    return out
+
+
+def _latencies(runs, tasks: list[dict]) -> list[dict]:
+    """The newest end-to-end latency of each (variant, neighbour) measured at this share. A
+    share-tuned run says whether it ran the configs exported here (``same_configs``): tuning may
+    have found better ones since it was timed."""
+    newest: dict[tuple, object] = {}
+    for r in runs:  # in the order written: the last one wins
+        newest[(r.variant, (r.detail or {}).get("interference", "none"))] = r
+    exported = {t["workload_key"]: t["mod_hash"] for t in tasks}
+    out = []
+    for (variant, neighbour), r in sorted(newest.items()):
+        row = {"variant": variant, "interference": neighbour, "latency_s": r.latency_s, "status": r.status,
+               "run": r.run, "created_at": r.created_at}
+        if variant == "share-tuned":
+            ran = {k: t.get("mod_hash") for k, t in (r.detail or {}).get("tasks", {}).items()}
+            row["same_configs"] = ran == exported
+        out.append(row)
+    return out
