@@ -18,7 +18,7 @@ Without --model it builds the small conv + MLP model of docs/models.md, tunes it
 100 % (--trials per share) and times it end to end (``spatialtune model``), all through the CLI
 in a temporary directory; the export is always made with ``spatialtune model export``.
 
-Usage: .venv/bin/python scripts/bench_model_swap.py [--model M.onnx --db DB [--shape x=...]] [--reps 20]
+Usage: scripts/bench-model-swap [--model M.onnx --db DB [--shape x=...]] [--reps 20]
 """
 
 from __future__ import annotations
@@ -77,6 +77,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--compile-reps", type=int, default=3)
     a = ap.parse_args()
+    if os.environ.get("SPATIALTUNE_QUICK"):  # the tests' smoke run: every path once, few repeats
+        a.trials, a.reps, a.compile_reps = min(a.trials, 4), min(a.reps, 3), 1
     tmp = Path(tempfile.mkdtemp(prefix="spatialtune-swap-"))
     try:
         if a.model:
@@ -87,7 +89,7 @@ def main() -> int:
             cli("workloads", "--from-onnx", str(model), "--out", str(tmp / "tiny.toml"))
             cli("tune", "--space", str(tmp / "tiny.toml"), "--ratios", a.ratios, "--trials", str(a.trials), "--db",
                 str(db), "--batch", "4", "--population", "16", "--genetic-iters", "1", "--repeat", "2")
-            cli("model", str(model), "--ratios", a.ratios, "--repeat", "2", "--db", str(db))
+            cli("model", str(model), "--ratios", a.ratios, "--rounds", "2", "--db", str(db))
         shapes = [x for s in a.shape for x in ("--shape", s)]
         cli("model", "export", str(model), "--ratios", a.ratios, "--out", str(tmp / "out"), "--db", str(db), *shapes)
         return bench(model, db, tmp, a)
@@ -158,7 +160,7 @@ def bench(model: Path, db: Path, tmp: Path, a) -> int:
             t0 = time.perf_counter()
             ans = ml.lookup(units=v.granted_units)
             msdb, _ = records_for(tdb, tasks, device, "cpu", ans.variant.ratio)
-            compile_model(imported, target_for(device, ans.variant.granted_units), msdb, str(out))
+            compile_model(imported, target_for(device, ans.variant.granted_units), msdb, str(out), tasks)
             LoadedVariant(ans.variant, str(out), ml.cores).run(x)
             comp.append(time.perf_counter() - t0)
 

@@ -19,6 +19,7 @@ EXPECT = {
     "bench-distributed": "scaling efficiency with 2 servers",
 
     "bench-model": "end-to-end latency vs ONNX Runtime",
+    "bench-model-swap": "swap, preloaded",
     "gpu-bundle": "candidates sm_90",
     "gpu-check": "cpu:50%",
     "figures": "figures checked",

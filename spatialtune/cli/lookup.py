@@ -20,7 +20,8 @@ def add_lookup(sub) -> None:
     p.add_argument("--interference", default="none")
     p.add_argument("--device", default=None, help="device id (default: this machine's)")
     p.add_argument("--any-device", action="store_true",
-                   help="answer from a database of one device even if it is not this machine's (the answer says so)")
+                   help="answer from a database (or a model export) of another device than this machine's (the answer "
+                        "says so)")
     p.add_argument("--include-unchecked", action="store_true",
                    help="also serve imported configs never run through the output check (marked checked: false)")
     p.add_argument("--partition", default=None, help="cpu, mps or green (needed when several were tuned)")

@@ -78,7 +78,12 @@ def format_model(res) -> str:
         out += ["", f"share {r:g}% ({units} cores)",
                 text_table(["variant", "latency", "vs ONNX Runtime", "error vs ORT", "tasks tuned", "trials", "status"],
                        table)]
-        top = costliest_task(next((x for x in rows if x.variant == "share-tuned"), None))
+        st = next((x for x in rows if x.variant == "share-tuned"), None)
+        facts = (st.detail or {}).get("tasks", {}) if st else {}
+        if facts:
+            out.append("kernels: " + "; ".join(f"{f['name']} {f.get('origin') or 'untuned'}"
+                                               for f in facts.values()))
+        top = costliest_task(st)
         if top:
             out.append(f"costliest task at this share: {top['name']} (weight {top['weight']} x "
                        f"{fmt_time(top['time_s'])} = {top['part']:.0%} of the tuned kernels' time)")

@@ -69,7 +69,6 @@ def add_model_lookup_args(p) -> None:
                                                  "export directory: answer for the whole model")
     p.add_argument("--latency-ms", type=float, default=None,
                    help="with --model: the smallest share whose measured latency meets this target")
-    p.add_argument("--any-device", action="store_true", help="with an export directory: skip the device check")
 
 
 def cmd_model_lookup(a) -> int:

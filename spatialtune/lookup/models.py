@@ -104,8 +104,8 @@ def read_manifest(directory: str | Path) -> dict:
 class ModelLookup:
     """The compiled variants of one exported model. ``lookup`` is thread-safe and TVM-free.
 
-    ``device``: the device id to check the export against (default: this machine's CPU,
-    ``detect_cpu().id``, which loads TVM once); ``any_device``: skip the check (a library
+    ``device``: the device id to check the export against (default: this machine's CPU, identified
+    once per process as :class:`~.service.Lookup` does, which loads TVM once); ``any_device``: skip the check (a library
     compiled for another CPU model may use instructions this one lacks). ``preload``: load every
     variant's library and VM now. Every variant's file must exist, or ConfigError.
     """
@@ -117,9 +117,9 @@ class ModelLookup:
         self.model = m["model"]["name"]
         if not any_device:
             if device is None:
-                from ..device import detect_cpu
+                from .service import this_machine
 
-                device = detect_cpu().id
+                device = next(iter(this_machine(["cpu"])), "unknown")
             if device != m["device"]["id"]:
                 dev = m["device"]
                 raise ConfigError(f"{self.dir}: compiled for device {dev['id']} ({dev.get('name', '?')}, "

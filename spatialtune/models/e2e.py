@@ -47,6 +47,7 @@ from ..device import DeviceInfo, detect_cpu, target_for
 from ..errors import ConfigError
 from ..measure.worker import Worker, WorkerError
 from ..partitions import create_partition
+from ..search.policy import KeyId, winner_origins
 from ..store.database import TuningDatabase
 from ..store.model_runs import ModelRun, record_model_run
 from ..terms import check_ratio, norm_ratio
@@ -106,7 +107,13 @@ def random_feeds(model: ImportedModel, seed: int) -> dict[str, np.ndarray]:
 def records_for(db: TuningDatabase, tasks: Sequence[Workload], device: DeviceInfo, partition: str, ratio: float,
                 interference: str = "none"):
     """A MetaSchedule MemoryDatabase with each task's best config under (device, partition, ratio,
-    interference), and the per-task facts: {key: {name, weight, time_s, mod_hash, trials}}."""
+    interference), and the per-task facts: {key: {name, weight, time_s, mod_hash, trials, origin}}
+    (``trials``: the budget spent at this share, the winners matrix's measurements left out;
+    ``origin``: where the best kernel was found, :class:`~spatialtune.search.policy.Origin`).
+
+    The best config is the fastest kernel measured at this share, its own search's or another
+    share's winner measured here by the matrix, so a share-tuned model is never built from a
+    kernel slower at this share than the 100 % winners measured there."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
@@ -116,10 +123,14 @@ def records_for(db: TuningDatabase, tasks: Sequence[Workload], device: DeviceInf
     for w in tasks:
         key = dict(workload_key=w.key, device_id=device.id, partition=partition, ratio=ratio, interference=interference)
         best = db.best(**key)
+        rows = db.measurements(workload_key=w.key, device_id=device.id, partition=partition)
+        here = [m for m in rows if norm_ratio(m.ratio) == norm_ratio(ratio) and m.interference == interference]
         facts[w.key] = {"name": w.name, "weight": w.weight, "time_s": None, "mod_hash": None,
-                        "trials": db.count_measurements(**key)}
+                        "trials": sum(m.source != "matrix" for m in here), "origin": None}
         if not best:
             continue
+        o = winner_origins(rows).get(KeyId(partition, norm_ratio(ratio), interference))
+        facts[w.key]["origin"] = o.label() if o else None
         try:
             sch = apply_trace(w, best[0].trace)
         except Exception as e:  # a record of another TVM: the task runs untuned, and says so
