@@ -57,9 +57,10 @@ def test_report_data(hand_db):
     assert d.geomean_speedup[50] == pytest.approx(2.0)
     assert d.geomean_speedup[100] == pytest.approx(1.0)
     assert d.regret_cols == [50, 100]
-    row = d.regret_rows.index(f"tiny_dense ({CPU.id})")
+    assert d.device_names == {CPU.id: "Test CPU (cpu, 8 cores)"}  # a person reads names, not ids
+    row = d.regret_rows.index("tiny_dense (Test CPU (cpu, 8 cores))")
     assert d.regret[row] == [pytest.approx(2.0), pytest.approx(1.0)]  # a time ratio (spatialtune.terms.regret)
-    assert d.regret[d.regret_rows.index(f"tiny_conv ({CPU.id})")] == [None, pytest.approx(1.0)]
+    assert d.regret[d.regret_rows.index("tiny_conv (Test CPU (cpu, 8 cores))")] == [None, pytest.approx(1.0)]
     (c,) = [c for c in d.correlations if c.label == "tiny_dense"]
     # ranks at 100: h1<h2<h3<h4; at 50: h2<h3<h1<h4 -> d^2 = 4+1+1+0 = 6 -> rho = 1 - 36/60
     assert (c.ratio_a, c.ratio_b, c.n_common, c.same_best) == (50, 100, 4, False)
@@ -177,21 +178,52 @@ def test_real_report_has_every_section(real_report, tenancy_db):
     assert "http://" not in page and "https://" not in page
 
 
-def test_report_html_renders_in_chromium(real_report, chromium, tmp_path):
+# Measured in the page once it has loaded: every image decoded, the page no wider than the window,
+# the elements that stick out past its right edge, and the width each heat map is shown at.
+PROBE = """<script>window.addEventListener('load', () => {
+  const imgs = [...document.images];
+  const out = {inner: window.innerWidth, scroll: document.documentElement.scrollWidth,
+    broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt), images: imgs.length,
+    wider: [...document.body.querySelectorAll('*')].filter(e => e.getBoundingClientRect().right > window.innerWidth)
+      .map(e => e.tagName + ':' + (e.textContent || e.alt || '').slice(0, 40)),
+    heatmaps: imgs.filter(i => i.classList.contains('wide')).map(i => [i.alt, i.getBoundingClientRect().width]),
+    titles: [...document.querySelectorAll('[title]')].map(e => e.title)};
+  document.body.setAttribute('data-probe', JSON.stringify(out)); });</script></body>"""
+
+
+def test_report_html_renders_in_chromium_at_a_laptops_width(real_report, chromium, tmp_path, tenancy_db):
+    """At 1400 px wide: every image loads, nothing is wider than the window (tables wrap), every
+    deployment heat map (one per workload and device) is shown at least 600 px wide, and devices
+    show by name with their ids on hover."""
+    import html
+
     out, _ = real_report
     page = (out / "report.html").read_text()
-    probe = ("<script>window.addEventListener('load', () => { const imgs = [...document.images];"
-             " const bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);"
-             " document.body.setAttribute('data-probe', bad.length ? 'BROKEN:' + bad.join('|')"
-             " : 'IMAGES-OK:' + imgs.length); });</script></body>")
     probed = tmp_path / "probed.html"
-    probed.write_text(page.replace("</body>", probe))
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'ud'}",
-           "--virtual-time-budget=5000", "--dump-dom", probed.as_uri()]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    probed.write_text(page.replace("</body>", PROBE))
+    base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'ud'}", "--window-size=1400,900", "--virtual-time-budget=5000"]
+    p = subprocess.run(base + ["--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     m = re.search(r'data-probe="([^"]*)"', p.stdout)
     assert m, f"the probe did not run: {p.stdout[:500]} {p.stderr[-1000:]}"
-    n_imgs = page.count("<img")
-    assert m.group(1) == f"IMAGES-OK:{n_imgs}", m.group(1)
+    got = json.loads(html.unescape(m.group(1)))
+    assert got["inner"] == 1400, got["inner"]
+    assert not got["broken"] and got["images"] == page.count("<img"), got
+    assert got["scroll"] <= got["inner"] and not got["wider"], got["wider"]
+    with TuningDatabase(tenancy_db[0], create=False) as db:
+        d = compute_report(db)
+        dev = db.devices()[0]
+    leads = list(d.tenancy.workloads)
+    shown = {alt: w for alt, w in got["heatmaps"] if alt.startswith("deployment regret of ")}
+    assert len(shown) == len(leads) >= 2, got["heatmaps"]
+    assert all(w >= 600 for _, w in got["heatmaps"]), got["heatmaps"]
+    assert dev["id"] in got["titles"] and d.device_names[dev["id"]].startswith(dev["name"])
+    # the screenshot a person looks at: the same page, 1400 px wide
+    shot = tmp_path / "report-1400.png"
+    p = subprocess.run(base + [f"--screenshot={shot}", (out / "report.html").as_uri()], capture_output=True,
+                       text=True, timeout=120)
+    head = shot.read_bytes()[:24]
+    assert p.returncode == 0 and head[:8] == b"\x89PNG\r\n\x1a\n", p.stderr[-2000:]
+    assert int.from_bytes(head[16:20], "big") == 1400
