@@ -33,31 +33,86 @@ def hand_db(tmp_path):
     return path
 
 
-def test_exact_below_whole_device_and_miss(hand_db):
-    with Lookup(hand_db) as lk:
+def test_exact_below_above_and_miss(hand_db):
+    with Lookup(hand_db, here=[CPU.id]) as lk:
         r = lk.lookup(DENSE.key, ratio=50)
         assert (r.match, r.tuned_ratio, r.mod_hash, r.median_s, r.found) == ("exact", 50, "h50", 2e-3, True)
         assert r.n_trials == 2 and r.tuned_units == 4 and r.device_id == CPU.id and r.partition == "cpu"
+        assert r.checked and not r.other_device and r.prefer is None
         r = lk.lookup(DENSE.key, ratio=75)
         assert (r.match, r.tuned_ratio, r.mod_hash) == ("below", 50, "h50")
-        assert "at or below 75%" in r.reason
+        assert "below 75%" in r.reason
+        # nothing at or below 12.5 %: the nearest share above (2 cores), not the 8-core config
         r = lk.lookup(DENSE.key, ratio=12.5)
-        assert (r.match, r.tuned_ratio, r.mod_hash) == ("whole-device", 100, "h100")
+        assert (r.match, r.tuned_ratio, r.mod_hash) == ("above", 25, "h25")
+        assert "nearest above is 25%" in r.reason
+        assert lk.lookup(DENSE.key, units=1).mod_hash == "h25"  # 1 core: the 2-core kernel
         r = lk.lookup(DENSE.key, ratio=100)
         assert (r.match, r.mod_hash) == ("exact", "h100")
-        # a workload never tuned at or below the share nor at 100 %: a fallback, not an error
+        # a workload tuned only above the share and never at 100 %: the share above answers
         r = lk.lookup("only_half", ratio=25)
-        assert r.match == "miss" and not r.found and r.mod_hash is None and r.median_s is None
-        assert "no share at or below 25%" in r.reason and "50%" in r.reason
+        assert (r.match, r.tuned_ratio, r.mod_hash) == ("above", 50, "o50")
         assert lk.lookup("only_half", ratio=60).match == "below"
         r = lk.lookup("no_such_workload", ratio=50)
-        assert r.match == "miss" and "not in the database" in r.reason
+        assert r.match == "miss" and not r.found and "not in the database" in r.reason
+        assert r.mod_hash is None and r.median_s is None
         assert lk.trace(r) is None
         assert lk.trace(lk.lookup(DENSE.key, ratio=50)) == "trace-h50"
 
 
-def test_interference_falls_back_to_quiet_configs(hand_db):
+def test_the_callers_device_by_default(hand_db):
+    """A database tuned on another machine answers a miss that names its devices, unless the
+    caller names the device or allows any; the answer then says it is another device's."""
+    with Lookup(hand_db, here=["cpu-elsewhere"]) as lk:
+        r = lk.lookup(DENSE.key, ratio=50)
+        assert r.match == "miss" and CPU.id in r.reason and "Test CPU" in r.reason and "any_device" in r.reason
+        r = lk.lookup(DENSE.key, ratio=50, device=CPU.id)
+        assert r.mod_hash == "h50" and r.other_device and "not of this machine" in r.reason
+    with Lookup(hand_db, here=["cpu-elsewhere"], any_device=True) as lk:
+        r = lk.lookup(DENSE.key, ratio=50)
+        assert r.mod_hash == "h50" and r.other_device
+    # by default the machine is detected: this test machine is not the hand-made "Test CPU"
     with Lookup(hand_db) as lk:
+        r = lk.lookup(DENSE.key, ratio=50)
+        assert r.match == "miss" and CPU.id in r.reason
+
+
+def test_unchecked_rows_are_no_answer_unless_asked(hand_db):
+    """An imported config never run through the output check is not served, even when faster."""
+    with TuningDatabase(hand_db) as db:
+        db.record(meas(ratio=50, h="imp50", t=1e-4, status="unchecked"))
+        db.record(meas(w=ONLY_HALF, ratio=100, h="imp100", t=1e-4, status="unchecked"))
+        # measured here with the check: the row is replaced in place and becomes an answer
+        db.record(meas(ratio=25, h="imp25", t=1e-4, status="unchecked"))
+        db.record(meas(ratio=25, h="imp25", t=3e-3))
+        rows = db.measurements(workload_key=DENSE.key, ratio=25)
+        assert [(m.mod_hash, m.status) for m in rows if m.mod_hash == "imp25"] == [("imp25", "ok")]
+    with Lookup(hand_db, here=[CPU.id]) as lk:
+        assert lk.lookup(DENSE.key, ratio=50).mod_hash == "h50"
+        assert lk.lookup(DENSE.key, ratio=25).mod_hash == "imp25"
+        assert lk.lookup("only_half", ratio=100).mod_hash == "o50"
+    with Lookup(hand_db, here=[CPU.id], include_unchecked=True) as lk:
+        r = lk.lookup(DENSE.key, ratio=50)
+        assert (r.mod_hash, r.checked) == ("imp50", False) and "never output-checked" in r.reason
+        assert lk.lookup(DENSE.key, ratio=25).checked
+
+
+def test_a_faster_vendor_library_is_said(hand_db):
+    with TuningDatabase(hand_db) as db:
+        db.record_baseline(DENSE.key, CPU.id, "cpu", 50, "none", "numpy", 1e-3)
+        db.record_baseline(DENSE.key, CPU.id, "cpu", 100, "none", "numpy", 5e-3)
+        db.record_baseline(DENSE.key, CPU.id, "cpu", 100, "none", "tvm-default", 1e-6)  # not a vendor library
+    with Lookup(hand_db, here=[CPU.id]) as lk:
+        r = lk.lookup(DENSE.key, ratio=50)
+        assert (r.mod_hash, r.prefer, r.vendor, r.vendor_s, r.median_s) == ("h50", "vendor", "numpy", 1e-3, 2e-3)
+        assert "numpy measured faster" in r.reason
+        r = lk.lookup(DENSE.key, ratio=100)
+        assert (r.prefer, r.vendor, r.vendor_s) == (None, "numpy", 5e-3)
+        assert lk.lookup(DENSE.key, ratio=25).vendor is None
+
+
+def test_interference_falls_back_to_quiet_configs(hand_db):
+    with Lookup(hand_db, here=[CPU.id]) as lk:
         r = lk.lookup(DENSE.key, ratio=50, interference="compute")
         assert (r.match, r.interference, r.mod_hash) == ("exact", "compute", "hc50")
         r = lk.lookup(DENSE.key, ratio=75, interference="compute")
@@ -72,7 +127,7 @@ def test_interference_falls_back_to_quiet_configs(hand_db):
 
 
 def test_units_spec_names_and_arguments(hand_db):
-    with Lookup(hand_db) as lk:
+    with Lookup(hand_db, here=[CPU.id]) as lk:
         r = lk.lookup(DENSE, units=2)  # 2 of 8 cores = 25 %
         assert (r.match, r.requested_ratio, r.mod_hash) == ("exact", 25, "h25")
         assert lk.lookup("tiny_dense", units=3).mod_hash == "h25"  # 37.5 % -> below
@@ -86,7 +141,7 @@ def test_devices_and_partitions_must_be_unambiguous(hand_db):
     with TuningDatabase(hand_db) as db:
         db.add_device(GPU)
         db.record(meas(dev=GPU, ratio=50, h="g50", t=1e-5, partition="mps"))
-    with Lookup(hand_db) as lk:
+    with Lookup(hand_db, any_device=True) as lk:
         r = lk.lookup(DENSE.key, ratio=50)
         assert r.match == "miss" and "several devices" in r.reason and GPU.id in r.reason
         assert lk.lookup(DENSE.key, ratio=50, device=CPU.id).mod_hash == "h50"
@@ -98,7 +153,7 @@ def test_devices_and_partitions_must_be_unambiguous(hand_db):
 
 
 def test_refresh_sees_writes_and_replaced_files(hand_db, tmp_path):
-    with Lookup(hand_db, check_interval_s=None) as lk:
+    with Lookup(hand_db, check_interval_s=None, here=[CPU.id]) as lk:
         assert lk.lookup(DENSE.key, ratio=50).mod_hash == "h50"
         assert lk.refresh() is False
         old = lk.index
@@ -124,7 +179,7 @@ def test_refresh_sees_writes_and_replaced_files(hand_db, tmp_path):
 
 
 def test_auto_check_interval(hand_db):
-    with Lookup(hand_db, check_interval_s=0) as lk:
+    with Lookup(hand_db, check_interval_s=0, here=[CPU.id]) as lk:
         assert lk.lookup(DENSE.key, ratio=50).mod_hash == "h50"
         with TuningDatabase(hand_db) as db:
             db.record(meas(ratio=50, h="better50", t=1e-3))
@@ -142,7 +197,7 @@ def test_concurrent_lookups_while_the_database_is_rewritten(hand_db):
     times = {f"w{k}": 1e-3 / (k + 2) for k in range(n_writes)}
     errors: list[BaseException] = []
     stop = threading.Event()
-    lk = Lookup(hand_db, check_interval_s=0.0)
+    lk = Lookup(hand_db, check_interval_s=0.0, here=[CPU.id])
     seen_final = []
 
     def reader():
@@ -187,8 +242,13 @@ def test_concurrent_lookups_while_the_database_is_rewritten(hand_db):
 def test_cli_prints_the_answer_as_json(hand_db, tmp_path):
     p = run_cli("lookup", "--db", hand_db, "--workload", "tiny_dense", "--ratio", "75", check=True)
     d = json.loads(p.stdout)
-    assert (d["match"], d["tuned_ratio"], d["mod_hash"], d["found"]) == ("below", 50, "h50", True)
-    p = run_cli("lookup", "--db", hand_db, "--workload", "only_half", "--ratio", "25", "--trace", check=True)
+    assert d["found"] is False and CPU.id in d["reason"]  # not this machine's database
+    p = run_cli("lookup", "--db", hand_db, "--workload", "tiny_dense", "--ratio", "75", "--any-device", check=True)
+    d = json.loads(p.stdout)
+    assert (d["match"], d["tuned_ratio"], d["mod_hash"], d["found"], d["other_device"]) == ("below", 50, "h50",
+                                                                                            True, True)
+    p = run_cli("lookup", "--db", hand_db, "--workload", "nothing", "--ratio", "25", "--trace", "--device", CPU.id,
+                check=True)
     d = json.loads(p.stdout)
     assert d["found"] is False and d["trace"] is None and d["reason"]
     p = run_cli("lookup", "--db", tmp_path / "absent.sqlite", "--workload", "x", "--ratio", "50")
@@ -228,7 +288,7 @@ def test_units_mean_what_the_share_granted_on_the_shipped_h200_data(tmp_path):
     compared with the ratio asked: 32 SMs answered with the 12 % config, 14 with 100 %)."""
     db = tmp_path / "shipped.sqlite"
     shutil.copy(ROOT / "tuning_db" / "spatialtune.sqlite", db)
-    with Lookup(db, check_interval_s=None) as lk:
+    with Lookup(db, check_interval_s=None, any_device=True) as lk:
         w = "matmul_fp32_M1024_N1024_K1024"
         for units, ratio, tuned_units, match in ((32, 25.0, 32, "exact"), (14, 12.0, 14, "exact"),
                                                  (66, 50.0, 66, "exact"), (40, 25.0, 32, "below"),

@@ -17,7 +17,11 @@ def add_lookup(sub) -> None:
     g.add_argument("--ratio", type=float, help="granted share, percent of the device")
     g.add_argument("--units", type=int, help="granted cores or SMs")
     p.add_argument("--interference", default="none")
-    p.add_argument("--device", default=None, help="device id (needed when the database holds several)")
+    p.add_argument("--device", default=None, help="device id (default: this machine's)")
+    p.add_argument("--any-device", action="store_true",
+                   help="answer from a database of one device even if it is not this machine's (the answer says so)")
+    p.add_argument("--include-unchecked", action="store_true",
+                   help="also serve imported configs never run through the output check (marked checked: false)")
     p.add_argument("--partition", default=None, help="cpu, mps or green (needed when several were tuned)")
     p.add_argument("--trace", action="store_true", help="include the stored trace")
     p.set_defaults(func=_cmd_lookup)
@@ -33,7 +37,8 @@ def _cmd_lookup(a) -> int:
         path = default_db_path()
     if not path.is_file():
         raise ConfigError(f"{path}: no such database")
-    with Lookup(path, check_interval_s=None) as lk:
+    with Lookup(path, check_interval_s=None, any_device=a.any_device, include_unchecked=a.include_unchecked,
+                here=[a.device] if a.device else None) as lk:
         r = lk.lookup(a.workload, ratio=a.ratio, units=a.units, interference=a.interference, device=a.device,
                       partition=a.partition)
         out = r.to_dict()

@@ -64,7 +64,7 @@ def export_metaschedule(db: TuningDatabase, ratio: float, out: Path, *, interfer
     try:
         msdb = ms.database.JSONDatabase(path_workload=str(tmp / WORKLOAD_FILE),
                                         path_tuning_record=str(tmp / RECORD_FILE), allow_missing=True)
-        with Lookup(db.path, check_interval_s=None, preload=True) as lk:
+        with Lookup(db.path, check_interval_s=None, preload=True, here=[device_id]) as lk:
             for key in sorted({r[0] for r in rows}):
                 res = lk.lookup(key, ratio=ratio, interference=interference, device=device_id, partition=partition)
                 if not res.found:

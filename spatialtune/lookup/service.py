@@ -12,16 +12,30 @@ and green contexts the fraction granted, for MPS the active-thread percentage), 
 the cores or SMs granted, compared with the units each config's measurements really had (for
 MPS, the SMs the client saw: MPS 25 % on an H200 gives 32).
 
+Which device: by default the caller's own. The first :class:`Lookup` of a process identifies
+the machine it runs on (the same device ids ``tune`` records: its CPU, and its GPUs where NVML
+finds them; identifying the CPU loads TVM's LLVM once per process, a second or two, so pass
+``here`` or a ``device`` to skip it) and answers only from configs tuned on it: a database from
+another machine answers a miss that names the devices it has. ``device=`` names one explicitly;
+``any_device=True`` lets a database of one device answer for it, and the answer then says it is
+another device's config (``other_device``).
+
 Rules, in order (the share rule runs within the requested interference condition first, then
-within ``none`` when nothing was tuned under the requested one):
+within ``none`` when nothing was tuned under the requested one; :mod:`.rules` says why each is
+safe):
 
 1. ``exact``: a config tuned for exactly the granted share;
-2. ``below``: the config tuned for the largest share at or below the granted one (a kernel
-   tuned for fewer SMs degrades gracefully when given more, the other way round it may not);
-3. ``whole-device``: the config tuned for 100 %;
+2. ``below``: the config tuned for the largest share below the granted one;
+3. ``above``: the config tuned for the smallest share above it;
 4. ``miss``: no config; ``found`` is False and ``reason`` says why. A miss never raises; only
    malformed arguments (no share, both a ratio and units, a ratio outside (0, 100]) raise
    :class:`~spatialtune.errors.ConfigError`.
+
+Answers are checked measurements only: a MetaSchedule record imported without our output check
+(status ``unchecked``) is served only by a ``Lookup(include_unchecked=True)``, marked
+``checked: False``. Where the vendor library (numpy on a CPU, cuBLAS on a GPU) was measured
+faster than the answer's kernel under the same condition, the answer says so: ``prefer:
+"vendor"`` with ``vendor`` and ``vendor_s`` beside the kernel's ``median_s``.
 
 Concurrency and reloads. A :class:`Lookup` holds an immutable :class:`LookupIndex`: one
 snapshot of the database (its SQLite ``data_version`` and file identity). Answers are pure
@@ -44,7 +58,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from ..errors import ConfigError, DatabaseError
 from ..store.schema import SCHEMA_VERSION, decode_trace
@@ -62,8 +76,14 @@ class _Reader:
     costs ~25 ms at first open), no migrations, and no way for a scheduler to write the file."""
 
     _BEST = ("SELECT b.workload_key, b.device_id, b.partition, b.ratio, b.interference, b.measurement_id,"
-             " b.median_s, b.n_trials, m.mod_hash, m.granted_units, b.updated_at"
+             " b.median_s, b.n_trials, m.mod_hash, m.granted_units, b.updated_at, m.status"
              " FROM best b JOIN measurements m ON m.id = b.measurement_id")
+    # The same columns with unchecked (imported) rows competing: the fastest ok-or-unchecked row per key.
+    _BEST_ANY = ("SELECT workload_key, device_id, partition, ratio, interference, id, median_s, n, mod_hash,"
+                 " granted_units, created_at, status FROM (SELECT m.*, ROW_NUMBER() OVER (PARTITION BY"
+                 " workload_key, device_id, partition, ratio, interference ORDER BY median_s, id) AS rn,"
+                 " COUNT(*) OVER (PARTITION BY workload_key, device_id, partition, ratio, interference) AS n"
+                 " FROM measurements m WHERE status IN ('ok', 'unchecked') {}) WHERE rn = 1")
 
     def __init__(self, path: Path):
         if not path.is_file():
@@ -124,10 +144,20 @@ class _Reader:
     def device_unit_names(self) -> dict[str, str]:
         return {i: u for i, u in self.conn.execute("SELECT id, unit FROM devices")}
 
-    def best_rows(self, workload_key: str | None = None) -> list[tuple]:
+    def device_names(self) -> dict[str, str]:
+        return {i: n for i, n in self.conn.execute("SELECT id, name FROM devices")}
+
+    def best_rows(self, workload_key: str | None = None, unchecked: bool = False) -> list[tuple]:
+        if unchecked:
+            where, args = ("AND workload_key = ?", [workload_key]) if workload_key else ("", [])
+            return self.conn.execute(self._BEST_ANY.format(where), args).fetchall()
         if workload_key is None:
             return self.conn.execute(self._BEST).fetchall()
         return self.conn.execute(self._BEST + " WHERE b.workload_key = ?", [workload_key]).fetchall()
+
+    def vendor_rows(self, workload_key: str) -> list[tuple]:
+        return self.conn.execute("SELECT device_id, partition, ratio, interference, kind, median_s FROM baselines"
+                                 " WHERE workload_key = ?", [workload_key]).fetchall()
 
     def trace_of(self, measurement_id: int) -> str | None:
         row = self.conn.execute("SELECT trace FROM measurements WHERE id = ?", [measurement_id]).fetchone()
@@ -149,10 +179,13 @@ class Lookup:
     :meth:`refresh`). ``preload``: read every workload's best rows now instead of on first use.
     """
 
-    def __init__(self, path: str | Path, *, check_interval_s: float | None = 1.0, preload: bool = False):
+    def __init__(self, path: str | Path, *, check_interval_s: float | None = 1.0, preload: bool = False,
+                 here: Iterable[str] | None = None, any_device: bool = False, include_unchecked: bool = False):
         self.path = Path(path)
         self.check_interval_s = check_interval_s
         self.preload = preload
+        self.any_device, self.include_unchecked = any_device, include_unchecked
+        self._here = None if here is None else frozenset(here)
         self._lock = threading.RLock()
         self._traces: dict[int, str] = {}
         self._db: _Reader | None = None
@@ -191,17 +224,20 @@ class Lookup:
                     if name:
                         names.setdefault(name, set()).add(key)
                 devices = db.device_units()
+                if self._here is None and not self.any_device:
+                    self._here = this_machine({db_kind(d) for d in devices})
                 idx = LookupIndex(self._version(db), devices, {k: tuple(sorted(v)) for k, v in names.items()},
-                                  db.device_unit_names())
+                                  db.device_unit_names(), device_names=db.device_names(), here=self._here,
+                                  any_device=self.any_device)
                 if self.preload:
                     rows: dict[str, list[tuple]] = {k: [] for k in wnames}
-                    for r in db.best_rows():
+                    for r in db.best_rows(unchecked=self.include_unchecked):
                         rows.setdefault(r[0], []).append(r)
                     for k, rs in rows.items():
-                        idx.add_rows(k, rs)
+                        idx.add_rows(k, rs, db.vendor_rows(k))
                 for k in with_keys:
                     if k not in idx.groups:
-                        idx.add_rows(k, db.best_rows(k))
+                        idx.add_rows(k, db.best_rows(k, self.include_unchecked), db.vendor_rows(k))
             log.debug("lookup index of %s at version %s", self.path, idx.version)
             return idx
 
@@ -215,10 +251,11 @@ class Lookup:
                 return idx
             db = self._conn()
             with db.snapshot():
-                rows = db.best_rows(wkey)
+                rows = db.best_rows(wkey, self.include_unchecked)
+                vendor = db.vendor_rows(wkey)
                 version = self._version(db)
             if version == idx.version:
-                idx.add_rows(wkey, rows)
+                idx.add_rows(wkey, rows, vendor)
                 return idx
             idx = self._build_index((wkey,))
             self._index = idx
@@ -315,6 +352,33 @@ class Lookup:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def db_kind(device_id: str) -> str:
+    """A device id's kind (ids are ``KIND-HASH``, see :class:`spatialtune.device.DeviceInfo`)."""
+    return device_id.split("-", 1)[0]
+
+
+_MACHINE: dict[str, frozenset[str]] = {}
+
+
+def this_machine(kinds: Iterable[str]) -> frozenset[str]:
+    """The device ids of this machine for the given kinds (``cpu``, ``cuda``), as ``tune`` would
+    record them; identified once per process and kind. A kind this machine lacks (no GPU)
+    adds nothing."""
+    out: set[str] = set()
+    for kind in sorted(set(kinds)):
+        if kind not in _MACHINE:
+            from ..device import detect_cpu, detect_cuda
+            from ..errors import DeviceError
+
+            try:
+                _MACHINE[kind] = frozenset([detect_cpu().id] if kind == "cpu" else
+                                           [detect_cuda().id] if kind == "cuda" else [])
+            except DeviceError:
+                _MACHINE[kind] = frozenset()
+        out |= _MACHINE[kind]
+    return frozenset(out)
 
 
 _PER_PROCESS: dict[Path, Lookup] = {}

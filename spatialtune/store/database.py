@@ -231,9 +231,28 @@ class TuningDatabase:
                  m.source, m.created_at or _now()],
             )
             if cur.rowcount == 0:
-                return None
+                return self._check_unchecked(m, feats) if m.status != "unchecked" else None
             m.id = cur.lastrowid
             self._refresh_best(m.key)
+        return m.id
+
+    def _check_unchecked(self, m: Measurement, feats: bytes | None) -> int | None:
+        """A kernel stored ``unchecked`` (imported) now measured here with the output check: the
+        measurement replaces the row in place (its id and source kept), inside the caller's
+        transaction. Any other row already under the key stands."""
+        where = " AND ".join(f"{f} = ?" for f in KEY_FIELDS)
+        row = self.db.execute(f"SELECT id FROM measurements WHERE {where} AND mod_hash = ? AND status = 'unchecked'",
+                              [*m.key, m.mod_hash]).fetchone()
+        if row is None:
+            return None
+        self.db.execute(
+            "UPDATE measurements SET status = ?, error = ?, times = ?, median_s = ?, rel_err = ?, granted_units = ?,"
+            " granted_share = ?, neighbour_throughput = ?, neighbour_unit = ?, build_s = ?, run_s = ?, search_s = ?,"
+            " features = COALESCE(?, features), created_at = ? WHERE id = ?",
+            [m.status, m.error, json.dumps(m.times), m.median_s, _finite(m.rel_err), m.granted_units, m.granted_share,
+             m.neighbour_throughput, m.neighbour_unit, m.build_s, m.run_s, m.search_s, feats, _now(), row[0]])
+        m.id = row[0]
+        self._refresh_best(m.key)
         return m.id
 
     def add_times(self, m: Measurement, times: list[float]) -> float:

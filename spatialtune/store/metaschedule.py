@@ -1,9 +1,12 @@
 """MetaSchedule records into the tuning database (the export is :mod:`spatialtune.lookup.metaschedule`).
 
 - :func:`import_metaschedule` takes a MetaSchedule database as measurements at a given share
-  (status ``ok``, source ``import``); tuning then uses them as already-measured trials of that
-  share and as seeds for the other shares. Records are matched to workloads structurally (as
-  MetaSchedule matches them), against the database's workloads plus any given.
+  (status ``unchecked``, source ``import``): MetaSchedule timed them without comparing the
+  output with a reference, so they are no answer yet. Tuning that share measures them first,
+  with the output check, and the checked measurement replaces the imported one; until then the
+  lookup serves them only when asked to (``include_unchecked``). Records are matched to
+  workloads structurally (as MetaSchedule matches them), against the database's workloads plus
+  any given.
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ def import_metaschedule(db: TuningDatabase, src: Path, ratio: float, *, interfer
             continue
         db.add_workload(w)
         m = Measurement(workload_key=w.key, device_id=device["id"], partition=part, ratio=norm_ratio(ratio),
-                        interference=interference, mod_hash=h, trace=trace, status="ok", times=secs,
+                        interference=interference, mod_hash=h, trace=trace, status="unchecked", times=secs,
                         median_s=float(np.median(secs)), granted_units=units,
                         granted_share=units / device["units"], source="import")
         if db.record(m) is None:

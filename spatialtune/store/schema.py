@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     import sqlite_utils
 
 SCHEMA_VERSION = 4
-STATUSES = ("ok", "build_error", "wrong_result", "runtime_error", "timeout")
+# ``unchecked``: timed elsewhere (a MetaSchedule record imported) but never run through our output
+# check; never a best config, replaced in place by the first checked measurement of the kernel.
+STATUSES = ("ok", "build_error", "wrong_result", "runtime_error", "timeout", "unchecked")
 KEY_FIELDS = ("workload_key", "device_id", "partition", "ratio", "interference")
 
 

@@ -200,6 +200,7 @@ class _Job:
     def tune_share(self, w: Workload, r: float, position: tuple) -> ShareResult:
         share = self.partition.grant(r)
         key = self.key(w, share.key_ratio)
+        self._check_imported(w, share, key)
         before = self.db.count_measurements(**key)
         if before < self.opt.trials and not self.out_of_time():
             search = _KeySearch(self, w, share, key)
@@ -219,6 +220,8 @@ class _Job:
         task furthest below its due share of weight x time (:mod:`.scheduler`)."""
         share = self.partition.grant(r)
         keys = [self.key(w, share.key_ratio) for w in ws]
+        for w, k in zip(ws, keys):
+            self._check_imported(w, share, k)
         before = [self.db.count_measurements(**k) for k in keys]
         searches: dict[int, _KeySearch] = {}
         states = [TaskState(w.name or w.key, w.weight, n, None) for w, n in zip(ws, before)]
@@ -245,6 +248,19 @@ class _Job:
         for i in searches:
             self._confirm(ws[i], share, keys[i])
         return [self._share_result(w, share, k, n) for w, k, n in zip(ws, keys, before)]
+
+    def _check_imported(self, w: Workload, share: Share, key: dict) -> None:
+        """Measure the key's ``unchecked`` rows (imported, never output-checked) before anything
+        else: each checked measurement replaces its imported row, so an unchecked time is never
+        an answer, a seed or a training row. Part of the budget already (they were counted)."""
+        if not self.runner.real:
+            return
+        rows = self.db.measurements(**key, status="unchecked", with_features=True)
+        cands = [c for m in rows if (c := candidate_from_trace(w, m.trace, "import", m.features,
+                                                               m.mod_hash)) is not None]
+        if cands and not self.out_of_time():
+            log.info("%s @ %g%%: checking %d imported configs", w.key, share.key_ratio, len(cands))
+            self._measure(w, share, key, cands)
 
     def _confirm(self, w: Workload, share: Share, key: dict) -> None:
         if self.runner.real and self.opt.confirm_top and not self.out_of_time():
