@@ -71,6 +71,66 @@ def test_report_data(hand_db):
     assert d.devices[0]["id"] == CPU.id and d.date_range is not None
 
 
+def _unchecked(ratio, h, t, interference="none"):
+    """An imported MetaSchedule record as the importer stores it: timed, outputs never checked."""
+    m = meas(ratio=ratio, h=h, t=t, status="unchecked", interference=interference, source="import")
+    m.times, m.median_s, m.error = [t] * 3, t, ""
+    return m
+
+
+@pytest.fixture
+def cells_db(tmp_path):
+    """DENSE on CPU under four keys, rows in the order a run would store them: h1 found at 100 %,
+    h2 at 100 % but best at 50 %, h3 found by 50 % next to the memory neighbour, h1 best at
+    100 % next to it too. Unchecked imports under 50 % (one faster than the checked best, one
+    slower) and under 25 % (no checked row). numpy beats the tuned best only at 50 % quiet; a
+    faster TVM default at 100 % memory is no vendor library."""
+    path = tmp_path / "cells.sqlite"
+    with TuningDatabase(path) as db:
+        populate(db)
+        for ratio, cond, h, t in [(100, "none", "h1", 1.0e-3), (100, "none", "h2", 1.2e-3),
+                                  (50, "none", "h2", 2.0e-3), (50, "none", "h1", 2.6e-3),
+                                  (50, "memory", "h3", 2.5e-3), (50, "memory", "h1", 4.0e-3),
+                                  (50, "memory", "h2", 3.0e-3), (100, "memory", "h1", 1.5e-3),
+                                  (100, "memory", "h2", 1.8e-3)]:
+            db.record(meas(ratio=ratio, h=h, t=t, interference=cond, source="tune"))
+        db.record(_unchecked(50, "u1", 1.0e-3))
+        db.record(_unchecked(50, "u2", 5.0e-3))
+        db.record(_unchecked(25, "u3", 1.0e-3))
+        db.record_baseline(DENSE.key, CPU.id, "cpu", 50, "none", "numpy", 1.5e-3, 4)
+        db.record_baseline(DENSE.key, CPU.id, "cpu", 100, "none", "numpy", 2.0e-3, 8)
+        db.record_baseline(DENSE.key, CPU.id, "cpu", 100, "memory", "tvm-default", 0.5e-3, 8)
+    return path
+
+
+def test_cells_say_where_their_winner_came_from_and_where_the_vendor_wins(cells_db, tmp_path):
+    with TuningDatabase(cells_db) as db:
+        d = compute_report(db)
+    cells = {(c.ratio, c.condition): c for c in d.tenancy.cells}
+    assert set(cells) == {(100, "none"), (100, "memory"), (50, "none"), (50, "memory")}
+    assert {k: c.origin for k, c in cells.items()} == {
+        (100, "none"): "own search", (100, "memory"): "from neighbour none", (50, "none"): "from 100%",
+        (50, "memory"): "own search"}
+    # the unchecked u1 (1.0 ms) is faster than h2 (2.0 ms) at 50 %, and still not the best
+    assert cells[(50, "none")].best_hash == "h2" and cells[(50, "none")].best_s == 2.0e-3
+    assert (cells[(50, "none")].unchecked, cells[(50, "none")].unchecked_faster) == (2, 1)
+    assert [k for k, c in cells.items() if c.vendor_faster] == [(50, "none")]
+    assert cells[(100, "none")].baseline_kind == "numpy" and not cells[(100, "none")].vendor_faster
+    assert cells[(100, "memory")].baseline_s is None  # a TVM default is not the vendor library
+    (w,) = d.tenancy.workloads
+    assert (w.cells, w.vendor_faster, w.unchecked, w.unchecked_faster) == (4, 1, 3, 2)
+    assert w.unchecked_only == ["cpu 25% none"]
+    # no unchecked row is a best anywhere in the report, nor makes a share of its own
+    assert {(p.ratio, p.tuned_hash) for s in d.series if s.interference == "none" for p in s.points} == {
+        (100, "h1"), (50, "h2")}
+    with TuningDatabase(cells_db) as db:
+        md = write_report(db, tmp_path / "out")[0].read_text()
+    lead = md[:md.index("## Devices")]
+    assert "from neighbour none" in lead and "the vendor library is faster than the tuned best in 1" in lead
+    assert lead.count("vendor faster") >= 2 and "2 unchecked, 1 faster (not used)" in lead
+    assert "3 unchecked rows" in lead and "cpu 25% none" in lead and "Test CPU (cpu, 8 cores)" in lead
+
+
 def test_report_of_an_empty_database_says_so(tmp_path):
     with TuningDatabase(tmp_path / "e.sqlite") as db:
         paths = write_report(db, tmp_path / "out")
@@ -146,11 +206,14 @@ def test_report_leads_with_the_comparison_and_exports_it(real_report, tenancy_db
     out, printed = real_report
     md = (out / "report.md").read_text()
     assert md.index(f"## {SECTIONS[0]}") < md.index("## Devices")
-    assert (out / "plots" / "tenancy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    heat = sorted(out.glob("plots/regret_*.png"))  # one heat map per workload and device
+    assert [p.name[10:] for p in heat] == ["conv_small.png", "dense_small.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in heat)
     p = run_cli("report", "--db", tenancy_db[0], "--json", check=True)
     d = json.loads(p.stdout)
     cells = [c for c in d["tenancy"]["cells"] if c["name"] == "dense_small"]
-    assert len(cells) == 4 and all(c["regret"] for c in cells)
+    assert len(cells) == 4 and all(c["regret"] and c["origin"] for c in cells)
+    assert {w["name"] for w in d["tenancy"]["workloads"]} == {"dense_small", "conv_small"}
     p = run_cli("compare", "--db", tenancy_db[0], "--workload", "dense_small", check=True)
     assert "memory" in p.stdout and "regret" in p.stdout.splitlines()[0] and "missing" not in p.stdout
 
