@@ -34,8 +34,8 @@ def lead_groups(d: ReportData) -> list[tuple[WorkloadSummary, list[DeploymentCel
 
 
 def summary(w: WorkloadSummary) -> str:
-    out = (f"{w.cells} cells (share x neighbour); the vendor library is faster than the tuned best in "
-           f"{w.vendor_faster}" + (" (marked 'vendor faster')." if w.vendor_faster else "."))
+    out = f"{w.cells} cells (share x neighbour); the vendor library is faster than the tuned best in " + (
+        f"{w.vendor_faster} (marked 'vendor faster')." if w.vendor_faster else "none.")
     if w.unchecked:
         out += (f" {w.unchecked} unchecked rows (outputs never checked against the reference), {w.unchecked_faster} "
                 "of them faster than the checked best of their key: none is used as a best.")

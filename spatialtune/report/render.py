@@ -53,9 +53,12 @@ def _plot_regret(d: ReportData, path: Path) -> None:
                                                                         if np.isfinite(grid).any() else 1.1))
     ax.set_xticks(range(len(d.regret_cols)), [f"{c:g}%" for c in d.regret_cols], fontsize=11)
     ax.set_yticks(range(len(d.regret_rows)), d.regret_rows, fontsize=11)
+    top = im.get_clim()[1]
     for i, j in itertools.product(range(grid.shape[0]), range(grid.shape[1])):
         if np.isfinite(grid[i, j]):
-            ax.text(j, i, f"{grid[i, j]:.2f}x", ha="center", va="center", fontsize=12)
+            dark = grid[i, j] > 1.0 + 0.6 * (top - 1.0)  # white on the darkest reds, as in the lead's
+            ax.text(j, i, f"{grid[i, j]:.2f}x", ha="center", va="center", fontsize=12,
+                    color="white" if dark else "black")
     ax.set_xlabel("share of the device", fontsize=11)
     fig.colorbar(im, ax=ax, label="regret of the 100% config (time ratio)")
     fig.tight_layout()
@@ -70,7 +73,7 @@ def _plot_interference(d: ReportData, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 0.4 * len(labels) + 1.5))
     ax.barh(range(len(labels)), [e.slowdown for e in d.interference])
     ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=9)
     ax.set_xlabel("best time under interference / best time alone")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -158,7 +161,8 @@ def _model_blocks(d: ReportData) -> list[tuple]:
     groups: dict[tuple, dict[str, object]] = {}
     for m in d.models:
         groups.setdefault((m.model, m.device_id, m.partition, m.ratio), {})[m.variant] = m
-    rows = []
+    # Two tables, latencies then how they were got: one of 15 columns does not fit a laptop's width.
+    rows, how = [], []
     for (model, dev, part, ratio), v in sorted(groups.items(), key=lambda kv: (kv[0][:3], -kv[0][3])):
         st, ort = v.get("share-tuned"), v.get("onnxruntime")
         lat = lambda k: _us(v[k].latency_s) if k in v and v[k].latency_s else "–"  # noqa: E731
@@ -166,12 +170,15 @@ def _model_blocks(d: ReportData) -> list[tuple]:
         bad = [f"{k}: {m.status}" for k, m in v.items() if m.status != "ok"]
         tasks = [t for t in (st.detail.get("tasks", {}).values() if st else []) if t.get("time_s")]
         top = max(tasks, key=lambda t: t["weight"] * t["time_s"], default=None)
-        rows.append([model, device_cell(d.device_names, dev), part, f"{ratio:.4g}%", str(next(iter(v.values())).granted_units or ""),
-                     lat("share-tuned"), lat("whole-tuned"), lat("untuned"), lat("onnxruntime"), vs,
-                     f"{st.tuned_tasks}/{st.n_tasks}" if st else "–", str(st.trials) if st and st.trials else "–",
-                     top["name"] if top else "–", "; ".join(bad) or "ok", day(next(iter(v.values())).created_at)])
-    B.append(("table", ["model", "device", "partition", "share", "cores", "share-tuned", "100%-tuned", "untuned",
-                        "ONNX Runtime", "vs ORT", "tasks tuned", "trials", "costliest task", "check", "run"], rows))
+        share = f"{part} {ratio:.4g}%"
+        rows.append([model, device_cell(d.device_names, dev), share, str(next(iter(v.values())).granted_units or ""),
+                     lat("share-tuned"), lat("whole-tuned"), lat("untuned"), lat("onnxruntime"), vs])
+        how.append([model, share, f"{st.tuned_tasks}/{st.n_tasks}" if st else "–",
+                    str(st.trials) if st and st.trials else "–", top["name"] if top else "–",
+                    "; ".join(bad) or "ok", day(next(iter(v.values())).created_at)])
+    B.append(("table", ["model", "device", "share", "cores", "share-tuned", "100%-tuned", "untuned", "ONNX Runtime",
+                        "vs ORT"], rows))
+    B.append(("table", ["model", "share", "tasks tuned", "trials", "costliest task", "check", "run"], how))
     return B
 
 
