@@ -154,46 +154,44 @@ def test_a_job_over_two_servers_records_every_trial_once_like_a_local_run(tracke
     assert baselines == {"tvm-default", "numpy"}  # timed on the servers too
 
 
+# Server A's measuring worker kills A, its session processes and itself from inside its first
+# measurement: the crash lands mid-measurement every time, whatever the timing of the job.
+KILL_AT_FIRST_MEASUREMENT = """
+import os, signal, sys
+if 'spatialtune.measure.worker' in ' '.join(getattr(sys, 'orig_argv', [])):
+    import psutil
+    import spatialtune.measure.in_worker as iw
+
+    def measure_one(*args, **kwargs):
+        server = next(p for p in psutil.Process().parents() if 'serve' in p.cmdline())
+        groups = [c.pid for c in server.children(recursive=True)]
+        for pgid in [server.pid, *[g for g in groups if g != os.getpid()], os.getpid()]:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    iw.measure_one = measure_one
+"""
+
+
 def test_killing_a_server_mid_job_loses_nothing_and_the_job_finishes_on_the_other(tracker, servers, tmp_path):
+    site = tmp_path / "kill-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(KILL_AT_FIRST_MEASUREMENT)
     k = key()
-    a, b = servers(tracker, k, 0), servers(tracker, k, 1)
+    a = servers(tracker, k, 0, env=dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{ROOT}"))
+    b = servers(tracker, k, 1)
     wait_registered(tracker, k, [a, b])
-    killed = threading.Event()
-
-    def kill_a_in_session():
-        while not in_session(a):
-            time.sleep(0.05)
-        kill_tree(a)
-        killed.set()
-
     with RpcRunner(tracker, k, settings=FAST) as runner, TuningDatabase(tmp_path / "k.sqlite") as db:
-        after_probe(runner, [a, b])
-        threading.Thread(target=kill_a_in_session, daemon=True).start()
         summary = tune(dense(2), [100], db, opts(), runner=runner)
         stats = runner.stats()
-    assert killed.is_set()
-    assert stats[a.addr]["failures"] >= 1, stats  # the kill cost an attempt in flight on A
+    assert a.wait(30) == -signal.SIGKILL  # A died inside a measurement of this job
+    assert stats[a.addr]["failures"] >= 1 and stats[a.addr]["measured"] == 0, stats
     assert [r.n_trials for r in summary.results] == [8, 8]
     for rows in rows_by_key(tmp_path / "k.sqlite").values():
         assert len({m.mod_hash for m in rows}) == len(rows) == 8
         assert not [m.error for m in rows if "server" in m.error]  # nothing recorded as lost to the kill
-
-
-def in_session(server) -> bool:
-    """The server has a session process (TVM forks one per session): it is doing our work now."""
-    try:
-        kids = psutil.Process(server.pid).children()
-        return any("spatialtune.measure.worker" not in " ".join(c.cmdline()) for c in kids)
-    except psutil.NoSuchProcess:
-        return False
-
-
-def after_probe(runner, procs) -> None:
-    """Let the runner ask a server who it is (a session of its own) and wait until that session
-    is over, so what a test does to a server in session happens during the job's work."""
-    runner.measures_on()
-    while any(in_session(p) for p in procs):
-        time.sleep(0.05)
 
 
 def test_a_server_whose_measurements_all_fail_is_set_aside(tracker, servers, tmp_path, caplog):

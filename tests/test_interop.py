@@ -85,11 +85,12 @@ def test_import_takes_records_as_measurements(tuned_copy, tmp_path):
     assert (s["imported"], s["unmatched"], s["invalid"], s["device_id"]) == (2, 0, 0, device)
     with TuningDatabase(fresh, create=False) as db:
         ms = db.measurements()
-        assert {m.source for m in ms} == {"import"} and {m.status for m in ms} == {"ok"}
+        # timed by MetaSchedule without our output check: stored, but no best config (no answer)
+        assert {m.source for m in ms} == {"import"} and {m.status for m in ms} == {"unchecked"}
         assert {m.ratio for m in ms} == {30}
         assert {m.workload_key: m.mod_hash for m in ms} == {k: b.mod_hash for k, b in whole.items()}
         assert {m.workload_key: m.median_s for m in ms} == {k: b.median_s for k, b in whole.items()}
-        assert len(db.best(ratio=30)) == 2
+        assert len(db.best(ratio=30)) == 0
         # again: the same kernels under the same key are not recorded twice
         s2 = import_metaschedule(db, out, 30)
         assert (s2.imported, s2.duplicates) == (0, 2)
@@ -143,8 +144,10 @@ def test_merge_keeps_everything_once_and_never_writes_the_sources(tmp_path):
     assert not (tmp_path / "e.sqlite").exists()
 
 
-def test_imported_records_seed_the_other_shares(tuned_copy, tmp_path):
-    """Tuning another share of an imported workload measures the imported kernel there first."""
+def test_an_imported_record_is_served_only_once_checked_then_seeds_the_other_shares(tuned_copy, tmp_path):
+    """An imported kernel is no answer until ``tune`` of its share has run it through the output
+    check; then it is, and tuning another share measures it there first."""
+    from spatialtune.lookup import Lookup
     from spatialtune.measure.runner import RunSettings
     from spatialtune.tuning import TuneOptions, tune
 
@@ -157,6 +160,20 @@ def test_imported_records_seed_the_other_shares(tuned_copy, tmp_path):
     with TuningDatabase(fresh) as db:
         db.add_workload(w)
         assert import_metaschedule(db, out, 100).imported == 1
-        tune([w], [50], db, TuneOptions(trials=1, batch=1, baselines=False, run=RunSettings(repeat=2)))
+    with Lookup(fresh, check_interval_s=None) as lk:
+        assert not lk.lookup(w.key, ratio=100).found
+    with Lookup(fresh, check_interval_s=None, include_unchecked=True) as lk:
+        r = lk.lookup(w.key, ratio=100)
+        assert (r.mod_hash, r.checked) == (imported, False)
+    opts = TuneOptions(trials=1, batch=1, baselines=False, confirm_top=0, run=RunSettings(repeat=2))
+    with TuningDatabase(fresh) as db:
+        tune([w], [100], db, opts)  # the budget is spent (the import counts), the check is not skipped
+        (m,) = db.measurements(ratio=100)
+        assert (m.mod_hash, m.source, m.status) == (imported, "import", "ok") and m.rel_err is not None
+    with Lookup(fresh, check_interval_s=None) as lk:
+        r = lk.lookup(w.key, ratio=100)
+        assert (r.mod_hash, r.checked, r.match) == (imported, True, "exact")
+    with TuningDatabase(fresh) as db:
+        tune([w], [50], db, opts)
         (m,) = db.measurements(ratio=50)
         assert (m.mod_hash, m.source, m.status) == (imported, "transfer", "ok")

@@ -31,7 +31,8 @@ def format_summary(summary) -> str:
     for r in summary.results:
         rows.append([r.workload_name or r.workload_key, f"{r.ratio:g}%", f"{r.granted_units} {r.unit}s",
                      str(r.n_trials), fmt_time(r.best_s), fmt_time(r.whole_device_config_s), fmt_ratio(r.regret),
-                     fmt_time(r.default_s), fmt_time(r.numpy_s)])
+                     fmt_time(r.default_s), fmt_time(r.numpy_s) + (" (faster)" if r.vendor_faster else ""),
+                     r.origin or "-"])
     head = (f"device: {summary.device.name} ({summary.device.units} {summary.device.unit}s, {summary.device.id})"
             f"  partition: {summary.partition}  interference: {summary.interference}")
     t = summary.timings
@@ -40,12 +41,14 @@ def format_summary(summary) -> str:
             f" train {t['train']:.0f} s, baselines {t['baseline']:.0f} s)")
     if summary.stopped_early:
         foot += "\nstopped by the time budget: run the same command again to continue"
+    for gap in summary.matrix_gaps:
+        foot += f"\nwinners matrix: {gap}"
     table = text_table(["workload", "share", "granted", "trials", "best", "100%-config here", "regret", "TVM default",
-                    "numpy"], rows)
+                        "numpy", "best from"], rows)
     return "\n".join([head, table, foot])
 
 
-def format_best_table(rows, devices: dict, db=None) -> str:
+def format_best_table(rows, devices: dict, db=None, origin: dict | None = None) -> str:
     if not rows:
         return "no tuned configs in this database"
     out = []
@@ -58,6 +61,7 @@ def format_best_table(rows, devices: dict, db=None) -> str:
         out.append([b.workload_key, name, f"{b.ratio:.4g}%", b.interference, b.partition,
                     f"{dev.get('name', '?')} [{b.device_id}]",
                     f"{b.granted_units} {dev.get('unit', 'unit')}s" if b.granted_units else "-",
-                    fmt_time(b.median_s), str(b.n_trials), b.mod_hash])
+                    fmt_time(b.median_s), str(b.n_trials), b.mod_hash,
+                    (origin or {}).get((b.workload_key, b.device_id, b.partition, b.ratio, b.interference), "-")])
     return text_table(["workload", "name", "share", "interference", "partition", "device", "granted", "time", "trials",
-                   "config"], out)
+                       "config", "best from"], out)

@@ -199,9 +199,38 @@ def _cmd_show(a) -> int:
                 keys += found
         rows = [b for k in keys for b in db.best(workload_key=k)]
         devices = {d["id"]: d for d in db.devices()}
+        origin, unchecked = best_notes(db, rows)
         if a.json or a.nl:
-            objs = [b.to_dict() | {"device_name": devices.get(b.device_id, {}).get("name", "")} for b in rows]
+            objs = [b.to_dict() | {"device_name": devices.get(b.device_id, {}).get("name", ""),
+                                   "origin": origin.get(_key(b), ""), "unchecked_rows": unchecked.get(_key(b), 0)}
+                    for b in rows]
             print("\n".join(json.dumps(o) for o in objs) if a.nl else json.dumps(objs, indent=2))
         else:
-            print(format_best_table(rows, devices, db))
+            print(format_best_table(rows, devices, db, origin))
+            n = sum(unchecked.values())
+            if n:
+                print(f"{n} imported configs not output-checked yet (status unchecked): no answer until a tune "
+                      "of their share measures them")
     return 0
+
+
+def _key(b) -> tuple:
+    return (b.workload_key, b.device_id, b.partition, b.ratio, b.interference)
+
+
+def best_notes(db, rows) -> tuple[dict, dict]:
+    """For best rows: where each key's best came from (``Origin.label``), and how many unchecked
+    (imported) rows each key holds."""
+    from ..search.policy import winner_origins
+
+    origin, unchecked = {}, {}
+    for wk, dev in sorted({(b.workload_key, b.device_id) for b in rows}):
+        ms = db.measurements(workload_key=wk, device_id=dev)
+        for part in {m.partition for m in ms}:
+            for k, o in winner_origins([m for m in ms if m.partition == part]).items():
+                origin[(wk, dev, k.partition, k.ratio, k.interference)] = o.label()
+        for m in ms:
+            if m.status == "unchecked":
+                key = (wk, dev, m.partition, m.ratio, m.interference)
+                unchecked[key] = unchecked.get(key, 0) + 1
+    return origin, unchecked

@@ -29,6 +29,7 @@ class ExportSummary:
     interference: str
     exported: list[dict[str, Any]] = field(default_factory=list)  # key, match, tuned_ratio, median_s
     skipped: list[dict[str, str]] = field(default_factory=list)  # key, reason
+    unchecked_left_out: int = 0  # imported rows never output-checked: no answer, so never exported
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,6 +60,8 @@ def export_metaschedule(db: TuningDatabase, ratio: float, out: Path, *, interfer
         raise ConfigError(f"no device {device_id} in {db.path}")
     target = tvm.target.Target(target_for(device))
     summary = ExportSummary(str(out), norm_ratio(ratio), interference)
+    summary.unchecked_left_out = db.count_measurements(device_id=device_id, partition=partition,
+                                                       interference=interference, status="unchecked")
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:

@@ -32,14 +32,15 @@ from ..measure.builder import BuildInput, Builder, LocalBuilder
 from ..measure.runner import LocalRunner, Runner, RunInput
 from ..partitions import Partition
 from ..search.cost_model import CostModel, create_cost_model
-from ..search.policy import KeyId, SharePolicy, TrainingSet, fit_share_model, missing_winners
-from ..search.space import Candidate, candidate_from_trace
+from ..search.policy import KeyId, SharePolicy, TrainingSet, fit_share_model, winner_origins
+from ..search.space import Candidate
 from ..store.database import Measurement, TuningDatabase
 from ..store.paths import artifact_dir
 from ..terms import Share, check_ratio, norm_ratio
 from ..workloads.spec import Workload
 from .baselines import measure_baselines
 from .confirm import confirm_best
+from .matrix import check_imported, fill_matrix
 from .lanes import ProgressFn, device_and_partition, in_threads, serialised
 from .options import ShareResult, TuneOptions, TuneSummary
 from .scheduler import TaskState, pick_task
@@ -112,7 +113,7 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
                     return out, True
                 out.append(job.tune_share(workloads[wi], r, position=(wi, len(workloads), ri, len(ratios))))
             if runner.real:
-                job.fill_matrix(workloads[wi])
+                fill_matrix(job, workloads[wi])
             return out, False
 
         def tune_tasks() -> tuple[list[ShareResult], bool]:
@@ -124,7 +125,7 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
                     return out, True
                 out += job.tune_tasks(workloads, r, position=(0, 1, ri, len(ratios)))
             for w in workloads if runner.real else []:
-                job.fill_matrix(w)
+                fill_matrix(job, w)
             return out, False
 
         if opt.scheduler == "gradient":
@@ -141,11 +142,17 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
         stopped = any(s for _, s in done)
         # The whole-device column needs every share tuned first.
         job = _Job(db, device, partition, opt, builder, runner, stage, progress, deadline)
+        origins: dict[str, dict] = {}
         for res in results:
             res.whole_device_config_s = job.whole_device_time(res.workload_key, res.ratio)
+            if res.workload_key not in origins:
+                origins[res.workload_key] = winner_origins(db.measurements(
+                    workload_key=res.workload_key, device_id=device.id, partition=partition.kind))
+            o = origins[res.workload_key].get(KeyId(partition.kind, res.ratio, opt.interference))
+            res.origin = o.label() if o else ""
     return TuneSummary(device=device, partition=partition.kind, interference=opt.interference, results=results,
                        elapsed_s=time.perf_counter() - t_start, timings=dict(stage.t) | stage.counts,
-                       stopped_early=stopped)
+                       stopped_early=stopped, matrix_gaps=list(stage.gaps))
 
 
 class _Job:
@@ -200,7 +207,7 @@ class _Job:
     def tune_share(self, w: Workload, r: float, position: tuple) -> ShareResult:
         share = self.partition.grant(r)
         key = self.key(w, share.key_ratio)
-        self._check_imported(w, share, key)
+        check_imported(self, w, share, key)
         before = self.db.count_measurements(**key)
         if before < self.opt.trials and not self.out_of_time():
             search = _KeySearch(self, w, share, key)
@@ -221,7 +228,7 @@ class _Job:
         share = self.partition.grant(r)
         keys = [self.key(w, share.key_ratio) for w in ws]
         for w, k in zip(ws, keys):
-            self._check_imported(w, share, k)
+            check_imported(self, w, share, k)
         before = [self.db.count_measurements(**k) for k in keys]
         searches: dict[int, _KeySearch] = {}
         states = [TaskState(w.name or w.key, w.weight, n, None) for w, n in zip(ws, before)]
@@ -249,19 +256,6 @@ class _Job:
             self._confirm(ws[i], share, keys[i])
         return [self._share_result(w, share, k, n) for w, k, n in zip(ws, keys, before)]
 
-    def _check_imported(self, w: Workload, share: Share, key: dict) -> None:
-        """Measure the key's ``unchecked`` rows (imported, never output-checked) before anything
-        else: each checked measurement replaces its imported row, so an unchecked time is never
-        an answer, a seed or a training row. Part of the budget already (they were counted)."""
-        if not self.runner.real:
-            return
-        rows = self.db.measurements(**key, status="unchecked", with_features=True)
-        cands = [c for m in rows if (c := candidate_from_trace(w, m.trace, "import", m.features,
-                                                               m.mod_hash)) is not None]
-        if cands and not self.out_of_time():
-            log.info("%s @ %g%%: checking %d imported configs", w.key, share.key_ratio, len(cands))
-            self._measure(w, share, key, cands)
-
     def _confirm(self, w: Workload, share: Share, key: dict) -> None:
         if self.runner.real and self.opt.confirm_top and not self.out_of_time():
             t0 = time.perf_counter()
@@ -280,37 +274,7 @@ class _Job:
         return ShareResult(w.key, w.name, share.key_ratio, share.units, share.unit, best[0].median_s if best else None,
                            n, n - before, None, base.get("tvm-default"), base.get("numpy"))
 
-    def fill_matrix(self, w: Workload) -> None:
-        """The winners matrix of ``w`` on this partition: each condition's ``matrix_top`` fastest
-        kernels measured under every other condition measured so far (every share, every
-        neighbour), so that a cell's best is the fastest kernel measured there whichever condition
-        found it and whichever order they were tuned in. Read from the database each time, so a
-        resumed job measures only what is missing. Reference measurements, beyond the budget."""
-        for _ in range(4):  # a kernel from elsewhere can enter a cell's top: measure until none is new
-            rows = self.db.measurements(workload_key=w.key, device_id=self.device.id,
-                                        partition=self.partition.kind, with_features=True)
-            todo = missing_winners(rows, self.opt.matrix_top)
-            measured = 0
-            for k, configs in sorted(todo.items(), key=lambda kv: (-kv[0].ratio, kv[0].interference)):
-                if self.out_of_time():
-                    return
-                share = self.partition.grant(k.ratio)
-                if share.key_ratio != k.ratio:  # a key this partition cannot grant again exactly
-                    self.gaps.append(f"{w.name or w.key} @ {k.ratio:g}% {k.interference}: {len(configs)} winners "
-                                     f"not measured (this partition cannot grant {k.ratio:g}% again exactly)")
-                    log.info("%s", self.gaps[-1])
-                    continue
-                cands = [c for m in configs if (c := candidate_from_trace(w, m.trace, "matrix", m.features,
-                                                                          m.mod_hash)) is not None]
-                if cands:
-                    log.info("%s @ %g%% %s: measuring %d winners of other conditions", w.key, k.ratio,
-                             k.interference, len(cands))
-                    self._measure(w, share, self.key(w, k.ratio) | {"interference": k.interference}, cands)
-                    measured += len(cands)
-            if not measured:
-                return
-
-    def _measure(self, w: Workload, share: Share, key: dict, cands: Sequence[Candidate]) -> list[float | None]:
+    def measure(self, w: Workload, share: Share, key: dict, cands: Sequence[Candidate]) -> list[float | None]:
         """Build and measure ``cands`` under ``key``'s neighbour; each result is recorded the
         moment it exists."""
         t0 = time.perf_counter()
@@ -412,7 +376,7 @@ class _KeySearch:
         if not cands:
             log.info("%s @ %g%%: search space exhausted", self.w.key, self.share.key_ratio)
             return False
-        times = job._measure(self.w, self.share, self.key, cands)
+        times = job.measure(self.w, self.share, self.key, cands)
         self.policy.tell(cands, times)
         job._learn(self.share.key_ratio, self.model, cands, times, self.w.key, self.share)
         return True

@@ -109,10 +109,15 @@ class ShareResult:
     whole_device_config_s: float | None  # the 100%-best config measured at this share
     default_s: float | None  # TVM's untuned default at this share
     numpy_s: float | None
+    origin: str = ""  # where the best kernel was first measured (search.policy.Origin.label)
 
     @property
     def regret(self) -> float | None:
         return regret(self.whole_device_config_s, self.best_s)
+
+    @property
+    def vendor_faster(self) -> bool:
+        return self.numpy_s is not None and self.best_s is not None and self.numpy_s < self.best_s
 
 
 @dataclass
@@ -124,3 +129,4 @@ class TuneSummary:
     elapsed_s: float
     timings: dict[str, float]  # seconds spent in search, build, run, train
     stopped_early: bool = False
+    matrix_gaps: list[str] = field(default_factory=list)  # winners-matrix cells left unmeasured, and why

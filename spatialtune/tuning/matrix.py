@@ -1,0 +1,62 @@
+"""What ``tune`` measures beyond a key's search: the winners matrix and imported configs.
+
+Both are reference measurements, read from the database each time (so a resumed job measures
+only what is missing) and made through the job's own build-and-measure step (``job.measure``),
+so every one passes the output check and is recorded the moment it exists.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..search.policy import missing_winners
+from ..search.space import candidate_from_trace
+from ..terms import Share
+from ..workloads.spec import Workload
+
+log = logging.getLogger(__name__)
+
+
+def fill_matrix(job, w: Workload) -> None:
+    """The winners matrix of ``w`` on this partition: each condition's ``matrix_top`` fastest
+    kernels measured under every other condition measured so far (every share, every
+    neighbour), so that a cell's best is the fastest kernel measured there whichever condition
+    found it and whichever order they were tuned in. Read from the database each time, so a
+    resumed job measures only what is missing. Reference measurements, beyond the budget."""
+    for _ in range(4):  # a kernel from elsewhere can enter a cell's top: measure until none is new
+        rows = job.db.measurements(workload_key=w.key, device_id=job.device.id,
+                                    partition=job.partition.kind, with_features=True)
+        todo = missing_winners(rows, job.opt.matrix_top)
+        measured = 0
+        for k, configs in sorted(todo.items(), key=lambda kv: (-kv[0].ratio, kv[0].interference)):
+            if job.out_of_time():
+                return
+            share = job.partition.grant(k.ratio)
+            if share.key_ratio != k.ratio:  # a key this partition cannot grant again exactly
+                job.gaps.append(f"{w.name or w.key} @ {k.ratio:g}% {k.interference}: {len(configs)} winners "
+                                 f"not measured (this partition cannot grant {k.ratio:g}% again exactly)")
+                log.info("%s", job.gaps[-1])
+                continue
+            cands = [c for m in configs if (c := candidate_from_trace(w, m.trace, "matrix", m.features,
+                                                                      m.mod_hash)) is not None]
+            if cands:
+                log.info("%s @ %g%% %s: measuring %d winners of other conditions", w.key, k.ratio,
+                         k.interference, len(cands))
+                job.measure(w, share, job.key(w, k.ratio) | {"interference": k.interference}, cands)
+                measured += len(cands)
+        if not measured:
+            return
+
+
+def check_imported(job, w: Workload, share: Share, key: dict) -> None:
+    """Measure the key's ``unchecked`` rows (imported, never output-checked) before anything
+    else: each checked measurement replaces its imported row, so an unchecked time is never
+    an answer, a seed or a training row. Part of the budget already (they were counted)."""
+    if not job.runner.real:
+        return
+    rows = job.db.measurements(**key, status="unchecked", with_features=True)
+    cands = [c for m in rows if (c := candidate_from_trace(w, m.trace, "import", m.features,
+                                                           m.mod_hash)) is not None]
+    if cands and not job.out_of_time():
+        log.info("%s @ %g%%: checking %d imported configs", w.key, share.key_ratio, len(cands))
+        job.measure(w, share, key, cands)
