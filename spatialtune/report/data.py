@@ -119,6 +119,17 @@ class ReportData:
     interference: list[InterferenceEffect]
     tenancy: Tenancy | None = None
     models: list[ModelRun] = field(default_factory=list)  # the latest `spatialtune model` run per model and share
+    device_names: dict[str, str] = field(default_factory=dict)  # id -> what a reader knows it by
+
+
+def device_names(devices: list[dict[str, Any]]) -> dict[str, str]:
+    """Each device as its name, kind and units (an id like ``cpu-8725174c4925`` says nothing to a
+    reader); two devices of one description keep their ids apart."""
+    label = {d["id"]: f"{d['name']} ({d['kind']}, {d['units']} {d['unit']}s)" for d in devices}
+    seen: dict[str, int] = {}
+    for v in label.values():
+        seen[v] = seen.get(v, 0) + 1
+    return {k: v if seen[v] == 1 else f"{v} {k}" for k, v in label.items()}
 
 
 # ---------------------------------------------------------------- compute
@@ -134,6 +145,7 @@ def compute_report(db: TuningDatabase) -> ReportData:
 
     names = db.workload_names()
     devices = db.devices()
+    dev_name = device_names(devices)
     dev_kind = {d["id"]: d["kind"] for d in devices}
     groups: dict[tuple, list] = {}
     for b in db.best():
@@ -187,7 +199,7 @@ def compute_report(db: TuningDatabase) -> ReportData:
     geo = {r: math.exp(sum(v) / len(v)) for r, v in sorted(logs.items())}
 
     cols = sorted({p.ratio for s in series for p in s.points})
-    rows = [f"{s.label} ({s.device_id})" for s in series]
+    rows = [f"{s.label} ({dev_name.get(s.device_id, s.device_id)})" for s in series]
     grid = [[next((p.speedup for p in s.points if p.ratio == c and p.speedup), None) for c in cols]
             for s in series]
 
@@ -210,7 +222,7 @@ def compute_report(db: TuningDatabase) -> ReportData:
                                               p.tuned_hash == qp[p.ratio].tuned_hash, p.tuned_date))
     return ReportData(str(db.path), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), devices,
                       (min(dates), max(dates)) if dates else None, series, geo, rows, cols, grid, correlations,
-                      effects, deployment_cells(db), model_runs(db, latest=True))
+                      effects, deployment_cells(db), model_runs(db, latest=True), dev_name)
 
 
 def report_json(d: ReportData) -> dict[str, Any]:

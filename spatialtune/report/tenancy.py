@@ -9,7 +9,15 @@ For a workload at share r next to neighbour c (one device, one partition):
   **neighbour alone** = the best quiet config of share r, measured at (r, c) / best at (r, c),
   both under the neighbour;
 - the **baseline** (numpy on CPUs, cuBLAS on GPUs) measured under the same (r, c), and
-  ``baseline / tuned`` (> 1: the tuned kernel is faster than the library there).
+  ``baseline / tuned`` (> 1: the tuned kernel is faster than the library there); a cell where it
+  is < 1 is a *vendor cell*: the library beats every kernel tuned there;
+- the **origin** of the tuned best: the key under which that kernel was first measured
+  (:func:`spatialtune.search.policy.winner_origins`: its own search, another share's, another
+  neighbour's);
+- **unchecked** rows: measurements whose outputs were never checked against the reference (status
+  ``unchecked``, MetaSchedule records imported as they are). They are counted, and those faster
+  than the checked best of their key are counted apart, but they are never a best: a wrong kernel
+  is fast for free.
 
 Every number is a stored measurement; a cell whose configs were not measured under its condition
 is reported as missing with what is missing (``tune`` and bundle rounds measure them).
@@ -22,7 +30,8 @@ from typing import Any
 
 from ..terms import WHOLE, geomean, norm_ratio, regret
 
-BASELINES = {"cpu": ("numpy",), "cuda": ("cublas", "torch")}
+BASELINES = {"cpu": ("numpy",), "cuda": ("cublas", "torch")}  # preferred first
+UNCHECKED = "unchecked"
 
 
 @dataclass
@@ -45,6 +54,9 @@ class DeploymentCell:
     baseline_kind: str | None
     baseline_s: float | None
     missing: list[str] = field(default_factory=list)
+    origin: str | None = None  # where the tuned best was first measured (Origin.label())
+    unchecked: int = 0  # unchecked rows under this key
+    unchecked_faster: int = 0  # ... of them faster than best_s (not used: their outputs were never checked)
 
     @property
     def regret(self) -> float | None:
@@ -63,9 +75,29 @@ class DeploymentCell:
         """baseline time / tuned time: > 1 when the tuned kernel beats the library here."""
         return regret(self.baseline_s, self.best_s)
 
+    @property
+    def vendor_faster(self) -> bool:
+        """The vendor library, measured under this cell's key, beats the best tuned kernel."""
+        return self.baseline_s is not None and self.baseline_s < self.best_s
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"regret": self.regret, "share_alone": self.share_alone,
-                               "neighbour_alone": self.neighbour_alone, "vs_baseline": self.vs_baseline}
+                               "neighbour_alone": self.neighbour_alone, "vs_baseline": self.vs_baseline,
+                               "vendor_faster": self.vendor_faster}
+
+
+@dataclass
+class WorkloadSummary:
+    """One workload on one device (all partitions): what the reader must know before trusting its cells."""
+
+    workload_key: str
+    name: str
+    device_id: str
+    cells: int
+    vendor_faster: int  # cells where the vendor baseline beats the tuned best
+    unchecked: int  # unchecked rows, every key
+    unchecked_faster: int  # ... faster than the checked best of their key, or under a key with none
+    unchecked_only: list[str] = field(default_factory=list)  # keys with unchecked rows and no checked best
 
 
 @dataclass
@@ -73,55 +105,49 @@ class Tenancy:
     cells: list[DeploymentCell]
     geomean_by_share: dict[float, float]
     geomean_by_condition: dict[str, float]
+    workloads: list[WorkloadSummary] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"cells": [c.to_dict() for c in self.cells],
+        return {"cells": [c.to_dict() for c in self.cells], "workloads": [asdict(w) for w in self.workloads],
                 "geomean_by_share": {f"{k:g}": v for k, v in self.geomean_by_share.items()},
                 "geomean_by_condition": self.geomean_by_condition}
 
 
 def deployment_cells(db, workload_key: str | None = None) -> Tenancy:
     """Every (workload, device, partition, share, neighbour) with a tuned best, as a cell."""
+    from ..search.policy import KeyId, winner_origins
+
     names = db.workload_names()
     kinds = {d["id"]: d["kind"] for d in db.devices()}
     best = {}
     for b in db.best(workload_key=workload_key):
         best[(b.workload_key, b.device_id, b.partition, norm_ratio(b.ratio), b.interference)] = b
-    groups = sorted({k[:3] for k in best})
     cells: list[DeploymentCell] = []
-    for wk, dev, part in groups:
-        times: dict[tuple[float, str], dict[str, float]] = {}
-        for m in db.measurements(workload_key=wk, device_id=dev, partition=part, status="ok"):
-            times.setdefault((norm_ratio(m.ratio), m.interference), {})[m.mod_hash] = m.median_s
-        base: dict[tuple[float, str], dict] = {}
-        for row in db.baselines(workload_key=wk, device_id=dev, partition=part):
-            if row["kind"] in BASELINES.get(kinds.get(dev, ""), ()):
-                base.setdefault((norm_ratio(row["ratio"]), row["interference"]), row)
-        ordinary = best.get((wk, dev, part, WHOLE, "none"))
-        keys = sorted((k[3], k[4]) for k in best if k[:3] == (wk, dev, part))
-        for r, cond in sorted(keys, key=lambda k: (-k[0], k[1] != "none", k[1])):
-            b = best[(wk, dev, part, r, cond)]
-            quiet = best.get((wk, dev, part, r, "none"))
-            here = times.get((r, cond), {})
-            quiet_times = times.get((r, "none"), {})
-            missing = []
-            if ordinary is None:
-                missing.append("no config tuned at 100 % without a neighbour")
-            elif ordinary.mod_hash not in here:
-                missing.append(f"ordinary config {ordinary.mod_hash} not measured here")
-            if cond != "none":
-                if quiet is None:
-                    missing.append(f"nothing tuned at {r:g}% without a neighbour")
-                elif quiet.mod_hash not in here:
-                    missing.append(f"quiet config {quiet.mod_hash} of {r:g}% not measured here")
-            bl = base.get((r, cond))
-            cells.append(DeploymentCell(
-                wk, names.get(wk, ""), dev, part, r, cond, b.granted_units, b.median_s, b.mod_hash,
-                ordinary.mod_hash if ordinary else None, here.get(ordinary.mod_hash) if ordinary else None,
-                quiet.mod_hash if quiet else None, here.get(quiet.mod_hash) if quiet else None,
-                quiet.median_s if quiet else None,
-                quiet_times.get(ordinary.mod_hash) if ordinary and quiet else None,
-                bl["kind"] if bl else None, bl["median_s"] if bl else None, missing))
+    workloads: list[WorkloadSummary] = []
+    for wk, dev in sorted({k[:2] for k in best}):
+        rows = db.measurements(workload_key=wk, device_id=dev)
+        origins = winner_origins(rows)
+        unchecked: dict[tuple, list[float | None]] = {}
+        for m in rows:
+            if m.status == UNCHECKED:
+                unchecked.setdefault((m.partition, norm_ratio(m.ratio), m.interference), []).append(m.median_s)
+        new = []
+        for part in sorted({k[2] for k in best if k[:2] == (wk, dev)}):
+            new += _partition_cells(db, best, names.get(wk, ""), kinds.get(dev, ""), wk, dev, part,
+                                    [m for m in rows if m.partition == part and m.status == "ok"])
+        for c in new:
+            o = origins.get(KeyId(c.partition, c.ratio, c.condition))
+            c.origin = o.label() if o else None
+            times = unchecked.get((c.partition, c.ratio, c.condition), [])
+            c.unchecked = len(times)
+            c.unchecked_faster = sum(1 for t in times if t is not None and t < c.best_s)
+        cell_keys = {(c.partition, c.ratio, c.condition) for c in new}
+        only = sorted(k for k in unchecked if k not in cell_keys)
+        workloads.append(WorkloadSummary(
+            wk, names.get(wk, ""), dev, len(new), sum(c.vendor_faster for c in new), sum(map(len, unchecked.values())),
+            sum(c.unchecked_faster for c in new) + sum(len(unchecked[k]) for k in only),
+            [f"{p} {r:g}% {i}" for p, r, i in only]))
+        cells += new
     by_share: dict[float, list[float]] = {}
     by_cond: dict[str, list[float]] = {}
     for c in cells:
@@ -129,7 +155,47 @@ def deployment_cells(db, workload_key: str | None = None) -> Tenancy:
             by_share.setdefault(c.ratio, []).append(c.regret)
             by_cond.setdefault(c.condition, []).append(c.regret)
     return Tenancy(cells, {r: geomean(v) for r, v in sorted(by_share.items(), reverse=True)},
-                   {k: geomean(v) for k, v in sorted(by_cond.items())})
+                   {k: geomean(v) for k, v in sorted(by_cond.items())}, workloads)
+
+
+def _partition_cells(db, best: dict, name: str, kind: str, wk: str, dev: str, part: str,
+                     ok_rows: list) -> list[DeploymentCell]:
+    times: dict[tuple[float, str], dict[str, float]] = {}
+    for m in ok_rows:
+        times.setdefault((norm_ratio(m.ratio), m.interference), {})[m.mod_hash] = m.median_s
+    base: dict[tuple[float, str], dict] = {}
+    prefer = BASELINES.get(kind, ())
+    for row in db.baselines(workload_key=wk, device_id=dev, partition=part):
+        k = (norm_ratio(row["ratio"]), row["interference"])
+        if row["kind"] in prefer and (k not in base or prefer.index(row["kind"]) < prefer.index(base[k]["kind"])):
+            base[k] = row
+    ordinary = best.get((wk, dev, part, WHOLE, "none"))
+    keys = sorted((k[3], k[4]) for k in best if k[:3] == (wk, dev, part))
+    cells = []
+    for r, cond in sorted(keys, key=lambda k: (-k[0], k[1] != "none", k[1])):
+        b = best[(wk, dev, part, r, cond)]
+        quiet = best.get((wk, dev, part, r, "none"))
+        here = times.get((r, cond), {})
+        quiet_times = times.get((r, "none"), {})
+        missing = []
+        if ordinary is None:
+            missing.append("no config tuned at 100 % without a neighbour")
+        elif ordinary.mod_hash not in here:
+            missing.append(f"ordinary config {ordinary.mod_hash} not measured here")
+        if cond != "none":
+            if quiet is None:
+                missing.append(f"nothing tuned at {r:g}% without a neighbour")
+            elif quiet.mod_hash not in here:
+                missing.append(f"quiet config {quiet.mod_hash} of {r:g}% not measured here")
+        bl = base.get((r, cond))
+        cells.append(DeploymentCell(
+            wk, name, dev, part, r, cond, b.granted_units, b.median_s, b.mod_hash,
+            ordinary.mod_hash if ordinary else None, here.get(ordinary.mod_hash) if ordinary else None,
+            quiet.mod_hash if quiet else None, here.get(quiet.mod_hash) if quiet else None,
+            quiet.median_s if quiet else None,
+            quiet_times.get(ordinary.mod_hash) if ordinary and quiet else None,
+            bl["kind"] if bl else None, bl["median_s"] if bl else None, missing))
+    return cells
 
 
 def format_cells(t: Tenancy) -> str:
