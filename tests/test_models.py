@@ -189,6 +189,34 @@ def test_first_batches_for_every_task_then_trials_follow_weight_times_time():
     assert pick_task(tasks, 4) is None
 
 
+def test_a_task_at_its_onnx_runtime_floor_takes_no_trials_while_another_is_behind(tmp_path):
+    """The floor is ONNX Runtime's time for the task's operators (from a stored --profile): the
+    costliest task, once at its floor, leaves the trials to the task still slower than ORT."""
+    from dbutil import CPU
+    from spatialtune.store.model_runs import ModelRun, record_model_run, vendor_floors
+
+    with TuningDatabase(tmp_path / "f.sqlite") as db:
+        db.add_device(CPU)
+        prof = {"ratio": 50.0, "tvm_total_s": 9e-3, "ort_total_s": 5e-3, "outside": {},
+                "tasks": [{"key": "conv-key", "name": "conv", "weight": 1, "tvm_s": 6e-3, "ort_s": 7e-3},
+                          {"key": "dense-key", "name": "dense", "weight": 2, "tvm_s": 2e-3, "ort_s": 1e-3}]}
+        for ratio, p in ((50.0, prof), (100.0, {"tasks": [{"key": "conv-key", "weight": 1, "ort_s": 1e-9}]})):
+            record_model_run(db, ModelRun("r1", "m", "h", CPU.id, "cpu", ratio, "share-tuned", "ok",
+                                          detail={"profile": p}))
+        floors = vendor_floors(db, CPU.id, "cpu", 50.0)
+    assert floors == {"conv-key": 7e-3, "dense-key": 0.5e-3}  # per call: ORT's time over the weight
+    tasks = [TaskState("conv", 1, 8, 6e-3, floor_s=floors["conv-key"]),
+             TaskState("dense", 2, 8, 1e-3, floor_s=floors["dense-key"])]
+    assert tasks[0].at_floor and not tasks[1].at_floor
+    picks = [tasks[pick_task(tasks, 4)].name for _ in range(3)]
+    assert picks == ["dense"] * 3  # without the floor, conv (6 ms of 8) would be due most of them
+    tasks[0].floor_s = None
+    assert tasks[pick_task(tasks, 4)].name == "conv"
+    tasks[1].best_s = 0.4e-3  # both at their floors: the plain gradient rule again
+    tasks[0].floor_s = floors["conv-key"]
+    assert tasks[pick_task(tasks, 4)].name == "conv"
+
+
 def test_a_task_without_a_working_kernel_still_gets_trials():
     tasks = [TaskState("ok", 1, 8, 1e-3), TaskState("failing", 1, 8, None)]
     assert due_fractions(tasks) == [0.5, 0.5]

@@ -65,6 +65,9 @@ def add_tune(sub) -> None:
     s.add_argument("--search-threads", type=int, default=None, metavar="N",
                    help="threads of the evolution (default: this process's cores); 1 makes a search "
                         "reproducible from its seed and its measurements")
+    s.add_argument("--matrix-top", type=int, default=TuneOptions.matrix_top, metavar="N",
+                   help="after a workload's shares: each condition's N fastest kernels measured under every other "
+                        "(the winners matrix; 0 keeps only the best of each)")
     s.add_argument("--transfer-top", type=int, default=TuneOptions.transfer_top,
                    help="configs of each other share measured first at a new share")
     s.add_argument("--mcpu", default=None, help="CPU: LLVM CPU to compile for (default: this machine's)")
@@ -92,7 +95,7 @@ def _cmd_tune(a) -> int:
                        genetic_iters=a.genetic_iters, explore=a.explore, local=a.local, diversity=a.diversity,
                        pack_panels=not a.no_pack_panels, tile_seeds=a.tile_seeds,
                        search_threads=a.search_threads, build_deadline=a.build_deadline or None,
-                       transfer_top=a.transfer_top, mcpu=a.mcpu,
+                       transfer_top=a.transfer_top, matrix_top=a.matrix_top, mcpu=a.mcpu,
                        arch=a.arch, run=RunSettings(repeat=a.repeat, timeout=a.timeout, seed=a.seed))
     opts.validate()
     with _runner(a, opts) as runner, open_db(a.db, create=True) as db:

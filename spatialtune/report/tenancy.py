@@ -206,11 +206,12 @@ def format_cells(t: Tenancy) -> str:
     def us(v):
         return "-" if v is None else (f"{v * 1e6:.1f} us" if v < 1e-3 else f"{v * 1e3:.3f} ms")
 
-    hdr = ["workload", "partition", "share", "neighbour", "tuned here", "ordinary here", "regret", "share alone",
-           "neighbour alone", "baseline", "baseline/tuned"]
+    hdr = ["workload", "partition", "share", "neighbour", "tuned here", "winner from", "ordinary here", "regret",
+           "share alone", "neighbour alone", "baseline", "baseline/tuned"]
     rows = [[c.name or c.workload_key, c.partition, f"{c.ratio:g}%" + (f" ({c.units})" if c.units else ""),
-             c.condition, us(c.best_s), us(c.ordinary_s), x(c.regret), x(c.share_alone), x(c.neighbour_alone),
-             f"{us(c.baseline_s)} {c.baseline_kind}" if c.baseline_s else "-", x(c.vs_baseline)] for c in t.cells]
+             c.condition, us(c.best_s), c.origin or "-", us(c.ordinary_s), x(c.regret), x(c.share_alone),
+             x(c.neighbour_alone), f"{us(c.baseline_s)} {c.baseline_kind}" if c.baseline_s else "-",
+             x(c.vs_baseline) + (" vendor faster" if c.vendor_faster else "")] for c in t.cells]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(hdr)]
     out = ["  ".join(h.ljust(w) for h, w in zip(hdr, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     out += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
@@ -218,6 +219,8 @@ def format_cells(t: Tenancy) -> str:
                for c in t.cells if c.missing]
     if missing:
         out += ["missing (tune the condition again, or run a bundle round, to measure them):"] + missing
+    vendor = sum(c.vendor_faster for c in t.cells)
+    out.append(f"vendor library faster than the best tuned kernel in {vendor} of {len(t.cells)} cells")
     out.append("regret: the ordinary config (best at 100 % without a neighbour) at this share and neighbour / the "
                "config tuned here; share alone: the same, both without a neighbour; neighbour alone: this share's "
                "quiet config under the neighbour / the config tuned here; baseline/tuned > 1: tuned beats the library")

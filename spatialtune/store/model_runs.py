@@ -80,3 +80,20 @@ def model_runs(db, *, model: str | None = None, latest: bool = False) -> list[Mo
             newest[(m.model, m.device_id, m.partition, m.ratio)] = m.run
         out = [m for m in out if newest[(m.model, m.device_id, m.partition, m.ratio)] == m.run]
     return out
+
+
+def vendor_floors(db, device_id: str, partition: str, ratio: float) -> dict[str, float]:
+    """Per task (workload key), the time ONNX Runtime took per call for the operators matched to
+    it at this share, from the newest profiled run of each model (``spatialtune model
+    --profile``); the lowest where several models run the task. What the gradient scheduler
+    treats as a task's floor (:mod:`spatialtune.tuning.scheduler`)."""
+    out: dict[str, float] = {}
+    for m in model_runs(db, latest=True):
+        prof = m.detail.get("profile") if m.variant == "share-tuned" else None
+        if not prof or m.device_id != device_id or m.partition != partition or m.ratio != ratio:
+            continue
+        for t in prof.get("tasks", []):
+            if t.get("key") and t.get("weight") and t.get("ort_s", 0) > 0:
+                per_call = t["ort_s"] / t["weight"]
+                out[t["key"]] = min(per_call, out.get(t["key"], per_call))
+    return out

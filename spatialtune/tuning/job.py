@@ -35,6 +35,7 @@ from ..search.cost_model import CostModel, create_cost_model
 from ..search.policy import KeyId, SharePolicy, TrainingSet, fit_share_model, winner_origins
 from ..search.space import Candidate
 from ..store.database import Measurement, TuningDatabase
+from ..store.model_runs import vendor_floors
 from ..store.paths import artifact_dir
 from ..terms import Share, check_ratio, norm_ratio
 from ..workloads.spec import Workload
@@ -231,7 +232,8 @@ class _Job:
             check_imported(self, w, share, k)
         before = [self.db.count_measurements(**k) for k in keys]
         searches: dict[int, _KeySearch] = {}
-        states = [TaskState(w.name or w.key, w.weight, n, None) for w, n in zip(ws, before)]
+        floors = vendor_floors(self.db, self.device.id, self.partition.kind, share.key_ratio)
+        states = [TaskState(w.name or w.key, w.weight, n, None, floor_s=floors.get(w.key)) for w, n in zip(ws, before)]
         try:
             while not self.out_of_time():
                 for st, k in zip(states, keys):  # other jobs may share the keys

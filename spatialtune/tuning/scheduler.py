@@ -15,6 +15,12 @@ So the trials follow where the time goes, and move as tuning brings a task's tim
 at 60 % of the model's time gets about 60 % of the trials; one that tuning halved gets less from
 then on. Trials already in the database count (a resumed job starts from what it has), and a task
 whose design space is exhausted leaves the schedule.
+
+A task may have a *floor*: the time the library the user would otherwise run (ONNX Runtime, from
+``spatialtune model --profile``) takes for the same operators at this share, per call. A task
+whose best kernel has reached its floor takes no trials while some task has not reached its own:
+the model is only as fast as ONNX Runtime when every task is, and the trials a task at its floor
+would take are the ones the tasks behind theirs need.
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ class TaskState:
     spent: int  # trials measured under this share's key, earlier runs included
     best_s: float | None  # best measured time at this share
     done: bool = False  # exhausted, or nothing more can be measured
+    floor_s: float | None = None  # the vendor library's time for the same operators, per call
+
+    @property
+    def at_floor(self) -> bool:
+        return self.best_s is not None and self.floor_s is not None and self.best_s <= self.floor_s
 
     @property
     def cost(self) -> float | None:
@@ -55,9 +66,10 @@ def pick_task(tasks: list[TaskState], batch: int) -> int | None:
     fresh = [i for i in open_ if tasks[i].spent == 0]
     if fresh:  # a first batch for everyone, heaviest first (by weight: there is no time yet)
         return max(fresh, key=lambda i: (tasks[i].weight, -i))
+    behind = [i for i in open_ if not tasks[i].at_floor]
     due = due_fractions(tasks)
     total = sum(t.spent for t in tasks) + batch
-    return max(open_, key=lambda i: (due[i] * total - tasks[i].spent, due[i], -i))
+    return max(behind or open_, key=lambda i: (due[i] * total - tasks[i].spent, due[i], -i))
 
 
 def costliest(tasks: list[TaskState]) -> TaskState | None:
