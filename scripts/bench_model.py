@@ -259,13 +259,8 @@ def table(res) -> str:
 
 
 def costliest(st) -> str | None:
-    """The task with the largest weight x kernel time in a share-tuned run, and its part of the sum."""
-    tasks = [t for t in st.detail.get("tasks", {}).values() if t.get("time_s")]
-    if not tasks:
-        return None
-    total = sum(t["weight"] * t["time_s"] for t in tasks)
-    top = max(tasks, key=lambda t: t["weight"] * t["time_s"])
-    return f"{top['name']} ({top['weight']} x {fmt(top['time_s'])}, {top['weight'] * top['time_s'] / total:.0%})"
+    top = st.costliest_task()
+    return None if top is None else f"{top['name']} ({top['weight']} x {fmt(top['time_s'])}, {top['part']:.0%})"
 
 
 if __name__ == "__main__":

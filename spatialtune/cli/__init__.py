@@ -16,9 +16,10 @@ from ..errors import SpatialtuneError
 from .bundle import add_bundle
 from .common import EXIT_USAGE, Parser, fail
 from .db import add_db
-from .lookup import add_lookup, add_report
+from .lookup import add_lookup
 from .model import add_model
 from .model_export import add_model_export, route
+from .report import add_report
 from .serve import add_serve
 from .tune import add_show, add_tune, add_workloads
 

@@ -83,7 +83,7 @@ def format_model(res) -> str:
         if facts:
             out.append("kernels: " + "; ".join(f"{f['name']} {f.get('origin') or 'untuned'}"
                                                for f in facts.values()))
-        top = costliest_task(st)
+        top = st.costliest_task() if st else None
         if top:
             out.append(f"costliest task at this share: {top['name']} (weight {top['weight']} x "
                        f"{fmt_time(top['time_s'])} = {top['part']:.0%} of the tuned kernels' time)")
@@ -127,13 +127,3 @@ def format_profile(bd) -> str:
                    f"{len(lose.ort_nodes)} node(s) ({lose.vs_ort:.2f}x)" if lose.ort_s > 0 else
                    f"loses most: {lose.name}, {fmt_time(lose.tvm_s)} with no ONNX Runtime node matched")
     return "\n".join(out)
-
-
-def costliest_task(row) -> dict | None:
-    """The task of a share-tuned run whose weight x kernel time is largest, with its part of the sum."""
-    tasks = [t for t in ((row.detail or {}).get("tasks", {}).values() if row else []) if t.get("time_s")]
-    if not tasks:
-        return None
-    total = sum(t["weight"] * t["time_s"] for t in tasks)
-    top = max(tasks, key=lambda t: t["weight"] * t["time_s"])
-    return top | {"part": top["weight"] * top["time_s"] / total}

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..errors import ConfigError, DatabaseError
-from ..store.schema import SCHEMA_VERSION, decode_trace
+from ..store.schema import BEST_INDEX_SQL, SCHEMA_VERSION, decode_trace
 from ..terms import norm_ratio
 from .index import LookupIndex, LookupResult
 
@@ -75,9 +75,7 @@ class _Reader:
     """A read-only SQLite connection for the lookup: no sqlite-utils (its plugin discovery alone
     costs ~25 ms at first open), no migrations, and no way for a scheduler to write the file."""
 
-    _BEST = ("SELECT b.workload_key, b.device_id, b.partition, b.ratio, b.interference, b.measurement_id,"
-             " b.median_s, b.n_trials, m.mod_hash, m.granted_units, b.updated_at, m.status"
-             " FROM best b JOIN measurements m ON m.id = b.measurement_id")
+    _BEST = BEST_INDEX_SQL
     # The same columns with unchecked (imported) rows competing: the fastest ok-or-unchecked row per key.
     _BEST_ANY = ("SELECT workload_key, device_id, partition, ratio, interference, id, median_s, n, mod_hash,"
                  " granted_units, created_at, status FROM (SELECT m.*, ROW_NUMBER() OVER (PARTITION BY"

@@ -28,7 +28,7 @@ from ..errors import DatabaseError
 from ..terms import norm_ratio
 from .records import (MEASUREMENT_COLUMNS, BestConfig, BestIndexRow, Measurement, SavedCostModel,
                       measurement_from_row)
-from .schema import KEY_FIELDS, MIGRATIONS, SCHEMA_VERSION, STATUSES, decode_trace, encode_trace
+from .schema import BEST_INDEX_SQL, KEY_FIELDS, MIGRATIONS, SCHEMA_VERSION, STATUSES, decode_trace, encode_trace
 
 log = logging.getLogger(__name__)
 
@@ -372,10 +372,7 @@ class TuningDatabase:
     def best_index_rows(self, workload_key: str | None = None) -> list[BestIndexRow]:
         """Best rows without the trace (traces are ~10 KB each and most readers never need them)."""
         conds, args = _filters(prefix="b.", workload_key=workload_key)
-        return [BestIndexRow(*r) for r in self.db.execute(
-            "SELECT b.workload_key, b.device_id, b.partition, b.ratio, b.interference, b.measurement_id, b.median_s,"
-            " b.n_trials, m.mod_hash, m.granted_units, b.updated_at"
-            f" FROM best b JOIN measurements m ON m.id = b.measurement_id {conds}", args).fetchall()]
+        return [BestIndexRow(*r[:-1]) for r in self.db.execute(f"{BEST_INDEX_SQL} {conds}", args).fetchall()]
 
     def workload_names(self) -> dict[str, str]:
         """Workload key -> name ('' when unnamed)."""

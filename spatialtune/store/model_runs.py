@@ -45,6 +45,16 @@ class ModelRun:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def costliest_task(self) -> dict[str, Any] | None:
+        """Of the tasks whose configs this run used (``detail["tasks"]``), the one whose weight x
+        kernel time is largest, with ``part``: its share of the sum."""
+        tasks = [t for t in self.detail.get("tasks", {}).values() if t.get("time_s")]
+        if not tasks:
+            return None
+        total = sum(t["weight"] * t["time_s"] for t in tasks)
+        top = max(tasks, key=lambda t: t["weight"] * t["time_s"])
+        return top | {"part": top["weight"] * top["time_s"] / total}
+
 
 _COLS = ("run", "model", "model_hash", "device_id", "partition", "ratio", "granted_units", "variant", "status",
          "error", "latency_s", "times", "rel_err", "tuned_tasks", "n_tasks", "trials", "detail", "created_at")

@@ -22,6 +22,13 @@ SCHEMA_VERSION = 4
 STATUSES = ("ok", "build_error", "wrong_result", "runtime_error", "timeout", "unchecked")
 KEY_FIELDS = ("workload_key", "device_id", "partition", "ratio", "interference")
 
+# The best config of every key without its trace (traces are ~10 KB each and most readers never
+# need them), as store.records.BestIndexRow, then the row's status: one query for the store's
+# readers and the lookup's, which reads with plain sqlite3.
+BEST_INDEX_SQL = ("SELECT b.workload_key, b.device_id, b.partition, b.ratio, b.interference, b.measurement_id,"
+                  " b.median_s, b.n_trials, m.mod_hash, m.granted_units, b.updated_at, m.status"
+                  " FROM best b JOIN measurements m ON m.id = b.measurement_id")
+
 
 def _migrate_to_1(db: sqlite_utils.Database) -> None:
     # Statement by statement: executescript() would commit the caller's transaction first, and with
