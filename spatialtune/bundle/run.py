@@ -161,7 +161,7 @@ def measure_vendor(runner, share, cond: Condition, man: dict, state: dict) -> li
     baseline hung or crashed (it would at every condition), so later conditions skip it."""
     from ..measure.runner import metered_call
     from ..measure.vendor import VENDOR_OPS
-    from ..neighbours import create_interference
+    from ..neighbours import create_neighbour
 
     if state.get("off"):
         return []
@@ -170,7 +170,7 @@ def measure_vendor(runner, share, cond: Condition, man: dict, state: dict) -> li
         return []
     out = []
     worker = runner.worker_for(share)
-    neighbour = create_interference(cond.interference, partition=runner.partition, device_kind=runner.device_kind)
+    neighbour = create_neighbour(cond.interference, partition=runner.partition, device_kind=runner.device_kind)
     with neighbour.running(share) as meter:
         for wk, w in wks:
             r = metered_call(worker, meter, max(45.0, 2 * runner.settings.timeout),  # the first call imports torch

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 
 from ..device import DeviceInfo
-from ..neighbours import Interference, create_interference
+from ..neighbours import Neighbour, create_neighbour
 from ..neighbours.base import NeighbourReading
 from ..partitions import Partition
 from ..terms import Share
@@ -133,7 +133,7 @@ class LocalRunner(Runner):
             w.start()
         return w
 
-    def run(self, share: Share, interference: str | Interference, inputs: Sequence[RunInput],
+    def run(self, share: Share, interference: str | Neighbour, inputs: Sequence[RunInput],
             on_result: ResultFn | None = None) -> list[MeasureResult]:
         if not inputs:
             return []
@@ -146,12 +146,12 @@ class LocalRunner(Runner):
         return out
 
     @contextlib.contextmanager
-    def hold(self, share: Share, interference: str | Interference) -> Iterator["Held"]:
+    def hold(self, share: Share, interference: str | Neighbour) -> Iterator["Held"]:
         """Hold ``share`` with its neighbour running, for measurements one at a time: what ``run``
         does for a batch, open for as long as the caller needs (a measuring server keeps it
         across requests). The worker is not started here: a failed start costs one measurement."""
         w = self.worker_for(share, start=False)
-        neighbour = create_interference(interference, partition=self.partition, device_kind=self.device_kind)
+        neighbour = create_neighbour(interference, partition=self.partition, device_kind=self.device_kind)
         with neighbour.running(share) as meter:
             yield Held(self, w, meter)
 

@@ -7,7 +7,7 @@ Conditions (part of every database key, see :mod:`spatialtune.terms`):
 - ``memory``: a streaming copy far larger than the last-level cache;
 - ``tenant:WORKLOAD``: the tuned kernel of another workload, in a loop (GPU).
 
-Each kind is a :class:`~spatialtune.neighbours.base.Interference`; ``create_interference`` picks
+Each kind is a :class:`~spatialtune.neighbours.base.Neighbour`; ``create_neighbour`` picks
 the implementation for the device kind.
 """
 
@@ -15,15 +15,15 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..terms import check_interference
-from .base import Interference, NoInterference
+from .base import Neighbour, NoNeighbour
 
 
-def create_interference(spec: str | Interference, *, partition=None, device_kind: str = "cpu") -> Interference:
-    if isinstance(spec, Interference):
+def create_neighbour(spec: str | Neighbour, *, partition=None, device_kind: str = "cpu") -> Neighbour:
+    if isinstance(spec, Neighbour):
         return spec
     check_interference(spec)
     if spec == "none":
-        return NoInterference()
+        return NoNeighbour()
     if device_kind == "cuda":
         from .gpu import GpuNeighbour
 
@@ -35,4 +35,4 @@ def create_interference(spec: str | Interference, *, partition=None, device_kind
     return CpuNeighbour(spec, partition)
 
 
-__all__ = ["Interference", "create_interference", "check_interference"]
+__all__ = ["Neighbour", "create_neighbour", "check_interference"]

@@ -67,7 +67,7 @@ class Meter:
             self._mm = None
 
 
-class Interference(ABC):
+class Neighbour(ABC):
     """Contract: ``running(share)`` starts the neighbour (returning only once it makes progress),
     yields a :class:`Meter`, and stops it on exit, also on errors. Reusable."""
 
@@ -77,7 +77,7 @@ class Interference(ABC):
     def running(self, share) -> contextlib.AbstractContextManager[Meter]: ...
 
 
-class NoInterference(Interference):
+class NoNeighbour(Neighbour):
     name = "none"
 
     @contextlib.contextmanager
@@ -85,7 +85,7 @@ class NoInterference(Interference):
         yield Meter()
 
 
-class ProcessNeighbour(Interference):
+class ProcessNeighbour(Neighbour):
     """A neighbour process: ``argv`` gets the progress file appended; it must update it."""
 
     start_timeout = 60.0
