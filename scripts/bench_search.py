@@ -132,8 +132,8 @@ def run_cell(w, ratio, prev_ratio, methods, budgets, walls, seed, sdir: Path, wo
     todo = list(methods)
     if not first:  # the same searches from an empty database: what the earlier shares' data is worth
         todo += [m for m in ("spatialtune-scratch", "tune_tir-scratch") if m.split("-")[0] in methods]
-    if quick and not first:  # the ablations have run once: enough for a smoke test
-        todo = [m for m in todo if m.removeprefix("spatialtune-") not in ABLATIONS]
+    if quick and not first:  # the ablations and the stock runner have run once: enough for a smoke test
+        todo = [m for m in todo if m.removeprefix("spatialtune-") not in ABLATIONS and m != "tune_tir-stock"]
     for m in todo:
         f = sdir / f"{tag}-{m}.json"
         if f.exists():
@@ -200,7 +200,7 @@ def main() -> int:
     if quick:  # two shares, so transfer and the warm-started tune_tir run too
         a.budgets, a.walls, a.workloads, a.ratios, a.seeds = "2,4", "5,10", ",".join(QUICK), "100,50", "0"
         if a.methods == DEFAULT_METHODS:  # and the ablations, so every method of the script runs
-            a.methods += "," + ",".join(f"spatialtune-{abl}" for abl in ABLATIONS)
+            a.methods += "," + ",".join([f"spatialtune-{abl}" for abl in ABLATIONS] + ["tune_tir-stock"])
         a.out = a.out if a.out != str(ROOT / "out" / "bench-search") else tempfile.mkdtemp(prefix="bench-search-")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("tvm").setLevel(logging.WARNING)
