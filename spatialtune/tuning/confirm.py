@@ -1,24 +1,36 @@
 """Confirming the winners of a key before they are handed out.
 
-On a shared machine a kernel timed during a quiet moment looks faster than it is (on the 2-core
-VM this project is developed on, the same kernel's time drifted by up to 40 % over seconds). The
-best stored config of a key is what a lookup hands out, so after a key's search the ``top``
-fastest kernels are measured again, ``rounds`` times interleaved, and each one's time becomes
-the median of all its repeats (``TuningDatabase.add_times``): a lucky measurement no longer
-decides the winner alone. A short search confirms fewer: at most a third of the key's kernels
-(at least 2), so confirming never costs more measurements than the search made (``--trials 6``
-confirmed 4 kernels twice, 8 measurements after 6).
+On a shared machine a kernel timed during a quiet moment looks faster than it is (the same
+kernel's time drifts by tens of percent over seconds on a busy host). The best stored config of
+a key is what a lookup hands out, so after a key's search the ``top`` fastest kernels are
+measured again, ``rounds`` times interleaved, and each one's time becomes the median of all its
+repeats (``TuningDatabase.add_times``): a lucky measurement no longer decides the winner alone.
+A short search confirms fewer: at most a third of the key's kernels (at least 2), so confirming
+never costs more measurements than the search made.
+
+The repeats of a confirmation are appended after the kernel's first measurement, so what the
+search saw when it measured the kernel stays readable (:func:`first_measurement_s`): a
+benchmark that asks what a search held best after B trials must not use times taken after B.
 """
 
 from __future__ import annotations
 
 import logging
 
+import numpy as np
+
 from ..measure.builder import BuildInput
 from ..measure.runner import RunInput
 from ..search.space import candidate_from_trace
 
 log = logging.getLogger(__name__)
+
+
+def first_measurement_s(m, repeat: int) -> float | None:
+    """The median of ``m``'s first measurement: its first ``repeat`` times (the run settings'
+    ``repeat`` it was measured with), before any confirmation's; None without times."""
+    first = m.times[:max(1, int(repeat))]
+    return float(np.median(first)) if first else None
 
 
 def confirm_best(db, builder, runner, workload, share, key: dict, target: dict, *, top: int = 4,
