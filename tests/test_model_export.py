@@ -33,7 +33,7 @@ def exported(tmp_path_factory):
     with TuningDatabase(d / "db.sqlite") as db:
         tune(tasks, [50, 100], db, TuneOptions(trials=2 * len(tasks), scheduler="gradient", baselines=False, **QUICK))
         measure_model(model, [50, 100], db, shapes={"x": (4, 16)},
-                      options=ModelOptions(repeat=2, min_repeat_ms=5, warmup_ms=5))
+                      options=ModelOptions(rounds=2, min_repeat_ms=5, warmup_ms=5))
     p = run_cli("model", "export", model, "--shape", "x=4,16", "--ratios", "25,50,100", "--out", d / "out", "--db",
                 d / "db.sqlite", check=True)
     assert "manifest.json" in p.stdout
