@@ -59,9 +59,9 @@ def load_compiled(name: str, library: str, inputs: list[np.ndarray], settings: d
 
 def _session(model_path: str, profile_prefix: str | None = None):
     """An ONNX Runtime session (CPU execution provider) on this worker's share: as many intra-op
-    threads as the share has cores, no inter-op parallelism. Its pool threads are started with the
-    share's whole core set (this thread is bound to one core of it, and new threads inherit the mask
-    of the thread that starts them); returns (session, how many cores those threads may run on).
+    threads as the share has cores, no inter-op parallelism, each pool thread pinned to a core of the
+    share that the calling thread (bound to one core of it, and the pool's first thread) is not on;
+    returns (session, how many cores those threads may run on).
 
     Its pool threads do not spin waiting for work: interleaved with TVM's variants in this process,
     spinning threads kept the share's cores busy during the next variant's slot and made TVM's pool,
@@ -78,6 +78,13 @@ def _session(model_path: str, profile_prefix: str | None = None):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Setting intra_op_num_threads turns off ONNX Runtime's own pinning: pin its pool threads (the
+    # calling thread is the pool's first) one per core of the share, as TVM's pool is, on the cores
+    # this thread is not bound to. ONNX Runtime numbers processors from 1.
+    others = [c for c in share if c not in os.sched_getaffinity(0)]
+    if len(share) > 1 and len(others) >= len(share) - 1:
+        so.add_session_config_entry("session.intra_op_thread_affinities",
+                                    ";".join(str(c + 1) for c in others[: len(share) - 1]))
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
@@ -88,7 +95,7 @@ def _session(model_path: str, profile_prefix: str | None = None):
         sess = ort.InferenceSession(model_path, so, providers=["CPUExecutionProvider"])
     finally:
         os.sched_setaffinity(0, mine)
-    allowed: set[int] = set()
+    allowed: set[int] = set(mine) & set(share)  # the calling thread runs the pool's first share of work
     for tid in set(os.listdir("/proc/self/task")) - before:
         try:
             allowed |= os.sched_getaffinity(int(tid))
