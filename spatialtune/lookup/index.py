@@ -176,9 +176,34 @@ class LookupIndex:
                         f"(tuned under: {', '.join(parts)})", wkey)
         if units is not None and ratio is None and self.devices.get(device):
             ratio = norm_ratio(min(WHOLE, 100.0 * units / self.devices[device]))
+        picks, why_not = self._picks(self.groups[wkey], device, partition, interference, ratio, units)
+        if not picks:
+            return miss(f"{wkey} on {device}: {'; '.join(why_not)}", wkey)
+        _, cond, e, match, why = min(picks, key=lambda p: p[0])  # stable: the requested condition first
+        if cond != interference:
+            skipped = [w for w in why_not if f"{interference!r}" in w]
+            why = f"{'; '.join(skipped)}, using 'none': {why}"
+        if other:
+            why += f"; a config of device {self._named(device)}, not of this machine"
+        if not e.checked:
+            why += "; an imported config never output-checked here"
+        vendor, vendor_s = self.vendor.get(wkey, {}).get((device, partition, e.ratio, e.interference), (None, None))
+        prefer = None
+        if vendor_s is not None and vendor_s < e.median_s:
+            prefer = "vendor"
+            why += f"; {vendor} measured faster there ({vendor_s * 1e6:.4g} us vs {e.median_s * 1e6:.4g} us)"
+        return LookupResult(asked, wkey, ratio, interference, match, why, e.device_id, e.partition,
+                            e.interference, e.ratio, e.granted_units, e.median_s, e.mod_hash, e.measurement_id,
+                            e.n_trials, e.updated_at, units, other, e.checked, prefer, vendor, vendor_s)
+
+    def _picks(self, group: dict, device: str, partition: str, interference: str, ratio: float | None,
+               units: int | None) -> tuple[list[tuple], list[str]]:
+        """The share rule's pick under the requested condition and under ``none`` ((above?,
+        condition, entry, match, why) each), and why a condition gave nothing at or below the share.
+        A share at or below the granted one under ``none`` comes before one above under the
+        neighbour's: an oversubscribed core set costs more than a neighbour the kernel was not
+        tuned next to."""
         conds = [interference] if interference == "none" else [interference, "none"]
-        # A share at or below the granted one under the quiet condition before one above under the
-        # neighbour's: an oversubscribed core set costs more than a neighbour the kernel was not tuned for.
         picks, why_not = [], []
         for cond in conds:
             hit = group.get((device, partition, cond))
@@ -198,22 +223,4 @@ class LookupIndex:
             picks.append((match == "above", cond, es[i], match, why))
             if match == "above":
                 why_not.append(f"under {cond!r} no share at or below {fmt(x)}")
-        if picks:
-            _, cond, e, match, why = min(picks, key=lambda p: p[0])  # stable: the requested condition first
-            if cond != interference:
-                skipped = [w for w in why_not if f"{interference!r}" in w]
-                why = f"{'; '.join(skipped)}, using 'none': {why}"
-            if other:
-                why += f"; a config of device {self._named(device)}, not of this machine"
-            if not e.checked:
-                why += "; an imported config never output-checked here"
-            vendor, vendor_s = self.vendor.get(wkey, {}).get((device, partition, e.ratio, e.interference),
-                                                             (None, None))
-            prefer = None
-            if vendor_s is not None and vendor_s < e.median_s:
-                prefer = "vendor"
-                why += f"; {vendor} measured faster there ({vendor_s * 1e6:.4g} us vs {e.median_s * 1e6:.4g} us)"
-            return LookupResult(asked, wkey, ratio, interference, match, why, e.device_id, e.partition,
-                                e.interference, e.ratio, e.granted_units, e.median_s, e.mod_hash, e.measurement_id,
-                                e.n_trials, e.updated_at, units, other, e.checked, prefer, vendor, vendor_s)
-        return miss(f"{wkey} on {device}: {'; '.join(why_not)}", wkey)
+        return picks, why_not
