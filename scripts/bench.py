@@ -3,12 +3,11 @@ trial's time goes (search vs build vs run). Ratios of one run; no numbers are as
 import argparse
 import logging
 import os
-import platform
 import tempfile
 import time
 
 from spatialtune.store.database import TuningDatabase
-from spatialtune.device import cpu_model
+from spatialtune.device import describe_machine
 from spatialtune.measure.runner import RunSettings
 from spatialtune.workloads.spec import load_space
 from spatialtune.tuning import TuneOptions, tune
@@ -35,8 +34,7 @@ with tempfile.TemporaryDirectory() as d, TuningDatabase(os.path.join(d, "bench.s
 t = s.timings
 n_built, n_meas = t["built"], t["measured"]
 trials = sum(r.new_trials for r in s.results)
-print(f"machine: {cpu_model()} ({len(os.sched_getaffinity(0))} cores usable), {platform.system()} "
-      f"{platform.release()}, Python {platform.python_version()}")
+print(f"machine: {describe_machine()}")
 print(f"job: {len(wls)} workloads x {len(ratios)} shares x {a.trials} trials = {trials} trials in {wall:.1f} s "
       f"(one-off setup incl. TVM tensor-intrinsic import: {t['setup']:.1f} s)")
 print(f"candidates built per second:    {n_built / t['build']:.2f}  ({t['build']:.1f} s for {n_built}, "

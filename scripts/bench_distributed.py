@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -27,9 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from spatialtune.device import cpu_model, target_for  # noqa: E402
+from spatialtune.device import describe_machine, target_for  # noqa: E402
 from spatialtune.distributed.runner import RpcRunner  # noqa: E402
 from spatialtune.distributed.tracker import servers_under, tracker_summary  # noqa: E402
 from spatialtune.measure.builder import BuildInput, LocalBuilder  # noqa: E402
@@ -137,8 +135,7 @@ def main() -> int:
     n_cands = args.candidates or (6 if args.quick else 48)
     settings = RunSettings(repeat=3, min_repeat_ms=5, warmup_ms=10) if args.quick else RunSettings()
     workload = load_space(ROOT / "search_spaces" / "demo.toml").select([args.workload])[0]
-    print(f"machine: {cpu_model()}, {len(cores)} cores usable ({platform.machine()}, {platform.system()} "
-          f"{platform.release().split('-')[0]}), Python {platform.python_version()}")
+    print(f"machine: {describe_machine()}")
     print(f"workload: {workload.name} ({workload.key}); measurements: repeat {settings.repeat}, "
           f"min_repeat_ms {settings.min_repeat_ms}, warmup_ms {settings.warmup_ms}")
     tmp = Path(tempfile.mkdtemp(prefix="spatialtune-bench-distributed-"))

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def pct(xs_ns: list[int], q: float) -> float:
@@ -149,7 +148,7 @@ def main() -> int:
     if a.quick or os.environ.get("SPATIALTUNE_QUICK"):
         a.workloads, a.ratios, a.n, a.ms_n, a.cold_runs = 4, 5, 2000, 200, 2
 
-    from spatialtune.device import cpu_model, usable_cores
+    from spatialtune.device import describe_machine
 
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="bench-lookup-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -157,7 +156,7 @@ def main() -> int:
     if path.exists():
         for p in work.glob("bench.sqlite*"):
             p.unlink()
-    print(f"machine: {cpu_model()}, {len(usable_cores())} cores usable, Python {sys.version.split()[0]}")
+    print(f"machine: {describe_machine()}")
     t0 = time.perf_counter()
     ws, dev = build_db(path, a.workloads, a.ratios)
     from spatialtune.store.database import TuningDatabase

@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from onnx import TensorProto, helper, numpy_helper, save  # noqa: E402
 
-from spatialtune.device import cpu_model, detect_cpu, tvm_version  # noqa: E402
+from spatialtune.device import describe_machine  # noqa: E402
 from spatialtune.measure.runner import RunSettings  # noqa: E402
 from spatialtune.models.e2e import ModelOptions, measure_model  # noqa: E402
 from spatialtune.models.importer import space_from_onnx  # noqa: E402
@@ -161,9 +160,7 @@ def main() -> int:
     ratios = [float(r) for r in (a.ratios or ("100" if a.quick else "100,50")).split(",")]
     import onnxruntime
 
-    dev = detect_cpu()
-    where = (f"{cpu_model()}, {dev.units} cores (LLVM cpu {dev.arch}); TVM {tvm_version()}, "
-             f"ONNX Runtime {onnxruntime.__version__}")
+    where = f"{describe_machine()}, ONNX Runtime {onnxruntime.__version__}"
     print(f"machine: {where}; {'quick' if a.quick else 'full'} mode; database {db_path}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     results = []

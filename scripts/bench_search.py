@@ -25,7 +25,6 @@ import atexit
 import json
 import logging
 import os
-import platform
 import shutil
 import signal
 import sys
@@ -34,14 +33,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_search_methods import (ABLATIONS, measure_onnxruntime, onnx_model, run_spatialtune,  # noqa: E402
                                   run_tune_tir, run_uniform)
 from bench_search_stats import (FAMILIES, best_after, best_by_wall, common_bar, job_cost,  # noqa: E402
                                 med, reach, spread, trials_to_95, vs_vendor)
-from spatialtune.device import cpu_model, detect_cpu, target_for  # noqa: E402
+from spatialtune.device import describe_machine, detect_cpu, target_for  # noqa: E402
 from spatialtune.measure.builder import BuildInput, LocalBuilder  # noqa: E402
 from spatialtune.measure.runner import LocalRunner, RunInput, RunSettings  # noqa: E402
 from spatialtune.partitions.cpu import CpuPartition  # noqa: E402
@@ -231,8 +228,7 @@ def main() -> int:
 
 
 def machine() -> str:
-    return (f"{cpu_model()} ({len(os.sched_getaffinity(0))} cores), {platform.system()} "
-            f"{platform.release().split('-')[0]}, LLVM CPU {detect_cpu().arch}")
+    return describe_machine()
 
 
 # ---------------------------------------------------------------- tables

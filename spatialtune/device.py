@@ -198,3 +198,10 @@ def cuda_sm_count(index: int = 0) -> int:
 
 def _s(x) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def describe_machine() -> str:
+    """One line naming this machine for a benchmark's output: CPU model, cores this process may
+    use, LLVM's name for the CPU, OS, Python and TVM."""
+    return (f"{cpu_model()}, {len(usable_cores())} cores usable (LLVM cpu {host_llvm_cpu()}), {platform.system()} "
+            f"{platform.release().split('-')[0]}, Python {platform.python_version()}, TVM {tvm_version() or '?'}")
