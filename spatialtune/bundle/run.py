@@ -39,7 +39,7 @@ def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], *, repeat
     measured; without ``top``, every candidate under every condition.
 
     ``vendor`` (CUDA only): after each condition's candidates, the same worker measures torch's
-    matmul (cuBLAS, fp32 without TF32) for every matmul/dense/batch_matmul workload, under the same
+    matmul (cuBLAS: fp32 without TF32, or fp16 with fp32 accumulation) for every matmul/dense/batch_matmul workload, under the same
     share and neighbour (:func:`measure_vendor`), into ``results["baselines"]``. Optional: a GPU
     host without torch gives one log line and no baseline rows.
     """

@@ -79,6 +79,25 @@ def compile_cubin_for(lib, out_path: str, target: dict | None = None) -> str:
     return out_path
 
 
+def compile_ptx(code: str, arch: str = "sm_90") -> str:
+    """The PTX of CUDA source for ``arch``: what a check reads to see which instructions (tensor-core
+    MMAs, see :mod:`.tensorcore`) a kernel's cubin is built from. nvcc where it exists, else NVRTC."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return _nvrtc(code, None, arch)
+    with tempfile.TemporaryDirectory(prefix="spatialtune-ptx-") as d:
+        src, out = os.path.join(d, "kernel.cu"), os.path.join(d, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(code)
+        r = subprocess.run([nvcc, "-ptx", f"-arch={arch}", "-O3", "-o", out, src], capture_output=True, text=True,
+                           timeout=NVCC_TIMEOUT_S)
+        if r.returncode != 0:
+            err = (r.stderr or r.stdout).strip().splitlines()
+            raise DeviceError(f"nvcc -ptx failed: {err[-1] if err else r.returncode}")
+        with open(out) as f:
+            return f.read()
+
+
 def _nvcc(nvcc: str, code: str, out_path: str, arch: str) -> str:
     with tempfile.TemporaryDirectory(prefix="spatialtune-nvcc-") as d:
         src = os.path.join(d, "kernel.cu")
@@ -98,7 +117,9 @@ def _nvcc(nvcc: str, code: str, out_path: str, arch: str) -> str:
         return "nvcc " + (ver.splitlines()[-1] if ver else "")
 
 
-def _nvrtc(code: str, out_path: str, arch: str) -> str:
+def _nvrtc(code: str, out_path: str | None, arch: str) -> str:
+    """Compile with NVRTC: the cubin to ``out_path`` (returns the compiler's name), or with
+    ``out_path`` None the PTX (returned)."""
     try:
         from cuda.bindings import nvrtc
     except ImportError:
@@ -121,6 +142,11 @@ def _nvrtc(code: str, out_path: str, arch: str) -> str:
         nvrtc.nvrtcGetProgramLog(prog, buf)
         lines = buf.decode(errors="replace").strip().splitlines()
         raise DeviceError(f"NVRTC compile failed: {lines[-1] if lines else r[0].name}")
+    if out_path is None:
+        size = ck(nvrtc.nvrtcGetPTXSize(prog))
+        buf = b" " * size
+        ck((nvrtc.nvrtcGetPTX(prog, buf)[0], None))
+        return buf.rstrip(b"\0").decode()
     size = ck(nvrtc.nvrtcGetCUBINSize(prog))
     buf = b" " * size
     ck((nvrtc.nvrtcGetCUBIN(prog, buf)[0], None))

@@ -95,13 +95,20 @@ def build_one(mod_json: str, target: dict, out_dir: str, name: str, fast_math: b
     import tvm
 
     t0 = time.perf_counter()
+    from ..cuda.tensorcore import build_pass_config
+
     mod = tvm.ir.load_json(mod_json)
     if fast_math and target.get("kind") == "llvm":
         from ..workloads.fastmath import rewrite
 
         mod = rewrite(mod)[0]
     tgt = tvm.target.Target(target)
-    lib = tvm.compile(mod, target=tgt)
+    config = build_pass_config(mod_json, target)
+    if config:  # a tensor-core kernel builds only without StorageRewrite (see cuda.tensorcore)
+        with tvm.transform.PassContext(opt_level=tvm.transform.PassContext.current().opt_level, config=config):
+            lib = tvm.compile(mod, target=tgt)
+    else:
+        lib = tvm.compile(mod, target=tgt)
     os.makedirs(out_dir, exist_ok=True)
     so = os.path.join(out_dir, f"{name}.so")
     cubin = None

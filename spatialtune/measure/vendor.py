@@ -86,7 +86,9 @@ def measure_torch(workload: dict, settings: RunSettings, seed: int) -> dict:
     connection) or the green context applies: the green context is current for the CUDA runtime
     that torch calls through (the ``cudaSetDevice`` shim keeps it current, the way torch's own
     ``GreenContext.set_context`` does with ``cuCtxSetCurrent``), and it is checked to be still
-    current after the baseline ran. fp32 with TF32 disabled. The output is checked against the
+    current after the baseline ran. fp32 with TF32 disabled; fp16 with fp32 accumulation
+    (``allow_fp16_reduced_precision_reduction`` off), its fp16 result widened into the fp32 output
+    the workload writes, the copy timed too. The output is checked against the
     float64 numpy reference like a kernel's, then timed with CUDA events: warm-up, then the median
     of ``settings.repeat`` repeats of at least ``settings.min_repeat_ms`` each.
 
@@ -113,9 +115,12 @@ def measure_torch(workload: dict, settings: RunSettings, seed: int) -> dict:
     t0 = time.perf_counter()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    # fp16: cuBLAS's fp16 GEMM accumulating in fp32, as the fp16 workloads do (no fp16 reduction)
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     if torch.backends.cuda.matmul.allow_tf32:
         return {"status": "runtime_error", "error": "torch did not turn TF32 off"}
-    impl = f"torch {torch.__version__} (CUDA {torch.version.cuda}) matmul, cuBLAS, fp32 without TF32"
+    impl = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) matmul, cuBLAS, "
+            + ("fp16 in, fp32 accumulation, fp32 out" if w.dtype == "fp16" else "fp32 without TF32"))
     op, p = w.operator, w.params
     rng = np.random.default_rng(seed)
     xs = op.random_inputs(p, w.dtype, rng)
@@ -128,13 +133,18 @@ def measure_torch(workload: dict, settings: RunSettings, seed: int) -> dict:
         elif w.op == "batch_matmul" and p.get("transpose_b"):
             b = b.transpose(1, 2)
         out_dt = torch.from_numpy(np.zeros(0, op.out_dtype(w.dtype))).dtype
-        if out_dt != a.dtype:
+        out = torch.full(tuple(op.output_shape(p)), float("nan"), dtype=out_dt, device=dev)
+        if out_dt == a.dtype:
+            def fn():
+                torch.matmul(a, b, out=out)
+        elif a.dtype == torch.float16 and out_dt == torch.float32:
+            # fp16 in, fp32 out: cuBLAS's fp16 GEMM (fp32 accumulation, fp16 result) then the
+            # widening copy, both timed, as a framework's mixed-precision layer does it
+            def fn():
+                out.copy_(torch.matmul(a, b))
+        else:
             return {"status": "unsupported", "impl": impl,
                     "error": f"{w.dtype} in, {op.out_dtype(w.dtype)} out: torch's matmul has no such cuBLAS call"}
-        out = torch.full(tuple(op.output_shape(p)), float("nan"), dtype=out_dt, device=dev)
-
-        def fn():
-            torch.matmul(a, b, out=out)
 
         fn()
         torch.cuda.synchronize()

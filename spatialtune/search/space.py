@@ -18,6 +18,7 @@ import numpy as np
 
 from ..workloads.schedule import apply_trace, ensure_tensor_intrinsics, mod_hash, trace_to_json
 from .cost_model import pool_features
+from .tensorcore import tensor_core_generator, uses_tensor_cores
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +113,15 @@ class DesignSpace:
 
 
 def space_generator(mod, target, pack_panels: bool = True):
-    """MetaSchedule's post-order-apply generator with the target's own rules, and on a CPU target
-    :class:`~spatialtune.search.rules.PackPanels` after them (``pack_panels``)."""
+    """MetaSchedule's post-order-apply generator with the target's own rules; for an fp16
+    workload on a CUDA target of sm_80 or newer the tensor-core space of
+    :mod:`~spatialtune.search.tensorcore` (both kinds of MMA kernel, which MetaSchedule's own
+    rule list does not offer); on a CPU target :class:`~spatialtune.search.rules.PackPanels`
+    after the target's rules (``pack_panels``)."""
     from tvm.s_tir import meta_schedule as ms
 
+    if uses_tensor_cores(mod, target):
+        return tensor_core_generator(mod, target)
     if target.kind.name != "llvm" or not pack_panels:
         return "post-order-apply"
     from .rules import PackPanels
