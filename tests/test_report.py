@@ -109,7 +109,7 @@ def test_cells_say_where_their_winner_came_from_and_where_the_vendor_wins(cells_
     cells = {(c.ratio, c.condition): c for c in d.tenancy.cells}
     assert set(cells) == {(100, "none"), (100, "memory"), (50, "none"), (50, "memory")}
     assert {k: c.origin for k, c in cells.items()} == {
-        (100, "none"): "own search", (100, "memory"): "from neighbour none", (50, "none"): "from 100%",
+        (100, "none"): "own search", (100, "memory"): "from quiet", (50, "none"): "from 100%",
         (50, "memory"): "own search"}
     # the unchecked u1 (1.0 ms) is faster than h2 (2.0 ms) at 50 %, and still not the best
     assert cells[(50, "none")].best_hash == "h2" and cells[(50, "none")].best_s == 2.0e-3
@@ -126,7 +126,7 @@ def test_cells_say_where_their_winner_came_from_and_where_the_vendor_wins(cells_
     with TuningDatabase(cells_db) as db:
         md = write_report(db, tmp_path / "out")[0].read_text()
     lead = md[:md.index("## Devices")]
-    assert "from neighbour none" in lead and "the vendor library is faster than the tuned best in 1" in lead
+    assert "from quiet" in lead and "the vendor library is faster than the tuned best in 1" in lead
     assert lead.count("vendor faster") >= 2 and "2 unchecked, 1 faster (not used)" in lead
     assert "3 unchecked rows" in lead and "cpu 25% none" in lead and "Test CPU (cpu, 8 cores)" in lead
 

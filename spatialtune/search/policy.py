@@ -183,11 +183,12 @@ class Origin:
         k = self.found_at
         if self.kind == "own":
             return "own search" if self.source in ("tune", "") else f"own ({self.source})"
+        where = "quiet" if k.interference == "none" else f"next to {k.interference}"
         if self.kind == "share":
             return f"from {k.ratio:g}%"
         if self.kind == "neighbour":
-            return f"from neighbour {k.interference}"
-        return f"from {k.ratio:g}% with neighbour {k.interference}"
+            return f"from {where}"
+        return f"from {k.ratio:g}% {where}"
 
 
 def winner_origins(rows: Sequence) -> dict[KeyId, Origin]:
