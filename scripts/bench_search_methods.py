@@ -16,6 +16,7 @@ import calendar
 import json
 import os
 import signal
+import logging
 import subprocess
 import sys
 import time
@@ -31,6 +32,8 @@ from spatialtune.tuning.confirm import first_measurement_s
 ABLATIONS = {"nolocal": {"local": 0.0}, "nopack": {"pack_panels": False}, "notile": {"tile_seeds": 0}}
 # measurements tune makes after a key's search (the winners matrix, imported configs): not trials
 NOT_TRIALS = ("matrix", "import")
+
+log = logging.getLogger("bench-search")
 
 
 def _epoch(created_at: str) -> float:
@@ -280,7 +283,10 @@ def measure_onnxruntime(runner: LocalRunner, share, w, model: Path, seed: int) -
             r = held.worker.call("spatialtune.models.in_worker:run_onnxruntime", str(model), dict(zip("AB", xs)),
                                  {"repeat": s.repeat, "min_repeat_ms": s.min_repeat_ms, "warmup_ms": s.warmup_ms},
                                  timeout=s.timeout * 4)
-        except WorkerError:
+        except WorkerError as e:
+            log.warning("%s: ONNX Runtime anchor failed: %s", w.key, e)
             return None
     _, wrong = check_output(r["outputs"][0], op.reference(p, xs), w.dtype)
+    if wrong:
+        log.warning("%s: ONNX Runtime anchor gave a wrong result: %s", w.key, wrong)
     return None if wrong else float(r["median_s"])

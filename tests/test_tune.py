@@ -190,7 +190,9 @@ def test_kill_9_then_rerun_resumes_without_repeating(tmp_path):
         assert db.integrity_check() == "ok"
         keys = [(m.ratio, m.mod_hash) for m in ms]
         assert len(keys) == len(set(keys)), "a trial was measured twice"
-        assert {r: sum(1 for m in ms if m.ratio == r) for r in (50.0, 100.0)} == {50.0: 12, 100.0: 12}
+        # the budget (beyond it, the winners matrix measures each share's winners at the other)
+        assert {r: sum(1 for m in ms if m.ratio == r and m.source != "matrix")
+                for r in (50.0, 100.0)} == {50.0: 12, 100.0: 12}
         # what was measured before the kill is kept as it was (a confirmation of the winners may
         # add repeats after the first ones, never replace them)
         for m in ms:
@@ -199,7 +201,7 @@ def test_kill_9_then_rerun_resumes_without_repeating(tmp_path):
                 assert (m.status, m.times[:len(times)], m.created_at) == (status, times, created)
         for b in db.best():
             oks = [m for m in ms if m.ratio == b.ratio and m.status == "ok"]
-            assert b.median_s == min(m.median_s for m in oks) and b.n_trials == 12
+            assert b.median_s == min(m.median_s for m in oks) and b.n_trials == sum(m.ratio == b.ratio for m in ms)
     assert "bmm_small" in p.stdout and "regret" in p.stdout
 
 

@@ -133,6 +133,19 @@ def unload(name: str) -> None:
     _loaded.pop(name, None)
 
 
+def run_onnxruntime(model_path: str, feeds: dict[str, np.ndarray], settings: dict) -> dict:
+    """ONNX Runtime alone on this share (a vendor anchor beside one kernel, not a model's
+    variants): loaded and warmed up as :func:`load_onnxruntime`, then ``repeat`` slots; its outputs,
+    the slots' times and their median."""
+    name = "onnxruntime-anchor"
+    try:
+        out = load_onnxruntime(name, model_path, feeds, settings)
+        times = [time_slot(name, settings)["time_s"] for _ in range(max(1, settings.get("repeat", 5)))]
+    finally:
+        unload(name)
+    return out | {"times": times, "median_s": float(np.median(times))}
+
+
 def profile_onnxruntime(model_path: str, feeds: dict[str, np.ndarray], settings: dict, prefix: str) -> dict:
     """ONNX Runtime's own profile of the model on this share: a session like the timed one with
     ``enable_profiling``, warmed up (those runs are dropped), then ``rounds`` x at least

@@ -151,6 +151,10 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
                     workload_key=res.workload_key, device_id=device.id, partition=partition.kind))
             o = origins[res.workload_key].get(KeyId(partition.kind, res.ratio, opt.interference))
             res.origin = o.label() if o else ""
+            # the winners matrix ran after the share's result was taken: its best may be newer
+            best = db.best(workload_key=res.workload_key, device_id=device.id, partition=partition.kind,
+                           ratio=res.ratio, interference=opt.interference)
+            res.best_s = best[0].median_s if best else res.best_s
     return TuneSummary(device=device, partition=partition.kind, interference=opt.interference, results=results,
                        elapsed_s=time.perf_counter() - t_start, timings=dict(stage.t) | stage.counts,
                        stopped_early=stopped, matrix_gaps=list(stage.gaps))
