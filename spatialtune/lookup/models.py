@@ -28,12 +28,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError
+from ..store.exports import FORMAT, MANIFEST, VERSION
 from .model_latency import LatencyAnswer, smallest_share
 from .rules import nearest_share
 
-FORMAT = "spatialtune-model-export"
-VERSION = 1
-MANIFEST = "manifest.json"
 _WHY = {"exact": "compiled for exactly this share",
         "below": "the largest share compiled under it (its threads each get a core)",
         "above": "no share compiled at or under it: the smallest over it (oversubscribes its cores)"}

@@ -29,14 +29,12 @@ from ..device import detect_cpu, target_for
 from ..errors import ConfigError
 from ..partitions import create_partition
 from ..store.database import TuningDatabase
+from ..store.exports import FORMAT, MANIFEST, VERSION
 from ..store.model_runs import model_runs
 from ..terms import check_interference, check_ratio, norm_ratio
 from .e2e import compile_model, records_for
 from .importer import extract_workloads, load_onnx
 
-FORMAT = "spatialtune-model-export"
-VERSION = 1
-MANIFEST = "manifest.json"
 
 
 def export_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase, out: str | Path, *,
