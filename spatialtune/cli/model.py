@@ -66,12 +66,14 @@ def format_model(res) -> str:
            f"({dev.units} {dev.unit}s, {dev.id})  partition: {res.partition}"]
     for r in res.ratios:
         rows = [x for x in res.rows if x.ratio == r]
-        ort = next((x for x in rows if x.variant == "onnxruntime" and x.latency_s), None)
+        ort = next((x for x in rows if x.variant == "onnxruntime" and x.vendor_s), None)
         table = []
         for x in rows:
-            vs = f"{x.latency_s / ort.latency_s:.2f}x" if ort and x.latency_s else "-"
+            vs = f"{x.latency_s / ort.vendor_s:.2f}x" if ort and x.latency_s else "-"
             tuned = "-" if x.tuned_tasks is None else f"{x.tuned_tasks}/{x.n_tasks}"
-            table.append([x.variant, fmt_time(x.latency_s), vs, "-" if x.rel_err is None else f"{x.rel_err:.1e}",
+            spin = (x.detail or {}).get("spinning_s") if x.variant == "onnxruntime" else None
+            table.append([x.variant + (f" (alone, threads spinning: {fmt_time(spin)})" if spin else ""),
+                          fmt_time(x.latency_s), vs, "-" if x.rel_err is None else f"{x.rel_err:.1e}",
                           tuned, "-" if x.trials is None else str(x.trials),
                           _status(x)])
         units = rows[0].granted_units if rows else "?"

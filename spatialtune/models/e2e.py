@@ -253,12 +253,20 @@ def measure_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase,
                 res = _interleave(w, opt, loads, say)
                 prof = _call(w, opt, f"{_W}:profile_onnxruntime", model.path, feeds, opt.settings(),
                              os.path.join(tmp, f"ort-{share.units}")) if opt.profile else None
+            # ONNX Runtime as users run it: threads spinning between runs, in a process of its own
+            # holding the same share, after the rounds (spinning threads in the rounds would slow
+            # the variants timed after them, and TVM's pool would share the cores with it)
+            with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"),
+                        env=env, name=f"ort-{share.units}core") as w:
+                spin = _call(w, opt, f"{_W}:run_onnxruntime", model.path, feeds,
+                             opt.settings() | {"spinning": True, "repeat": opt.rounds})
             ort = res["onnxruntime"]
             ref = ort.get("outputs")
             rows = {"onnxruntime": ModelRun(**base, variant="onnxruntime", status=ort["status"],
                                             error=ort.get("error", ""), latency_s=ort.get("median_s"),
                                             times=ort["times"], detail={"version": ort.get("version"),
-                                                                        "cores": ort.get("cores"), "spinning": False})}
+                                                                        "cores": ort.get("cores"), "spinning": False,
+                                                                        "spinning_s": spin.get("median_s")})}
             for v, (_, facts) in plan.items():
                 src = res[same_as[v]]
                 row = ModelRun(**base, variant=v, status=src["status"], error=src.get("error", ""),

@@ -57,7 +57,7 @@ def load_compiled(name: str, library: str, inputs: list[np.ndarray], settings: d
     return {"outputs": outputs, "cores": len(os.sched_getaffinity(0))}
 
 
-def _session(model_path: str, profile_prefix: str | None = None):
+def _session(model_path: str, profile_prefix: str | None = None, spinning: bool = False):
     """An ONNX Runtime session (CPU execution provider) on this worker's share: as many intra-op
     threads as the share has cores, no inter-op parallelism, each pool thread pinned to a core of the
     share that the calling thread (bound to one core of it, and the pool's first thread) is not on;
@@ -66,7 +66,8 @@ def _session(model_path: str, profile_prefix: str | None = None):
     Its pool threads do not spin waiting for work: interleaved with TVM's variants in this process,
     spinning threads kept the share's cores busy during the next variant's slot and made TVM's pool,
     one thread per core, many times slower. Waking blocked threads costs ONNX Runtime a little on
-    each parallel section, the price of timing every variant on the same quiet cores."""
+    each parallel section, the price of timing every variant on the same quiet cores; ``spinning``
+    gives ONNX Runtime's own default, timed on its own after the interleaved rounds."""
     import onnxruntime as ort
 
     from ..measure.in_worker import share_cores
@@ -77,7 +78,7 @@ def _session(model_path: str, profile_prefix: str | None = None):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     # Setting intra_op_num_threads turns off ONNX Runtime's own pinning: pin its pool threads (the
     # calling thread is the pool's first) one per core of the share, as TVM's pool is, on the cores
     # this thread is not bound to. ONNX Runtime numbers processors from 1.
@@ -109,7 +110,7 @@ def load_onnxruntime(name: str, model_path: str, feeds: dict[str, np.ndarray], s
     the cores its threads may use, its version; then its warm-up."""
     import onnxruntime as ort
 
-    sess, cores = _session(model_path)
+    sess, cores = _session(model_path, spinning=bool(settings.get("spinning")))
     outputs = [np.asarray(o) for o in sess.run(None, feeds)]
     _loaded[name] = lambda: sess.run(None, feeds)
     _warm(_loaded[name], settings)

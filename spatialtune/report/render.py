@@ -165,8 +165,8 @@ def _model_blocks(d: ReportData) -> list[tuple]:
     rows, how = [], []
     for (model, dev, part, ratio), v in sorted(groups.items(), key=lambda kv: (kv[0][:3], -kv[0][3])):
         st, ort = v.get("share-tuned"), v.get("onnxruntime")
-        lat = lambda k: _us(v[k].latency_s) if k in v and v[k].latency_s else "–"  # noqa: E731
-        vs = f"{st.latency_s / ort.latency_s:.2f}x" if st and ort and st.latency_s and ort.latency_s else "–"
+        lat = lambda k: _us(v[k].vendor_s) if k in v and v[k].vendor_s else "–"  # noqa: E731
+        vs = f"{st.latency_s / ort.vendor_s:.2f}x" if st and ort and st.latency_s and ort.vendor_s else "–"
         bad = [f"{k}: {m.status}" for k, m in v.items() if m.status != "ok"]
         tasks = [t for t in (st.detail.get("tasks", {}).values() if st else []) if t.get("time_s")]
         top = max(tasks, key=lambda t: t["weight"] * t["time_s"], default=None)

@@ -45,6 +45,15 @@ class ModelRun:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def vendor_s(self) -> float | None:
+        """ONNX Runtime's row: the faster of its latency in the interleaved rounds (threads not
+        spinning) and its own default, threads spinning, timed on its own after the rounds
+        (``detail["spinning_s"]``); what a variant is compared with. Other rows: their latency."""
+        if self.variant != "onnxruntime":
+            return self.latency_s
+        return min((t for t in (self.latency_s, self.detail.get("spinning_s")) if t), default=None)
+
     def costliest_task(self) -> dict[str, Any] | None:
         """Of the tasks whose configs this run used (``detail["tasks"]``), the one whose weight x
         kernel time is largest, with ``part``: its share of the sum."""
