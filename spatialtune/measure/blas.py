@@ -1,16 +1,13 @@
 """The thread count of numpy's BLAS (OpenBLAS), changed at run time inside a measuring worker.
 
 Why a measuring worker needs this: OpenBLAS's threads spin (yielding) for a while after each call
-before they sleep, and TVM's pool threads do the same after each kernel. On the 2-core VM of the
-benchmarks, with both pools on the share's cores:
+before they sleep, and TVM's pool threads do the same after each kernel. With both pools on the
+share's cores:
 
-- the float64 reference computed on two BLAS threads right before a kernel was timed put a
-  repeat at 1.6-2x its median into 22 of 24 measurements (three 128x2304x768 dense kernels of
-  3.8-4.4 ms, eight measurements each, five 20 ms repeats per measurement; 12 of 24 in a second
-  run) and now and then moved the median (5.67 ms for a 4.3 ms kernel); with the reference on one
-  BLAS thread, none of 48 such measurements had a repeat above 1.52x its median;
-- numpy timed within 0.1 s of a TVM kernel ran 10x slow (32 ms instead of 3) in about a third of
-  the timings, and never after 0.3 s of quiet.
+- a float64 reference computed on several BLAS threads right before a kernel is timed puts slow
+  outliers into its repeats and can move its median; on one BLAS thread it does not;
+- numpy timed right after a TVM kernel runs several times slower while TVM's threads still spin,
+  and not once they have gone quiet.
 
 So a worker computes its references on one BLAS thread, and the numpy baseline gets the share's
 threads for its own timing only, after TVM's pool has gone quiet (:func:`measure.vendor.measure_numpy`).
