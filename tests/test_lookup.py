@@ -81,6 +81,7 @@ def test_unchecked_rows_are_no_answer_unless_asked(hand_db):
     """An imported config never run through the output check is not served, even when faster."""
     with TuningDatabase(hand_db) as db:
         db.record(meas(ratio=50, h="imp50", t=1e-4, status="unchecked"))
+        db.record(meas(ratio=50, h="bad50", status="build_error"))  # a trial too, never an answer
         db.record(meas(w=ONLY_HALF, ratio=100, h="imp100", t=1e-4, status="unchecked"))
         # measured here with the check: the row is replaced in place and becomes an answer
         db.record(meas(ratio=25, h="imp25", t=1e-4, status="unchecked"))
@@ -94,6 +95,7 @@ def test_unchecked_rows_are_no_answer_unless_asked(hand_db):
     with Lookup(hand_db, here=[CPU.id], include_unchecked=True) as lk:
         r = lk.lookup(DENSE.key, ratio=50)
         assert (r.mod_hash, r.checked) == ("imp50", False) and "never output-checked" in r.reason
+        assert r.n_trials == 4  # every row of the key, as the best table counts them
         assert lk.lookup(DENSE.key, ratio=25).checked
 
 

@@ -76,12 +76,13 @@ class _Reader:
     costs ~25 ms at first open), no migrations, and no way for a scheduler to write the file."""
 
     _BEST = BEST_INDEX_SQL
-    # The same columns with unchecked (imported) rows competing: the fastest ok-or-unchecked row per key.
+    # The same columns with unchecked (imported) rows competing: the fastest ok-or-unchecked row per
+    # key, and every row of the key counted as a trial (as the best table counts them).
     _BEST_ANY = ("SELECT workload_key, device_id, partition, ratio, interference, id, median_s, n, mod_hash,"
                  " granted_units, created_at, status FROM (SELECT m.*, ROW_NUMBER() OVER (PARTITION BY"
-                 " workload_key, device_id, partition, ratio, interference ORDER BY median_s, id) AS rn,"
-                 " COUNT(*) OVER (PARTITION BY workload_key, device_id, partition, ratio, interference) AS n"
-                 " FROM measurements m WHERE status IN ('ok', 'unchecked') {}) WHERE rn = 1")
+                 " workload_key, device_id, partition, ratio, interference ORDER BY status NOT IN ('ok', 'unchecked'),"
+                 " median_s, id) AS rn, COUNT(*) OVER (PARTITION BY workload_key, device_id, partition, ratio,"
+                 " interference) AS n FROM measurements m {}) WHERE rn = 1 AND status IN ('ok', 'unchecked')")
 
     def __init__(self, path: Path):
         if not path.is_file():
@@ -147,7 +148,7 @@ class _Reader:
 
     def best_rows(self, workload_key: str | None = None, unchecked: bool = False) -> list[tuple]:
         if unchecked:
-            where, args = ("AND workload_key = ?", [workload_key]) if workload_key else ("", [])
+            where, args = ("WHERE workload_key = ?", [workload_key]) if workload_key else ("", [])
             return self.conn.execute(self._BEST_ANY.format(where), args).fetchall()
         if workload_key is None:
             return self.conn.execute(self._BEST).fetchall()
