@@ -167,7 +167,6 @@ class _Job:
         self.builder, self.runner = builder, runner
         self.stage, self.progress, self.deadline = stage, progress, deadline
         self.models: dict[float, CostModel] = {}
-        self.gaps = stage.gaps
         self._data: TrainingSet | None = None
 
     def out_of_time(self) -> bool:

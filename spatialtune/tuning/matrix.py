@@ -33,9 +33,9 @@ def fill_matrix(job, w: Workload) -> None:
                 return
             share = job.partition.grant(k.ratio)
             if share.key_ratio != k.ratio:  # a key this partition cannot grant again exactly
-                job.gaps.append(f"{w.name or w.key} @ {k.ratio:g}% {k.interference}: {len(configs)} winners "
+                job.stage.gaps.append(f"{w.name or w.key} @ {k.ratio:g}% {k.interference}: {len(configs)} winners "
                                  f"not measured (this partition cannot grant {k.ratio:g}% again exactly)")
-                log.info("%s", job.gaps[-1])
+                log.info("%s", job.stage.gaps[-1])
                 continue
             cands = [c for m in configs if (c := candidate_from_trace(w, m.trace, "matrix", m.features,
                                                                       m.mod_hash)) is not None]
