@@ -197,14 +197,26 @@ def test_killing_a_server_mid_job_loses_nothing_and_the_job_finishes_on_the_othe
 def test_a_server_whose_measurements_all_fail_is_set_aside(tracker, servers, tmp_path, caplog):
     # A real fault, not a flag: this server's Python environment kills every measuring worker it
     # starts (as a box whose device was lost would), so it can answer RPC but never measure.
-    broken = tmp_path / "broken-site"
+    # The good server's measuring worker starts only once the broken one has failed as often as
+    # the pool tolerates (3 in a row): without that gate the good server can measure the whole
+    # batch before the broken one has failed three times, and nothing would be set aside.
+    failed = tmp_path / "failed-starts"
+    broken, gated = tmp_path / "broken-site", tmp_path / "gated-site"
+    is_worker = "if 'spatialtune.measure.worker' in ' '.join(getattr(sys, 'orig_argv', [])):\n"
     broken.mkdir()
     (broken / "sitecustomize.py").write_text(
-        "import os, sys\n"
-        "if 'spatialtune.measure.worker' in ' '.join(getattr(sys, 'orig_argv', [])):\n"
+        "import os, sys\n" + is_worker +
+        f"    open({str(failed)!r}, 'a').write('x')\n"
         "    os._exit(3)\n")
+    gated.mkdir()
+    (gated / "sitecustomize.py").write_text(
+        "import os, sys, time\n" + is_worker +
+        "    end = time.monotonic() + 60\n"
+        f"    while time.monotonic() < end and (not os.path.exists({str(failed)!r})\n"
+        f"                                       or len(open({str(failed)!r}).read()) < 3):\n"
+        "        time.sleep(0.05)\n")
     k = key()
-    good = servers(tracker, k, 0)
+    good = servers(tracker, k, 0, env=dict(os.environ, PYTHONPATH=f"{gated}{os.pathsep}{ROOT}"))
     bad = servers(tracker, k, 1, env=dict(os.environ, PYTHONPATH=f"{broken}{os.pathsep}{ROOT}"))
     wait_registered(tracker, k, [good, bad])
     caplog.set_level(logging.WARNING, logger="spatialtune.distributed")
