@@ -64,23 +64,71 @@ def vector_unit(target) -> VectorUnit | None:
 
 def register_tiles(unit: VectorUnit, dtype_bits: int, cols: int, rows: int) -> list[tuple[int, int]]:
     """(mr, nr) register tiles for an output of ``rows`` x ``cols`` (its innermost spatial axis
-    and the one before): ``nr`` a multiple of the vector lanes dividing ``cols``, ``mr``
-    dividing ``rows``, with between half and all of the registers left after the loads (four)
-    holding accumulators."""
-    lanes = unit.lanes(dtype_bits)
+    and the axis the broadcast operand runs along): ``nr`` a multiple of the vector lanes dividing
+    ``cols``, ``mr`` dividing ``rows``, with between half and all of the registers left after the
+    loads (four) holding accumulators.
+
+    Where no multiple of a whole register divides ``cols`` (a convolution's output row of 56 or
+    28 pixels against 16 fp32 lanes), the tile uses the widest half or quarter register that does,
+    down to 128 bits: a tail loop or a masked vector per row would cost more than the narrower
+    vector, and an AVX-512 core runs 256-bit FMAs at the same rate on AMD and at half on Intel."""
     budget = unit.registers - 4
-    out = []
-    for nv in range(1, 5):
-        nr = nv * lanes
-        if cols % nr:
+    for bits in (unit.bits, unit.bits // 2, unit.bits // 4):
+        if bits < 128:
+            break
+        lanes = max(1, bits // dtype_bits)
+        out = []
+        for nv in range(1, 5):
+            nr = nv * lanes
+            if cols % nr:
+                continue
+            for mr in range(1, rows + 1):
+                acc = mr * nv
+                if acc > budget:
+                    break
+                if rows % mr == 0 and acc * 2 >= budget:
+                    out.append((mr, nr))
+        if out:
+            return out
+    return []
+
+
+def broadcast_axis(mod) -> int | None:
+    """Which spatial axis of ``mod``'s one tiled reduction block the register tile's rows run
+    along: the last one, before the innermost, that no operand read with the innermost axis is
+    indexed by. For a matmul ``C[i, j] += A[i, k] * B[k, j]`` that is ``i`` (``B``'s vector is
+    reused across rows of ``A`` broadcast); for an NCHW convolution ``out[n, f, y, x] +=
+    in[n, c, y + r, x + s] * w[f, c, r, s]`` it is ``f``, not ``y``: one input vector feeds an
+    FMA per output channel, a weight broadcast each. None without exactly one such block."""
+    from tvm import tirx
+    from tvm.s_tir import Schedule
+    from tvm.tirx.analysis import undefined_vars
+
+    sch = Schedule(mod)
+    found, todo = [], [sch.get_sblock("root")]
+    while todo:
+        for b in sch.get_child_blocks(todo.pop()):
+            todo.append(b)
+            blk = sch.get(b)
+            spatial = [iv.var for iv in blk.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+            if len(blk.writes) != 1 or len(spatial) < 2 or len(spatial) == len(blk.iter_vars):
+                continue
+            cols = blk.writes[0].region[-1].min if blk.writes[0].region else None
+            if isinstance(cols, tirx.Var) and cols.same_as(spatial[-1]):
+                found.append((blk, spatial))
+    if len(found) != 1:
+        return None
+    blk, spatial = found[0]
+    used: set = set()
+    for r in blk.reads:
+        if r.source.same_as(blk.writes[0].source):
             continue
-        for mr in range(1, rows + 1):
-            acc = mr * nv
-            if acc > budget:
-                break
-            if rows % mr == 0 and acc * 2 >= budget:
-                out.append((mr, nr))
-    return out
+        names = [set(undefined_vars(rg.min)) for rg in r.region]
+        vars_ = {v for vs in names for v in vs}
+        if any(v.same_as(spatial[-1]) for v in vars_):
+            used |= {id(v) for v in spatial if any(v.same_as(u) for u in vars_)}
+    free = [i for i, v in enumerate(spatial[:-1]) if id(v) not in used]
+    return free[-1] if free else None
 
 
 def _divisors(n: int) -> list[int]:
@@ -106,14 +154,17 @@ def _tile_insts(trace) -> tuple[list, list]:
     return spatial, reduction
 
 
-def seed_decisions(trace, unit: VectorUnit, dtype_bits: int, rng) -> dict | None:
+def seed_decisions(trace, unit: VectorUnit, dtype_bits: int, rng, rows_at: int | None = None) -> dict | None:
     """New decisions for ``trace`` (instruction -> decision) giving its tiled block a register
-    tile, or None when the trace has no single SSRSRS block to shape or no tile fits."""
+    tile, or None when the trace has no single SSRSRS block to shape or no tile fits.
+    ``rows_at``: the spatial axis the tile's rows run along (:func:`broadcast_axis`; default the
+    one before the innermost)."""
     spatial, reduction = _tile_insts(trace)
     if len(spatial) < 2 or not reduction:
         return None
     ext = {inst: int(np.prod([int(x) for x in trace.decisions[inst]])) for inst in spatial + reduction}
-    cols_i, rows_i = spatial[-1], spatial[-2]
+    at = rows_at if rows_at is not None and rows_at < len(spatial) - 1 else len(spatial) - 2
+    cols_i, rows_i = spatial[-1], spatial[at]
     # whole panels of a packed operand per tile (rules.PackPanels), or whole tiles per panel
     tiles = [(mr, nr) for mr, nr in register_tiles(unit, dtype_bits, ext[cols_i], ext[rows_i])
              if nr % PANEL_WIDTH == 0 or PANEL_WIDTH % nr == 0]
@@ -145,6 +196,9 @@ def seed_decisions(trace, unit: VectorUnit, dtype_bits: int, rng) -> dict | None
     if ks:
         k1 = int(rng.choice(ks[-2:]))  # long: the accumulators stay in registers across it
         out[k_i] = [ext[k_i] // k1, k1]
+    for inst in reduction:  # a convolution's window: whole inside, or the tile is stored per tap
+        if inst is not k_i and ext[inst] <= 16:
+            out[inst] = [1, ext[inst]]
     for inst in trace.insts:  # the unroll depth: one of the two deepest, so the tile unrolls
         if inst.kind.name == "SampleCategorical" and inst in trace.decisions:
             cands = [int(c) for c in inst.attrs[0]]
@@ -163,6 +217,10 @@ def register_tile_seeds(space, samples, n: int, rng, exclude=frozenset()) -> lis
     if unit is None or n <= 0:
         return []
     dtype_bits = tvm.DataType(str(space.args_info[-1].dtype)).bits  # the output's
+    try:
+        rows_at = broadcast_axis(space.mod)
+    except Exception:  # a block structure the analysis does not know: the default rows
+        rows_at = None
     out, taken = [], set(exclude)
     for c in samples:
         if len(out) >= n:
@@ -171,7 +229,7 @@ def register_tile_seeds(space, samples, n: int, rng, exclude=frozenset()) -> lis
         if drawn is None:
             continue
         trace = drawn.trace
-        dec = seed_decisions(trace, unit, dtype_bits, rng)
+        dec = seed_decisions(trace, unit, dtype_bits, rng, rows_at)
         if dec is None:
             continue
         for inst, d in dec.items():
