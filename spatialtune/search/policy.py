@@ -52,6 +52,7 @@ class PolicyOptions:
     seeds_per_share: int = 16  # parents taken from each other share
     own_share_weight: float = 3.0
     transfer_fade_rows: float = 32.0  # another share's rows weigh 1 / (1 + own rows / this)
+    sibling_top: int = 2  # configs measured here from each sibling task under the same key (.siblings)
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
 
 
@@ -181,6 +182,8 @@ class Origin:
 
     def label(self) -> str:
         k = self.found_at
+        if self.kind == "own" and self.source == "sibling":
+            return "from a sibling task"
         if self.kind == "own":
             return "own search" if self.source in ("tune", "") else f"own ({self.source})"
         where = "quiet" if k.interference == "none" else f"next to {k.interference}"
@@ -225,8 +228,9 @@ class SharePolicy:
 
     def __init__(self, workload, target: dict, key: KeyId, rows: Sequence, model: CostModel, *,
                  share_units: tuple[int, int], options: PolicyOptions = PolicyOptions(), batch: int = 16,
-                 seed: int = 0, threads: int | None = None):
+                 seed: int = 0, threads: int | None = None, siblings: Sequence[tuple] = ()):
         self.workload, self.key, self.options = workload, key, options
+        self.siblings = siblings  # (workload, traces): other tasks' best kernels under this key (.siblings)
         self.here = [m for m in rows if KeyId.of(m) == key]
         self.best_of = {k: v for k, v in best_by_key(rows).items() if k != key}
         measured = [(m.trace, m.median_s if m.status == "ok" else None) for m in self.here]
@@ -267,7 +271,24 @@ class SharePolicy:
         return list(dict.fromkeys(out))
 
     def transfers(self) -> list[Candidate]:
-        return self.search.replayed(self.transfer_traces(), "transfer")
+        """What to measure before any search: the transfers, then the siblings' kernels."""
+        out = self.search.replayed(self.transfer_traces(), "transfer")
+        return out + self.sibling_kernels(exclude={c.mod_hash for c in out})
+
+    def sibling_kernels(self, exclude: set[str] = frozenset()) -> list[Candidate]:
+        """Sibling tasks' best kernels under this key, adapted to this workload (:mod:`.siblings`)."""
+        from ..workloads.schedule import mod_hash
+        from .siblings import adapt
+
+        space, out, taken = self.search.space, [], set(exclude)
+        for donor, traces in self.siblings:
+            for tr in traces:
+                sch = adapt(space, donor, tr)
+                h = None if sch is None else mod_hash(sch.mod)
+                if h is not None and h not in taken and h not in self.search.measured:
+                    taken.add(h)
+                    out.append(space.candidate(sch, "sibling"))
+        return out
 
     def ask(self, n: int) -> list[Candidate]:
         return self.search.ask(n)

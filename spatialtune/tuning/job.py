@@ -33,6 +33,7 @@ from ..measure.runner import LocalRunner, Runner, RunInput
 from ..partitions import Partition
 from ..search.cost_model import CostModel, create_cost_model
 from ..search.policy import KeyId, SharePolicy, TrainingSet, fit_share_model, winner_origins
+from ..search.siblings import signature_or_none
 from ..search.space import Candidate
 from ..store.database import Measurement, TuningDatabase
 from ..store.model_runs import vendor_floors
@@ -168,6 +169,7 @@ class _Job:
         self.stage, self.progress, self.deadline = stage, progress, deadline
         self.models: dict[float, CostModel] = {}
         self._data: TrainingSet | None = None
+        self._signatures: list | None = None  # of a model's tasks, for their siblings
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
@@ -248,7 +250,7 @@ class _Job:
                 if i is None:
                     break
                 if i not in searches:
-                    searches[i] = _KeySearch(self, ws[i], share, keys[i])
+                    searches[i] = _KeySearch(self, ws[i], share, keys[i], self._siblings(ws, keys, i))
                 if not searches[i].step(left):
                     states[i].done = True
                     continue
@@ -260,6 +262,21 @@ class _Job:
         for i in searches:
             self._confirm(ws[i], share, keys[i])
         return [self._share_result(w, share, k, n) for w, k, n in zip(ws, keys, before)]
+
+    def _siblings(self, ws: Sequence[Workload], keys: Sequence[dict], i: int) -> list[tuple]:
+        """(workload, best traces) of the tasks with ``ws[i]``'s main computation that have kernels
+        measured under their key already (:mod:`spatialtune.search.siblings`)."""
+        if self._signatures is None:
+            self._signatures = [signature_or_none(w) for w in ws]
+        sig, top = self._signatures[i], self.opt.policy().sibling_top
+        out = []
+        for j, (w, k) in enumerate(zip(ws, keys)):
+            if j == i or sig is None or self._signatures[j] != sig or top <= 0:
+                continue
+            ok = sorted((m for m in self.db.measurements(**k) if m.status == "ok"), key=lambda m: m.median_s)
+            if ok:
+                out.append((w, [m.trace for m in ok[:top]]))
+        return out
 
     def _confirm(self, w: Workload, share: Share, key: dict) -> None:
         if self.runner.real and self.opt.confirm_top and not self.out_of_time():
@@ -355,7 +372,7 @@ class _KeySearch:
     """The search of one (workload, share) key: its policy, the transfers still to measure, and one
     batch per :meth:`step` (built, measured and recorded, the share's model retrained)."""
 
-    def __init__(self, job: _Job, w: Workload, share: Share, key: dict):
+    def __init__(self, job: _Job, w: Workload, share: Share, key: dict, siblings: Sequence[tuple] = ()):
         t0 = time.perf_counter()
         self.job, self.w, self.share, self.key = job, w, share, key
         r = share.key_ratio
@@ -364,7 +381,8 @@ class _KeySearch:
         self.policy = SharePolicy(w, target_for(job.device, share.units),
                                   KeyId(job.partition.kind, r, job.opt.interference), rows, self.model,
                                   share_units=(share.units, share.total), options=job.opt.policy(),
-                                  batch=job.opt.batch, seed=job.opt.seed, threads=job.opt.search_threads)
+                                  batch=job.opt.batch, seed=job.opt.seed, threads=job.opt.search_threads,
+                                  siblings=siblings)
         job.stage.add("setup", time.perf_counter() - t0)
         self.pending = self.policy.transfers()
 
