@@ -6,11 +6,15 @@ ONNX Runtime on the same cores. Prints, per model and share, the four latencies,
 and the task that costs most. Tuning resumes from the database (--db), so a second run with more
 --trials continues; the end-to-end runs are done again each time.
 
+--layouts nchw,NCHW16c also compiles each model with its convolutions blocked by 16 output channels
+(spatialtune.models.layout), as separate tasks, tuned and timed the same way.
+
 SPATIALTUNE_QUICK=1 (or --quick): toy-sized models at 100 % only, one trial per task, a smoke test.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +33,7 @@ from spatialtune.device import describe_machine  # noqa: E402
 from spatialtune.measure.runner import RunSettings  # noqa: E402
 from spatialtune.models.e2e import ModelOptions, measure_model  # noqa: E402
 from spatialtune.models.importer import space_from_onnx  # noqa: E402
+from spatialtune.models.layout import layout_name, parse_layout  # noqa: E402
 from spatialtune.store.model_runs import ModelRun  # noqa: E402
 from spatialtune.store.database import TuningDatabase  # noqa: E402
 from spatialtune.tuning import TuneOptions, tune  # noqa: E402
@@ -146,6 +151,9 @@ def main() -> int:
     ap.add_argument("--ratios", default=None, help="shares, percent (default 100,50; quick: 100, since "
                                                     "tests/test_models.py runs a model at two shares)")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--layouts", default=None,
+                    help="convolution layouts to compile each model in, e.g. nchw,NCHW16c (models.layout; a model "
+                         "without convolutions runs in nchw only; default nchw, quick: nchw,NCHW8c)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(tempfile.gettempdir()) / "spatialtune-bench-model"))
     ap.add_argument("--db", default=None, help="tuning database (default: OUT/bench.sqlite)")
     ap.add_argument("--table-only", action="store_true",
@@ -153,8 +161,13 @@ def main() -> int:
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(a.out)
+    layouts = [x.strip() for x in (a.layouts or ("nchw,NCHW8c" if a.quick else "nchw")).split(",") if x.strip()]
+    for x in layouts:
+        parse_layout(x)  # a bad name is one line before anything runs
+    labels = [f"{m}{'' if parse_layout(x) is None else '-' + layout_name(parse_layout(x))}"
+              for m in a.models.split(",") for x in layouts]
     if a.table_only:
-        return print_saved(out, a.models.split(","))
+        return print_saved(out, labels)
     out.mkdir(parents=True, exist_ok=True)
     db_path = Path(a.db or (os.environ.get("SPATIALTUNE_DB") if a.quick else None) or out / "bench.sqlite")
     ratios = [float(r) for r in (a.ratios or ("100" if a.quick else "100,50")).split(",")]
@@ -164,10 +177,14 @@ def main() -> int:
     print(f"machine: {where}; {'quick' if a.quick else 'full'} mode; database {db_path}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     results = []
-    for name in a.models.split(","):
+    for name, layout in ((m, x) for m in a.models.split(",") for x in layouts):
         build, full, toy = MODELS[name]
         onnx_path = build(out / f"{name}.onnx", **(toy if a.quick else full))
-        text, _ = space_from_onnx([onnx_path])
+        text, tasks = space_from_onnx([onnx_path], layout=layout)
+        if parse_layout(layout) is not None and not [w for w in tasks if "NCHWc" in w.name]:
+            print(f"\n{name}: no convolution takes {layout}; it runs in nchw only")
+            continue
+        name = tasks[0].model
         (out / f"{name}.toml").write_text(text)
         tasks = load_space(out / f"{name}.toml").workloads
         trials = a.trials or (len(tasks) if a.quick else 256)
@@ -179,7 +196,7 @@ def main() -> int:
             summary = tune(tasks, ratios, db, opts)
             tune_s = time.perf_counter() - t0
             mopts = ModelOptions(rounds=2, min_repeat_ms=5, warmup_ms=5) if a.quick else ModelOptions()
-            res = measure_model(onnx_path, ratios, db, options=mopts)
+            res = measure_model(onnx_path, ratios, db, options=dataclasses.replace(mopts, layout=layout))
         new = sum(r.new_trials for r in summary.results)
         head = f"{name}: {len(tasks)} tasks, {trials} trials per share"
         print(f"\n{head} ({new} measured now, tuning {tune_s:.0f} s)")

@@ -31,6 +31,9 @@ def add_model(sub) -> None:
     p.add_argument("--exact-math", action="store_true",
                    help="build the tuned variants with exact erf/exp/tanh (default: vectorisable approximations "
                         "for the tasks whose output check passes with them; see docs/models.md)")
+    p.add_argument("--layout", default="nchw",
+                   help="convolutions in this layout: nchw (default) or NCHW<b>c, blocked by b channels (as tasks were "
+                        "extracted with workloads --from-onnx --layout; docs/models.md)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON array instead of tables")
     db_arg(p)
     p.set_defaults(func=_cmd_model)
@@ -45,7 +48,7 @@ def _cmd_model(a) -> int:
     if a.rounds < 1 or a.timeout <= 0 or a.min_repeat_ms < 0:
         raise ConfigError("--rounds must be at least 1, --timeout positive, --min-repeat-ms not negative")
     opts = ModelOptions(rounds=a.rounds, min_repeat_ms=a.min_repeat_ms, timeout=a.timeout, seed=a.seed, mcpu=a.mcpu,
-                        profile=a.profile, fast_math=not a.exact_math)
+                        profile=a.profile, fast_math=not a.exact_math, layout=a.layout)
     shapes = parse_shapes(a.shape)
     with open_db(a.db, create=True) as db:
         res = measure_model(a.model, ratios, db, shapes=shapes, options=opts,

@@ -34,6 +34,9 @@ def add_model_export(sub) -> None:
                    help="static shape of a model input (as given to workloads --from-onnx)")
     p.add_argument("--interference", default="none", help="use the configs tuned under this neighbour")
     p.add_argument("--mcpu", default=None, help="the LLVM CPU the tuning records were measured for")
+    p.add_argument("--layout", default="nchw",
+                   help="convolutions in this layout: nchw (default) or NCHW<b>c, blocked by b channels (as tasks were "
+                        "extracted with workloads --from-onnx --layout; docs/models.md)")
     p.add_argument("--json", action="store_true", help="print the manifest instead of a summary")
     db_arg(p)
     p.set_defaults(func=_cmd_export)
@@ -48,6 +51,7 @@ def _cmd_export(a) -> int:
     shapes = parse_shapes(a.shape)
     with open_db(a.db, create=False) as db:
         m = export_model(a.model, ratios, db, a.out, shapes=shapes, mcpu=a.mcpu, interference=a.interference,
+                         layout=a.layout,
                          progress=None if a.json else (lambda s: print(s, file=sys.stderr)))
     if a.json:
         print(json.dumps(m, indent=1))

@@ -141,6 +141,9 @@ def add_workloads(sub) -> None:
                    help="static shape of a model input, e.g. x=1,3,224,224 (repeatable)")
     p.add_argument("--out", metavar="SPACE.toml", help="with --from-onnx: write the space there (default: print it)")
     p.add_argument("--name", help="with --from-onnx: the space's name (default: the models' names)")
+    p.add_argument("--layout", default=None,
+                   help="with --from-onnx: the convolutions' layout, nchw (default) or NCHW<b>c: blocked by b "
+                        "output channels, as ONNX Runtime runs them (docs/models.md)")
     p.add_argument("--exact-math", action="store_true",
                    help="with --from-onnx: build every task with exact erf/exp/tanh (default: vectorisable "
                         "approximations on a CPU where a task's output check passes with them)")
@@ -153,7 +156,8 @@ def _cmd_workloads(a) -> int:
     if a.from_onnx:
         from ..models.importer import parse_shapes, space_from_onnx
 
-        text, workloads = space_from_onnx(a.from_onnx, parse_shapes(a.shape), a.name, fast_math=not a.exact_math)
+        text, workloads = space_from_onnx(a.from_onnx, parse_shapes(a.shape), a.name, fast_math=not a.exact_math,
+                                           layout=a.layout)
         if not a.out:
             print(text)
             return 0
@@ -166,8 +170,8 @@ def _cmd_workloads(a) -> int:
         _list(workloads)
         print(f"{len(workloads)} tasks written to {a.out}")
         return 0
-    if a.shape or a.out or a.name or a.exact_math:
-        raise ConfigError("--shape, --out, --name and --exact-math go with --from-onnx")
+    if a.shape or a.out or a.name or a.exact_math or a.layout:
+        raise ConfigError("--shape, --out, --name, --layout and --exact-math go with --from-onnx")
     _list(load_space(a.space).workloads)
     return 0
 

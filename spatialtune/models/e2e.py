@@ -74,6 +74,7 @@ class ModelOptions:
     interference: str = "none"  # whose records: the condition they were tuned under
     fast_math: bool = True  # tasks build with vectorisable erf/exp/tanh where that passes the check
     profile: bool = False  # also break the share-tuned latency down per task next to ONNX Runtime's profile
+    layout: str = "nchw"  # of the convolutions, as the tasks were extracted (models.layout)
 
     def settings(self) -> dict:
         return {"rounds": self.rounds, "min_repeat_ms": self.min_repeat_ms, "warmup_ms": self.warmup_ms}
@@ -208,7 +209,7 @@ def measure_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase,
     if opt.rounds < 1 or opt.min_repeat_ms < 0 or opt.timeout <= 0:
         raise ConfigError("rounds must be at least 1, min_repeat_ms not negative, timeout positive")
     say = progress or (lambda s: None)
-    model = load_onnx(path, shapes)
+    model = load_onnx(path, shapes, opt.layout)
     device = detect_cpu(opt.mcpu)
     partition = create_partition("cpu")
     db.add_device(device)

@@ -39,7 +39,7 @@ from .importer import extract_workloads, load_onnx
 
 def export_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase, out: str | Path, *,
                  shapes: dict | None = None, mcpu: str | None = None, interference: str = "none",
-                 progress: Callable[[str], None] | None = None) -> dict:
+                 progress: Callable[[str], None] | None = None, layout: str | None = None) -> dict:
     """Compile the model at ``path`` once per share of ``ratios`` into ``out``; returns the manifest.
 
     Shares that grant the same cores (25 % and 50 % of two cores are both one core) are one
@@ -50,7 +50,7 @@ def export_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase, 
     asked = sorted({norm_ratio(check_ratio(r)) for r in ratios})
     if not asked:
         raise ConfigError("no shares to export the model at")
-    model = load_onnx(path, shapes)
+    model = load_onnx(path, shapes, layout)
     device = detect_cpu(mcpu)
     partition = create_partition("cpu")
     shares: dict[float, dict] = {}
@@ -82,6 +82,7 @@ def export_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase, 
         variants.append(v)
     manifest = {"format": FORMAT, "version": VERSION,
                 "model": {"name": model.name, "hash": model.hash, "file": Path(model.path).name,
+                          "layout": model.layout,
                           "inputs": [{"name": n, "shape": list(s), "dtype": dt} for n, s, dt in model.inputs],
                           "outputs": model.outputs},
                 "device": device.to_dict(), "partition": partition.kind, "interference": interference,

@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError, SpecError
 from ..workloads.prim import PrimTask, prim_task
+from .layout import layout_name, parse_layout, to_blocked
 from ..workloads.spec import Workload
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class ImportedModel:
     inputs: list[tuple[str, tuple[int, ...], str]]  # (name, static shape, numpy dtype) of each graph input
     outputs: list[str]
     relax_mod: Any = field(repr=False)  # tvm.IRModule from from_onnx, weights as constants
+    layout: str = "nchw"  # of its convolutions (models.layout); another layout is another name
 
 
 def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -71,10 +73,13 @@ def _read(path: Path):
     return model, hashlib.sha256(data).hexdigest()[:16]
 
 
-def load_onnx(path: str | Path, shapes: Mapping[str, Sequence[int]] | None = None) -> ImportedModel:
+def load_onnx(path: str | Path, shapes: Mapping[str, Sequence[int]] | None = None,
+              layout: str | None = None) -> ImportedModel:
     """Import ``path`` through ``tvm.relax.frontend.onnx.from_onnx``. ``shapes`` gives (or
-    overrides) input shapes by input name; every dimension must end up static. SpecError for a
-    file that is not ONNX, a dynamic dimension left, or what the importer cannot take."""
+    overrides) input shapes by input name; every dimension must end up static. ``layout``:
+    ``nchw`` (the default) or ``NCHW<b>c`` for blocked convolutions (:mod:`.layout`; the model's
+    name then ends in ``-NCHW<b>c``, its tasks are others). SpecError for a file that is not ONNX,
+    a dynamic dimension left, or what the importer cannot take."""
     from onnx import helper
 
     path = Path(path)
@@ -109,8 +114,17 @@ def load_onnx(path: str | Path, shapes: Mapping[str, Sequence[int]] | None = Non
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         raise SpecError(f"{path}: TVM's ONNX importer failed: {lines[-1][:300] if lines else type(e).__name__}") \
             from None
-    return ImportedModel(name=path.stem, path=str(path), hash=digest, inputs=inputs,
-                         outputs=[o.name for o in model.graph.output], relax_mod=mod)
+    block = parse_layout(layout)
+    if block is not None:
+        try:
+            mod = to_blocked(mod, block)
+        except Exception as e:
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            raise SpecError(f"{path}: the {layout_name(block)} layout does not apply: "
+                            f"{lines[-1][:300] if lines else type(e).__name__}") from None
+    return ImportedModel(name=path.stem if block is None else f"{path.stem}-{layout_name(block)}", path=str(path),
+                         hash=digest, inputs=inputs, outputs=[o.name for o in model.graph.output], relax_mod=mod,
+                         layout=layout_name(block))
 
 
 def _dims(t) -> str:
@@ -202,13 +216,15 @@ def merge_tasks(per_model: Sequence[Sequence[Workload]]) -> list[Workload]:
 
 
 def space_from_onnx(paths: Sequence[str | Path], shapes: Mapping[str, Sequence[int]] | None = None,
-                    name: str | None = None, fast_math: bool = True) -> tuple[str, list[Workload]]:
-    """(the search-space file's text, its workloads) for the tasks of the models at ``paths``."""
+                    name: str | None = None, fast_math: bool = True,
+                    layout: str | None = None) -> tuple[str, list[Workload]]:
+    """(the search-space file's text, its workloads) for the tasks of the models at ``paths``
+    (their convolutions in ``layout``, see :func:`load_onnx`)."""
     from ..workloads.spacefile import format_space
 
     if not paths:
         raise ConfigError("no model given")
-    models = [load_onnx(p, shapes) for p in paths]
+    models = [load_onnx(p, shapes, layout) for p in paths]
     workloads = merge_tasks([extract_workloads(m, fast_math=fast_math) for m in models])
     desc = "Tuning tasks of " + ", ".join(
         f"{m.name} ({Path(m.path).name} {m.hash}; inputs " + ", ".join(f"{n}={','.join(map(str, s))}"
