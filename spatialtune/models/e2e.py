@@ -241,7 +241,8 @@ class _ModelRun:
     calls: list = field(default_factory=list)  # ONNX Runtime's node order, with --profile
     tmp: str = ""
     fast: list[Workload] = field(default_factory=list)
-    libs: dict[tuple, tuple[str, int]] = field(default_factory=dict)  # (cores, each task's kernel, fast) -> (library, tasks tuned)
+    # (cores, each task's kernel, fast) -> (library, tasks tuned)
+    libs: dict[tuple, tuple[str, int]] = field(default_factory=dict)
 
     def plan(self, share) -> tuple[object, dict]:
         """The share and its variants' records: {variant: (MetaSchedule database or None, facts)}."""
