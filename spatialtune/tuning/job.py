@@ -364,7 +364,7 @@ class _KeySearch:
         self.policy = SharePolicy(w, target_for(job.device, share.units),
                                   KeyId(job.partition.kind, r, job.opt.interference), rows, self.model,
                                   share_units=(share.units, share.total), options=job.opt.policy(),
-                                  batch=job.opt.batch, seed=job.opt.seed, threads=job.opt.search_threads)
+                                  run=job.opt.search_run())
         job.stage.add("setup", time.perf_counter() - t0)
         self.pending = self.policy.transfers()
 
