@@ -41,6 +41,7 @@ from ..terms import Share, check_ratio, norm_ratio
 from ..workloads.spec import Workload
 from .baselines import measure_baselines
 from .confirm import confirm_best
+from .context import TuneContext
 from .matrix import check_imported, fill_matrix
 from .lanes import ProgressFn, device_and_partition, in_threads, serialised
 from .options import ShareResult, TuneOptions, TuneSummary
@@ -264,7 +265,7 @@ class _Job:
     def _confirm(self, w: Workload, share: Share, key: dict) -> None:
         if self.runner.real and self.opt.confirm_top and not self.out_of_time():
             t0 = time.perf_counter()
-            confirm_best(self.db, self.builder, self.runner, w, share, key, self.target(share),
+            confirm_best(TuneContext(self.db, self.builder, self.runner, w, share, key, self.target(share)),
                          top=self.opt.confirm_top)
             self.stage.add("run", time.perf_counter() - t0)
 
