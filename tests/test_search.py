@@ -176,14 +176,15 @@ def test_exploration_survives_small_batches_and_repeats_never_end_the_search():
     keeps proposing new ones."""
     from spatialtune.device import detect_cpu, target_for
     from spatialtune.search.cost_model import create_cost_model
-    from spatialtune.search.evolution import EvolutionarySearch, EvolutionConfig
+    from spatialtune.search.evolution import EvolutionarySearch, EvolutionConfig, SearchRun
     from spatialtune.search.uniform import UniformSampler
     from spatialtune.workloads.spec import load_space
 
     w = load_space("demo").select(["dense_small"])[0]
     target = target_for(detect_cpu(), 1)
     measured = [(c.trace, 1e-3 * (i + 1)) for i, c in enumerate(UniformSampler(w, target, seed=5).sample(12))]
-    search = EvolutionarySearch(w, target, create_cost_model("random", seed=0), measured=measured, batch=2,
+    search = EvolutionarySearch(w, target, create_cost_model("random", seed=0), measured=measured,
+                                run=SearchRun(batch=2),
                                 config=EvolutionConfig(population=32, genetic_iters=1, explore=0.25, local=0.25))
 
     def knobs(trace):  # compute locations left out: after a tile move the replay may have to re-pick one
@@ -216,7 +217,7 @@ def test_a_batch_is_picked_for_new_knob_values_not_only_the_best_predictions():
     without it, the two best-predicted. The knobs are read from real traces."""
     from spatialtune.device import detect_cpu, target_for
     from spatialtune.search.cost_model import create_cost_model
-    from spatialtune.search.evolution import EvolutionarySearch, EvolutionConfig, decisions, diverse_pick
+    from spatialtune.search.evolution import EvolutionarySearch, EvolutionConfig, SearchRun, decisions, diverse_pick
     from spatialtune.workloads.spec import load_space
 
     a = {("SamplePerfectTile", 0): "(1, 2)", ("SamplePerfectTile", 1): "(8, 8)", ("SampleCategorical", 0): "1"}
@@ -227,7 +228,8 @@ def test_a_batch_is_picked_for_new_knob_values_not_only_the_best_predictions():
     assert sorted(diverse_pick(knobs, 9, 1.0)) == [0, 1, 2, 3]
 
     w = load_space("demo").select(["dense_small"])[0]
-    search = EvolutionarySearch(w, target_for(detect_cpu(), 1), create_cost_model("random", seed=0), batch=4,
+    search = EvolutionarySearch(w, target_for(detect_cpu(), 1), create_cost_model("random", seed=0),
+                                run=SearchRun(batch=4),
                                 config=EvolutionConfig(population=32, genetic_iters=1, explore=0.0,
                                                        tile_seeds=0))  # the evolution's batch alone
     try:

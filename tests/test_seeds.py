@@ -7,7 +7,7 @@ from spatialtune.measure.builder import BuildInput, LocalBuilder
 from spatialtune.measure.runner import LocalRunner, RunInput, RunSettings
 from spatialtune.partitions.cpu import CpuPartition
 from spatialtune.search.cost_model import create_cost_model
-from spatialtune.search.evolution import EvolutionConfig, EvolutionarySearch
+from spatialtune.search.evolution import EvolutionConfig, EvolutionarySearch, SearchRun
 from spatialtune.search.seeds import VectorUnit, broadcast_axis, register_tile_seeds, register_tiles, vector_unit
 from spatialtune.search.space import candidate_from_trace
 from spatialtune.search.uniform import UniformSampler
@@ -88,7 +88,7 @@ def test_seeds_take_a_register_tile_and_a_long_inner_reduction():
 
 
 def _search(w, target, seeds=(), **config):
-    return EvolutionarySearch(w, target, create_cost_model("xgb"), batch=8, seeds=seeds, threads=1,
+    return EvolutionarySearch(w, target, create_cost_model("xgb"), run=SearchRun(batch=8, threads=1), seeds=seeds,
                               config=EvolutionConfig(population=32, genetic_iters=1, **config))
 
 

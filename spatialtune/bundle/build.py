@@ -26,7 +26,7 @@ from typing import Sequence
 from ..device import DeviceInfo, detect_cpu, target_for, tvm_version
 from ..errors import ConfigError, DeviceError
 from ..search.cost_model import CostModel, create_cost_model
-from ..search.evolution import EvolutionConfig
+from ..search.evolution import EvolutionConfig, SearchRun
 from ..search.policy import (KeyId, PolicyOptions, SharePolicy, TrainingSet, best_by_key, fit_share_model,
                              missing_winners)
 from ..search.space import candidate_from_trace
@@ -152,7 +152,8 @@ def _first_round(w, tgt: dict, device: DeviceInfo, n: int, options: PolicyOption
     if not n:
         return [], []
     policy = SharePolicy(w, tgt, KeyId("-", WHOLE, "none"), [], create_cost_model(options.cost_model, seed=seed),
-                         share_units=(device.units, device.units), options=options, batch=min(n, 64), seed=seed)
+                         share_units=(device.units, device.units), options=options,
+                         run=SearchRun(batch=min(n, 64), seed=seed))
     try:
         cands = policy.propose(n)
     finally:
@@ -290,7 +291,7 @@ def _next_round(w, tgt: dict, db, dev: dict, n: int, selectors: Sequence[str], o
                      max(1, round(k.ratio * total / 100)))
         model, saved = _model_for(db, dev, k, options, seed)
         policy = SharePolicy(w, tgt, k, rows, model, share_units=(units, total), options=options,
-                             batch=max(1, min(n or 1, 64)), seed=seed)
+                             run=SearchRun(batch=max(1, min(n or 1, 64)), seed=seed))
         try:
             moved = policy.transfers()
             got = policy.propose(n, exclude=lambda h: h in measured_all or h in taken) if n else []

@@ -43,15 +43,15 @@ def add_model_export(sub) -> None:
 
 
 def _cmd_export(a) -> int:
-    from ..models.export import MANIFEST, export_model
+    from ..models.export import MANIFEST, ExportOptions, export_model
     from ..models.importer import parse_shapes
     from ..terms import parse_ratios
 
     ratios = parse_ratios(a.ratios)
     shapes = parse_shapes(a.shape)
     with open_db(a.db, create=False) as db:
-        m = export_model(a.model, ratios, db, a.out, shapes=shapes, mcpu=a.mcpu, interference=a.interference,
-                         layout=a.layout,
+        m = export_model(a.model, ratios, db, a.out, ExportOptions(shapes=shapes, layout=a.layout, mcpu=a.mcpu,
+                                                                   interference=a.interference),
                          progress=None if a.json else (lambda s: print(s, file=sys.stderr)))
     if a.json:
         print(json.dumps(m, indent=1))

@@ -27,9 +27,9 @@ def add_serve(sub) -> None:
 def _cmd_serve(a) -> int:
     import logging
 
-    from ..distributed.server import parse_cores, serve
+    from ..distributed.server import ListenAt, parse_cores, serve
 
-    serve(a.tracker, a.key, partition=a.partition, cores=parse_cores(a.cores), host=a.host, port=a.port,
-          port_end=a.port_end, custom_addr=a.custom_addr, tracker_wait=a.tracker_wait,
+    serve(a.tracker, a.key, partition=a.partition, cores=parse_cores(a.cores),
+          listen=ListenAt(a.host, a.port, a.port_end, a.custom_addr), tracker_wait=a.tracker_wait,
           verbose=logging.getLogger().isEnabledFor(logging.INFO))
     return 0

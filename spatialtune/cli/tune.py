@@ -12,6 +12,16 @@ from .common import db_arg, open_db
 
 def add_tune(sub) -> None:
     p = sub.add_parser("tune", help="tune workloads for shares of the device")
+    _what_to_tune(p)
+    _how_to_measure(p)
+    _servers_elsewhere(p.add_argument_group("measuring on servers elsewhere (docs/distributed.md)"))
+    _search(p.add_argument_group("search"))
+    db_arg(p)
+    p.set_defaults(func=_cmd_tune)
+
+
+def _what_to_tune(p) -> None:
+    """The workloads, shares and condition, and how much to spend on them."""
     p.add_argument("--space", required=True, help="search-space file (search_spaces/*.toml)")
     p.add_argument("--workload", action="append", default=[], metavar="NAME",
                    help="workload name or key (repeatable; default: all in the space)")
@@ -25,6 +35,10 @@ def add_tune(sub) -> None:
                         "the tasks where weight x time is (default: gradient for a model's space, else each)")
     p.add_argument("--batch", type=int, default=TuneOptions.batch, help="candidates built and measured per round")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS", help="stop after this long")
+
+
+def _how_to_measure(p) -> None:
+    """Where and how candidates are built and timed."""
     p.add_argument("--target", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--partition", default=None, help="cpu (default for --target cpu), mps or green")
     p.add_argument("--cost-model", default="xgb", help="xgb or random")
@@ -36,7 +50,9 @@ def add_tune(sub) -> None:
     p.add_argument("--build-deadline", type=float, default=TuneOptions.build_deadline, metavar="X",
                    help="cut a build that takes over X times its workload's median build "
                         f"(default {TuneOptions.build_deadline:g}; 0: never)")
-    r = p.add_argument_group("measuring on servers elsewhere (docs/distributed.md)")
+
+
+def _servers_elsewhere(r) -> None:
     r.add_argument("--tracker", default=None, metavar="HOST:PORT",
                    help="measure on the `spatialtune serve` servers registered with this TVM RPC tracker")
     r.add_argument("--key", default=None, help="with --tracker: the servers' key (one per device model)")
@@ -46,7 +62,10 @@ def add_tune(sub) -> None:
     r.add_argument("--server-wait", type=float, default=START_WAIT_S, metavar="SECONDS",
                    help="with --tracker: how long to wait for the tracker to listen and a first server "
                         f"to register (default {START_WAIT_S:g})")
-    s = p.add_argument_group("search")
+
+
+def _search(s) -> None:
+    """How the search proposes candidates and carries kernels between shares."""
     s.add_argument("--population", type=int, default=TuneOptions.population, help="evolution's population")
     s.add_argument("--genetic-iters", type=int, default=TuneOptions.genetic_iters, help="generations per batch")
     s.add_argument("--explore", type=float, default=TuneOptions.explore,
@@ -72,8 +91,6 @@ def add_tune(sub) -> None:
                    help="configs of each other share measured first at a new share")
     s.add_argument("--mcpu", default=None, help="CPU: LLVM CPU to compile for (default: this machine's)")
     s.add_argument("--arch", default=None, help="CUDA: sm_XY to compile for (default: the device's)")
-    db_arg(p)
-    p.set_defaults(func=_cmd_tune)
 
 
 def _cmd_tune(a) -> int:

@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import dataclass, replace
 
 from ..errors import ConfigError
 from ..partitions import PARTITIONS, Partition, create_partition
@@ -54,17 +55,33 @@ def _ranges(cores: list[int]) -> str:
     return ",".join(str(c) for c in cores)
 
 
+@dataclass(frozen=True)
+class ListenAt:
+    """Where a server listens: the address, the first port tried and the end of the range
+    (exclusive; default 9199, or ``port`` + 100 above it), and the address given to the tracker
+    when drivers reach the server under another name."""
+
+    host: str = "0.0.0.0"
+    port: int = 9091
+    port_end: int | None = None
+    custom_addr: str | None = None
+
+    def checked(self) -> ListenAt:
+        """The same with ``port_end`` filled in; ConfigError when the port range is empty or out of range."""
+        port_end = self.port_end or max(9199, self.port + 100)
+        if not (0 < self.port < port_end <= 65536):
+            raise ConfigError(f"--port {self.port} / --port-end {port_end}: expected 0 < PORT < PORT_END <= 65536")
+        return replace(self, port_end=port_end)
+
+
 def serve(tracker: str, key: str, *, partition: str = "cpu", cores: list[int] | None = None,
-          host: str = "0.0.0.0", port: int = 9091, port_end: int | None = None, custom_addr: str | None = None,
-          tracker_wait: float = START_WAIT_S, verbose: bool = False) -> None:
+          listen: ListenAt = ListenAt(), tracker_wait: float = START_WAIT_S, verbose: bool = False) -> None:
     """Serve measurements under ``key`` until interrupted (SIGINT or SIGTERM). Does not return
     normally: TVM's listening thread cannot be stopped, so the process exits after cleaning up."""
     t_host, t_port = parse_address(tracker)
     if not key or any(c.isspace() for c in key) or ":" in key:
         raise ConfigError(f"--key {key!r}: expected one word without ':' (it names a kind of device)")
-    port_end = port_end or max(9199, port + 100)
-    if not (0 < port < port_end <= 65536):
-        raise ConfigError(f"--port {port} / --port-end {port_end}: expected 0 < PORT < PORT_END <= 65536")
+    listen = listen.checked()
     if partition not in PARTITIONS:
         raise ConfigError(f"--partition {partition!r}: expected one of {', '.join(PARTITIONS)}")
     if cores is not None:
@@ -80,7 +97,7 @@ def serve(tracker: str, key: str, *, partition: str = "cpu", cores: list[int] | 
         stop = _stop_on_signals()
         code = 0
         try:
-            _listen(host, port, port_end, (t_host, t_port), key, custom_addr, device, part, stop)
+            _listen(listen, (t_host, t_port), key, device, part, stop)
         except BaseException as e:  # also KeyboardInterrupt: clean up, then leave
             if not isinstance(e, KeyboardInterrupt):
                 print(f"spatialtune: error: {one_line(e)}", file=sys.stderr)
@@ -104,16 +121,16 @@ def _detect(part: Partition):
     return detect_cuda()
 
 
-def _listen(host, port, port_end, tracker_addr, key, custom_addr, device, part, stop: threading.Event) -> None:
+def _listen(at: ListenAt, tracker_addr, key, device, part, stop: threading.Event) -> None:
     from tvm.rpc.server import PopenRPCServerState
 
     first = True
     while not stop.is_set():
-        state = PopenRPCServerState(host, port, port_end, tracker_addr=tracker_addr, key=key,
-                                    custom_addr=custom_addr, silent=True)
+        state = PopenRPCServerState(at.host, at.port, at.port_end, tracker_addr=tracker_addr, key=key,
+                                    custom_addr=at.custom_addr, silent=True)
         if first:
             print(f"spatialtune serve: {device.name} [{device.id}], {part.kind} partition, "
-                  f"{device.units} {device.unit}s; listening on {host}:{state.port}, key {key!r} at tracker "
+                  f"{device.units} {device.unit}s; listening on {at.host}:{state.port}, key {key!r} at tracker "
                   f"{tracker_addr[0]}:{tracker_addr[1]} (protocol {PROTOCOL}; no authentication: keep these "
                   f"ports on a private network)", file=sys.stderr, flush=True)
             first = False

@@ -45,7 +45,6 @@ def export_metaschedule(db: TuningDatabase, ratio: float, out: Path, *, interfer
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from ..workloads.schedule import apply_trace
     from .service import Lookup
 
     if not (0 < ratio <= 100):
@@ -53,11 +52,7 @@ def export_metaschedule(db: TuningDatabase, ratio: float, out: Path, *, interfer
     rows = db.best_index_rows()
     if not rows:
         raise ConfigError(f"{db.path}: no tuned configs to export")
-    device_id = device_id or only_one({r.device_id for r in rows}, "devices", "--device")
-    partition = partition or only_one({r.partition for r in rows if r.device_id == device_id} or {"?"}, "partitions", "--partition")
-    device = db.device(device_id)
-    if device is None:
-        raise ConfigError(f"no device {device_id} in {db.path}")
+    device_id, partition, device = _export_device(db, rows, device_id, partition)
     target = tvm.target.Target(target_for(device))
     summary = ExportSummary(str(out), norm_ratio(ratio), interference)
     summary.unchecked_left_out = db.count_measurements(device_id=device_id, partition=partition,
@@ -73,20 +68,7 @@ def export_metaschedule(db: TuningDatabase, ratio: float, out: Path, *, interfer
                 if not res.found:
                     summary.skipped.append({"key": key, "reason": res.reason})
                     continue
-                w = db.workload(key)
-                mod = w.ir_module()
-                try:
-                    sch = apply_trace(w, lk.trace(res))
-                except Exception as e:
-                    summary.skipped.append({"key": key, "reason": f"trace does not replay: {e}"})
-                    continue
-                wl = msdb.commit_workload(mod)
-                msdb.commit_tuning_record(ms.database.TuningRecord(
-                    sch.trace, wl, run_secs=[float(res.median_s)], target=target,
-                    args_info=ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
-                summary.exported.append({"key": key, "match": res.match, "tuned_ratio": res.tuned_ratio,
-                                         "interference": res.interference, "median_s": res.median_s,
-                                         "mod_hash": res.mod_hash})
+                _commit_answer(msdb, lk, key, db.workload(key), res, target, summary)
         if not summary.exported:
             raise ConfigError(f"nothing to export at {ratio:g}%: "
                               + "; ".join(f"{s['key']}: {s['reason']}" for s in summary.skipped))
@@ -98,3 +80,34 @@ def export_metaschedule(db: TuningDatabase, ratio: float, out: Path, *, interfer
     return summary
 
 
+def _export_device(db: TuningDatabase, rows: list, device_id: str | None,
+                   partition: str | None) -> tuple[str, str, dict]:
+    """The device and partition to export for: those given, else the only ones the best table holds."""
+    device_id = device_id or only_one({r.device_id for r in rows}, "devices", "--device")
+    partition = partition or only_one({r.partition for r in rows if r.device_id == device_id} or {"?"}, "partitions", "--partition")
+    device = db.device(device_id)
+    if device is None:
+        raise ConfigError(f"no device {device_id} in {db.path}")
+    return device_id, partition, device
+
+
+def _commit_answer(msdb, lk, key: str, w, res, target, summary: ExportSummary) -> None:
+    """The lookup's answer ``res`` for ``key`` (workload ``w``) as a MetaSchedule tuning record in
+    ``msdb``; skipped, with the reason in ``summary``, when its trace does not replay."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from ..workloads.schedule import apply_trace
+
+    mod = w.ir_module()
+    try:
+        sch = apply_trace(w, lk.trace(res))
+    except Exception as e:
+        summary.skipped.append({"key": key, "reason": f"trace does not replay: {e}"})
+        return
+    wl = msdb.commit_workload(mod)
+    msdb.commit_tuning_record(ms.database.TuningRecord(
+        sch.trace, wl, run_secs=[float(res.median_s)], target=target,
+        args_info=ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+    summary.exported.append({"key": key, "match": res.match, "tuned_ratio": res.tuned_ratio,
+                             "interference": res.interference, "median_s": res.median_s,
+                             "mod_hash": res.mod_hash})

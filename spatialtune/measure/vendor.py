@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -95,80 +96,35 @@ def measure_torch(workload: dict, settings: RunSettings, seed: int) -> dict:
     Returns MeasureResult-like fields plus ``impl``; status ``unavailable`` when this Python has
     no torch with CUDA (the run goes on without a baseline).
     """
-    from ..workloads.check import check_output
     from ..workloads.spec import Workload
 
     w = Workload.from_dict(workload)
     if w.op not in VENDOR_OPS:
         raise ConfigError(f"no cuBLAS baseline for {w.op} (only {', '.join(VENDOR_OPS)})")
-    try:
-        import torch
-    except Exception as e:  # ImportError, or a broken install that fails at import
-        return {"status": "unavailable", "error": f"torch cannot be imported here: {type(e).__name__}: {e}"}
-    if not torch.cuda.is_available():
-        return {"status": "unavailable", "error": f"torch {torch.__version__} sees no CUDA device"}
+    torch = _import_torch()
+    if isinstance(torch, dict):
+        return torch
     from .in_worker import granted_units
 
     seen = granted_units()
     shim = current_shim()
     calls0 = int(shim.spatialtune_green_calls()) if shim is not None else None
     t0 = time.perf_counter()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    # fp16: cuBLAS's fp16 GEMM accumulating in fp32, as the fp16 workloads do (no fp16 reduction)
-    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
-    if torch.backends.cuda.matmul.allow_tf32:
+    if not _torch_exact_matmul(torch):
         return {"status": "runtime_error", "error": "torch did not turn TF32 off"}
     impl = (f"torch {torch.__version__} (CUDA {torch.version.cuda}) matmul, cuBLAS, "
             + ("fp16 in, fp32 accumulation, fp32 out" if w.dtype == "fp16" else "fp32 without TF32"))
-    op, p = w.operator, w.params
-    rng = np.random.default_rng(seed)
-    xs = op.random_inputs(p, w.dtype, rng)
-    ref = op.reference(p, xs)
+    xs = w.operator.random_inputs(w.params, w.dtype, np.random.default_rng(seed))
+    ref = w.operator.reference(w.params, xs)
     try:
-        dev = torch.device("cuda", 0)
-        a, b = (torch.from_numpy(np.ascontiguousarray(x)).to(dev) for x in xs)
-        if w.op == "dense":
-            b = b.t()
-        elif w.op == "batch_matmul" and p.get("transpose_b"):
-            b = b.transpose(1, 2)
-        out_dt = torch.from_numpy(np.zeros(0, op.out_dtype(w.dtype))).dtype
-        out = torch.full(tuple(op.output_shape(p)), float("nan"), dtype=out_dt, device=dev)
-        if out_dt == a.dtype:
-            def fn():
-                torch.matmul(a, b, out=out)
-        elif a.dtype == torch.float16 and out_dt == torch.float32:
-            # fp16 in, fp32 out: cuBLAS's fp16 GEMM (fp32 accumulation, fp16 result) then the
-            # widening copy, both timed, as a framework's mixed-precision layer does it
-            def fn():
-                out.copy_(torch.matmul(a, b))
-        else:
-            return {"status": "unsupported", "impl": impl,
-                    "error": f"{w.dtype} in, {op.out_dtype(w.dtype)} out: torch's matmul has no such cuBLAS call"}
-
-        fn()
-        torch.cuda.synchronize()
-        check_green_current()
-        err, wrong = check_output(out.cpu().numpy(), ref, w.dtype)
-        # what torch reads as the SM count (MPS lowers it; a green context does not: its SMs are granted_units)
-        res = {"granted_units": seen, "rel_err": err, "impl": impl,
-               "torch_sms": int(torch.cuda.get_device_properties(dev).multi_processor_count)}
+        call = _torch_call(torch, w, xs)
+        if isinstance(call, str):
+            return {"status": "unsupported", "impl": impl, "error": call}
+        checked, wrong = _torch_check(torch, w, ref, call)
+        res = {"granted_units": seen, "impl": impl} | checked
         if wrong:
             return res | {"status": "wrong_result", "run_s": time.perf_counter() - t0, "error": wrong}
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-        def timed(n: int) -> float:
-            start.record()
-            for _ in range(n):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / n
-
-        once = timed(3)  # warm-up (cuBLAS picks its kernel, the allocator settles) and a first estimate
-        number = max(1, int(np.ceil(settings.min_repeat_ms / 1e3 / max(once, 1e-7))))
-        timed(number)
-        times = [timed(number) for _ in range(settings.repeat)]
+        times, number = _time_with_events(torch, call.fn, settings)
         check_green_current()
     except DeviceError:
         raise  # the green context was lost: the parent sees a failed call, not a baseline of the whole GPU
@@ -180,6 +136,96 @@ def measure_torch(workload: dict, settings: RunSettings, seed: int) -> dict:
             "run_s": time.perf_counter() - t0}
     if shim is not None:
         res["green_shim_calls"] = int(shim.spatialtune_green_calls()) - calls0
-    a = b = out = None  # free the device memory before empty_cache
+    call = None  # free the device memory before empty_cache
     torch.cuda.empty_cache()
     return res
+
+
+def _import_torch():
+    """torch with CUDA, or the ``unavailable`` row saying why not."""
+    try:
+        import torch
+    except Exception as e:  # ImportError, or a broken install that fails at import
+        return {"status": "unavailable", "error": f"torch cannot be imported here: {type(e).__name__}: {e}"}
+    if not torch.cuda.is_available():
+        return {"status": "unavailable", "error": f"torch {torch.__version__} sees no CUDA device"}
+    return torch
+
+
+def _torch_exact_matmul(torch) -> bool:
+    """Turns off what would make cuBLAS compute less precisely than the workload; False if TF32 stays on."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    # fp16: cuBLAS's fp16 GEMM accumulating in fp32, as the fp16 workloads do (no fp16 reduction)
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    return not torch.backends.cuda.matmul.allow_tf32
+
+
+@dataclass
+class _TorchCall:
+    """The workload as one torch call on the device: its operands, its output and the call.
+
+    Holding the tensors here lets the caller drop them all at once before ``empty_cache``."""
+
+    a: object
+    b: object
+    out: object
+    fn: Callable[[], None]
+
+
+def _torch_call(torch, w, xs) -> _TorchCall | str:
+    """The inputs copied to the device and the matmul writing the workload's output, or why torch
+    has no such call."""
+    op, p = w.operator, w.params
+    dev = torch.device("cuda", 0)
+    a, b = (torch.from_numpy(np.ascontiguousarray(x)).to(dev) for x in xs)
+    if w.op == "dense":
+        b = b.t()
+    elif w.op == "batch_matmul" and p.get("transpose_b"):
+        b = b.transpose(1, 2)
+    out_dt = torch.from_numpy(np.zeros(0, op.out_dtype(w.dtype))).dtype
+    out = torch.full(tuple(op.output_shape(p)), float("nan"), dtype=out_dt, device=dev)
+    if out_dt == a.dtype:
+        def fn():
+            torch.matmul(a, b, out=out)
+    elif a.dtype == torch.float16 and out_dt == torch.float32:
+        # fp16 in, fp32 out: cuBLAS's fp16 GEMM (fp32 accumulation, fp16 result) then the
+        # widening copy, both timed, as a framework's mixed-precision layer does it
+        def fn():
+            out.copy_(torch.matmul(a, b))
+    else:
+        return f"{w.dtype} in, {op.out_dtype(w.dtype)} out: torch's matmul has no such cuBLAS call"
+    return _TorchCall(a, b, out, fn)
+
+
+def _torch_check(torch, w, ref, call: _TorchCall) -> tuple[dict, str | None]:
+    """Runs the call once and checks its output against the float64 reference, as a kernel's is:
+    the fields to record and what is wrong with the output, if anything."""
+    from ..workloads.check import check_output
+
+    call.fn()
+    torch.cuda.synchronize()
+    check_green_current()
+    err, wrong = check_output(call.out.cpu().numpy(), ref, w.dtype)
+    # what torch reads as the SM count (MPS lowers it; a green context does not: its SMs are granted_units)
+    sms = int(torch.cuda.get_device_properties(call.out.device).multi_processor_count)
+    return {"rel_err": err, "torch_sms": sms}, wrong
+
+
+def _time_with_events(torch, fn: Callable[[], None], settings: RunSettings) -> tuple[list[float], int]:
+    """``settings.repeat`` timings of ``fn`` with CUDA events, each of enough calls to last
+    ``settings.min_repeat_ms``, after a warm-up; and that number of calls."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def timed(n: int) -> float:
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / n
+
+    once = timed(3)  # warm-up (cuBLAS picks its kernel, the allocator settles) and a first estimate
+    number = max(1, int(np.ceil(settings.min_repeat_ms / 1e3 / max(once, 1e-7))))
+    timed(number)
+    return [timed(number) for _ in range(settings.repeat)], number

@@ -208,90 +208,136 @@ def measure_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase,
         raise ConfigError("no shares to run the model at")
     if opt.rounds < 1 or opt.min_repeat_ms < 0 or opt.timeout <= 0:
         raise ConfigError("rounds must be at least 1, min_repeat_ms not negative, timeout positive")
-    say = progress or (lambda s: None)
     model = load_onnx(path, shapes, opt.layout)
     device = detect_cpu(opt.mcpu)
     partition = create_partition("cpu")
     db.add_device(device)
     tasks = extract_workloads(model, fast_math=opt.fast_math)
     result = ModelResult(model, device, partition.kind, time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}", tasks)
-    feeds = random_feeds(model, opt.seed)
-    plans = []  # per share: (share, {variant: (msdb, facts)})
-    for r in ratios:
-        share = partition.grant(r)
-        plan = {v: (None, {}) if ratio is None else records_for(db, tasks, device, partition.kind, ratio,
+    run = _ModelRun(result, db, opt, partition, random_feeds(model, opt.seed), progress or (lambda s: None))
+    plans = [run.plan(partition.grant(r)) for r in ratios]
+    run.calls = call_order(model, tasks) if opt.profile else []
+    with tempfile.TemporaryDirectory(prefix="spatialtune-model-") as tmp, partition:
+        run.tmp = tmp
+        # the tuned variants build their tasks as they were measured (fast math where it passed);
+        # untuned is TVM's own build, exact
+        run.fast = [w for w in tasks if w.fast_math and approximable(w.ir_module())]
+        for share, plan in plans:
+            run.measure_share(share, plan)
+    return result
+
+
+@dataclass
+class _ModelRun:
+    """One :func:`measure_model` call, what its shares have in common: the model and its tasks, the
+    inputs, where rows go, and the libraries compiled so far (a share's variant that is the same
+    kernels as one already built reuses its library)."""
+
+    result: ModelResult
+    db: TuningDatabase
+    opt: ModelOptions
+    partition: object
+    feeds: dict[str, np.ndarray]
+    say: Callable[[str], None]
+    calls: list = field(default_factory=list)  # ONNX Runtime's node order, with --profile
+    tmp: str = ""
+    fast: list[Workload] = field(default_factory=list)
+    # (cores, each task's kernel, fast) -> (library, tasks tuned)
+    libs: dict[tuple, tuple[str, int]] = field(default_factory=dict)
+
+    def plan(self, share) -> tuple[object, dict]:
+        """The share and its variants' records: {variant: (MetaSchedule database or None, facts)}."""
+        r, opt, kind = self.result, self.opt, self.partition.kind
+        plan = {v: (None, {}) if ratio is None else records_for(self.db, r.tasks, r.device, kind, ratio,
                                                                  opt.interference)
                 for v, ratio in (("share-tuned", share.key_ratio), ("whole-tuned", 100.0), ("untuned", None))}
         if opt.profile and not any(f["time_s"] for f in plan["share-tuned"][1].values()):
-            raise ConfigError(f"--profile: no task of {model.name} has a tuned config at {share.key_ratio:g}% on "
-                              f"{device.id} ({partition.kind}, interference {opt.interference}): tune it first "
+            raise ConfigError(f"--profile: no task of {r.model.name} has a tuned config at {share.key_ratio:g}% on "
+                              f"{r.device.id} ({kind}, interference {opt.interference}): tune it first "
                               f"(spatialtune workloads --from-onnx, then spatialtune tune)")
-        plans.append((share, plan))
-    calls = call_order(model, tasks) if opt.profile else []
-    with tempfile.TemporaryDirectory(prefix="spatialtune-model-") as tmp, partition:
-        libs: dict[tuple, tuple[str, int]] = {}  # (cores, each task's kernel, fast) -> (library, tasks tuned)
-        # the tuned variants build their tasks as they were measured (fast math where it passed);
-        # untuned is TVM's own build, exact
-        fast = [w for w in tasks if w.fast_math and approximable(w.ir_module())]
-        for share, plan in plans:
-            base = dict(run=result.run, model=model.name, model_hash=model.hash, device_id=device.id,
-                        partition=partition.kind, ratio=share.key_ratio, granted_units=share.units,
-                        n_tasks=len(tasks))
-            same_as: dict[str, str] = {}
-            idents: dict[str, tuple] = {}
-            for v, (msdb, facts) in plan.items():  # the same kernels are one compiled model, timed once
-                idents[v] = ident = (share.units, tuple(facts.get(w.key, {}).get("mod_hash") for w in tasks),
-                                     bool(fast) and msdb is not None)
-                same_as[v] = next(u for u in idents if idents[u] == ident)
-                if ident not in libs:
-                    libs[ident] = _compile(model, device, share.units, msdb, tmp, v, tasks if ident[2] else (), say)
-            loads = [("onnxruntime", "load_onnxruntime", (model.path, feeds, opt.settings()))]
-            loads += [(v, "load_compiled", (libs[idents[v]][0], [feeds[n] for n, _, _ in model.inputs],
-                                            opt.settings())) for v in plan if same_as[v] == v]
-            env = dict(os.environ) | partition.worker_env(share)
-            with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"),
-                        env=env, name=f"model-{share.units}core") as w:
-                res = _interleave(w, opt, loads, say)
-                prof = _call(w, opt, f"{_W}:profile_onnxruntime", model.path, feeds, opt.settings(),
-                             os.path.join(tmp, f"ort-{share.units}")) if opt.profile else None
-            # ONNX Runtime as users run it: threads spinning between runs, in a process of its own
-            # holding the same share, after the rounds (spinning threads in the rounds would slow
-            # the variants timed after them, and TVM's pool would share the cores with it)
-            with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"),
-                        env=env, name=f"ort-{share.units}core") as w:
-                spin = _call(w, opt, f"{_W}:run_onnxruntime", model.path, feeds,
-                             opt.settings() | {"spinning": True, "repeat": opt.rounds})
-            ort = res["onnxruntime"]
-            ref = ort.get("outputs")
-            rows = {"onnxruntime": ModelRun(**base, variant="onnxruntime", status=ort["status"],
-                                            error=ort.get("error", ""), latency_s=ort.get("median_s"),
-                                            times=ort["times"], detail={"version": ort.get("version"),
-                                                                        "cores": ort.get("cores"), "spinning": False,
-                                                                        "spinning_s": spin.get("median_s")})}
-            for v, (_, facts) in plan.items():
-                src = res[same_as[v]]
-                row = ModelRun(**base, variant=v, status=src["status"], error=src.get("error", ""),
-                               latency_s=src.get("median_s"), times=src["times"],
-                               tuned_tasks=libs[idents[v]][1],
-                               trials=sum(f["trials"] for f in facts.values()) if facts else None,
-                               detail={"tasks": facts} if facts else {})
-                if same_as[v] != v:
-                    row.detail["same_as"] = same_as[v]
-                if row.status == "ok" and ref is not None:
-                    row.rel_err, wrong = _compare(src["outputs"], ref)
-                    if wrong:
-                        row.status, row.error = "wrong_result", wrong
-                rows[v] = row
-            st = rows["share-tuned"]
-            if prof is not None and prof["status"] == "ok" and st.latency_s:
-                bd = breakdown(share.key_ratio, calls, plan["share-tuned"][1], st.latency_s, prof)
-                st.detail["profile"] = bd.to_dict()
-                result.profiles[share.key_ratio] = bd
-            elif prof is not None:
-                st.detail["profile_error"] = prof.get("error") or "the share-tuned model has no latency"
-            for row in rows.values():
-                _keep(db, result, row, say)
-    return result
+        return share, plan
+
+    def measure_share(self, share, plan: dict) -> None:
+        """Every variant of ``plan`` compiled, timed next to ONNX Runtime under ``share``, and recorded."""
+        r, opt = self.result, self.opt
+        same_as, idents = self._compile_variants(share, plan)
+        base = dict(run=r.run, model=r.model.name, model_hash=r.model.hash, device_id=r.device.id,
+                    partition=self.partition.kind, ratio=share.key_ratio, granted_units=share.units,
+                    n_tasks=len(r.tasks))
+        loads = [("onnxruntime", "load_onnxruntime", (r.model.path, self.feeds, opt.settings()))]
+        loads += [(v, "load_compiled", (self.libs[idents[v]][0], [self.feeds[n] for n, _, _ in r.model.inputs],
+                                        opt.settings())) for v in plan if same_as[v] == v]
+        res, prof, spin = self._time(share, loads)
+        ort = res["onnxruntime"]
+        rows = {"onnxruntime": ModelRun(**base, variant="onnxruntime", status=ort["status"],
+                                        error=ort.get("error", ""), latency_s=ort.get("median_s"),
+                                        times=ort["times"], detail={"version": ort.get("version"),
+                                                                    "cores": ort.get("cores"), "spinning": False,
+                                                                    "spinning_s": spin.get("median_s")})}
+        for v, (_, facts) in plan.items():
+            src = res[same_as[v]]
+            row = rows[v] = ModelRun(**base, variant=v, status=src["status"], error=src.get("error", ""),
+                                     latency_s=src.get("median_s"), times=src["times"],
+                                     tuned_tasks=self.libs[idents[v]][1],
+                                     trials=sum(f["trials"] for f in facts.values()) if facts else None,
+                                     detail={"tasks": facts} if facts else {})
+            if same_as[v] != v:
+                row.detail["same_as"] = same_as[v]
+            _check_outputs(row, src, ort.get("outputs"))
+        self._attach_profile(share, plan, rows["share-tuned"], prof)
+        for row in rows.values():
+            _keep(self.db, r, row, self.say)
+
+    def _compile_variants(self, share, plan: dict) -> tuple[dict[str, str], dict[str, tuple]]:
+        """Each variant's library, compiled unless the same kernels were; per variant the first
+        variant of this share it is the same kernels as (itself if none), and its library's key."""
+        r = self.result
+        same_as: dict[str, str] = {}
+        idents: dict[str, tuple] = {}
+        for v, (msdb, facts) in plan.items():  # the same kernels are one compiled model, timed once
+            idents[v] = ident = (share.units, tuple(facts.get(w.key, {}).get("mod_hash") for w in r.tasks),
+                                 bool(self.fast) and msdb is not None)
+            same_as[v] = next(u for u in idents if idents[u] == ident)
+            if ident not in self.libs:
+                self.libs[ident] = _compile(r.model, r.device, share.units, msdb, self.tmp, v,
+                                            r.tasks if ident[2] else (), self.say)
+        return same_as, idents
+
+    def _time(self, share, loads: list[tuple[str, str, tuple]]) -> tuple[dict[str, dict], dict | None, dict]:
+        """The variants' interleaved rounds and ONNX Runtime's profile in one worker holding the
+        share, then ONNX Runtime with spinning threads in another."""
+        model, opt = self.result.model, self.opt
+        env = dict(os.environ) | self.partition.worker_env(share)
+        with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"),
+                    env=env, name=f"model-{share.units}core") as w:
+            res = _interleave(w, opt, loads, self.say)
+            prof = _call(w, opt, f"{_W}:profile_onnxruntime", model.path, self.feeds, opt.settings(),
+                         os.path.join(self.tmp, f"ort-{share.units}")) if opt.profile else None
+        # ONNX Runtime as users run it: threads spinning between runs, in a process of its own
+        # holding the same share, after the rounds (spinning threads in the rounds would slow
+        # the variants timed after them, and TVM's pool would share the cores with it)
+        with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"),
+                    env=env, name=f"ort-{share.units}core") as w:
+            spin = _call(w, opt, f"{_W}:run_onnxruntime", model.path, self.feeds,
+                         opt.settings() | {"spinning": True, "repeat": opt.rounds})
+        return res, prof, spin
+
+    def _attach_profile(self, share, plan: dict, st: ModelRun, prof: dict | None) -> None:
+        """With --profile: the share-tuned latency broken down per task, or why it could not be."""
+        if prof is not None and prof["status"] == "ok" and st.latency_s:
+            bd = breakdown(share.key_ratio, self.calls, plan["share-tuned"][1], st.latency_s, prof)
+            st.detail["profile"] = bd.to_dict()
+            self.result.profiles[share.key_ratio] = bd
+        elif prof is not None:
+            st.detail["profile_error"] = prof.get("error") or "the share-tuned model has no latency"
+
+
+def _check_outputs(row: ModelRun, src: dict, ref: list[np.ndarray] | None) -> None:
+    """A variant that ran is checked against ONNX Runtime's outputs; ``wrong_result`` if it differs."""
+    if row.status == "ok" and ref is not None:
+        row.rel_err, wrong = _compare(src["outputs"], ref)
+        if wrong:
+            row.status, row.error = "wrong_result", wrong
 
 
 _W = "spatialtune.models.in_worker"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,22 +37,28 @@ from .e2e import compile_model, records_for
 from .importer import extract_workloads, load_onnx
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    shapes: dict | None = None  # static input shapes, as given to workloads --from-onnx
+    layout: str | None = None  # the convolutions' layout the tasks were extracted with (models.layout)
+    mcpu: str | None = None  # the device whose tuning records are used (default: this machine's CPU)
+    interference: str = "none"  # whose records: the condition they were tuned under
 
-def export_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase, out: str | Path, *,
-                 shapes: dict | None = None, mcpu: str | None = None, interference: str = "none",
-                 progress: Callable[[str], None] | None = None, layout: str | None = None) -> dict:
+
+def export_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase, out: str | Path,
+                 options: ExportOptions = ExportOptions(), progress: Callable[[str], None] | None = None) -> dict:
     """Compile the model at ``path`` once per share of ``ratios`` into ``out``; returns the manifest.
 
     Shares that grant the same cores (25 % and 50 % of two cores are both one core) are one
     variant, listing every ratio asked for it. A task with no config at a share runs untuned in
     that variant (its provenance says so, and ``tuned_tasks`` counts the others)."""
     say = progress or (lambda s: None)
-    interference = check_interference(interference)
+    interference = check_interference(options.interference)
     asked = sorted({norm_ratio(check_ratio(r)) for r in ratios})
     if not asked:
         raise ConfigError("no shares to export the model at")
-    model = load_onnx(path, shapes, layout)
-    device = detect_cpu(mcpu)
+    model = load_onnx(path, options.shapes, options.layout)
+    device = detect_cpu(options.mcpu)
     partition = create_partition("cpu")
     shares: dict[float, dict] = {}
     for r in asked:

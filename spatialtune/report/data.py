@@ -141,8 +141,6 @@ def day(ts: str | None) -> str:
 
 def compute_report(db: TuningDatabase) -> ReportData:
     """Read everything the report shows from ``db``. Pure data; no plotting."""
-    from scipy.stats import spearmanr
-
     names = db.workload_names()
     devices = db.devices()
     dev_name = device_names(devices)
@@ -153,56 +151,86 @@ def compute_report(db: TuningDatabase) -> ReportData:
     series: list[Series] = []
     correlations: list[Correlation] = []
     ok_by_group: dict[tuple, dict[float, dict[str, Any]]] = {}
-    dates: list[str] = []
     for gk in sorted(groups):
         wkey, dev, part, interf = gk
-        ms = db.measurements(workload_key=wkey, device_id=dev, partition=part, interference=interf, status="ok")
         by_ratio: dict[float, dict[str, Any]] = {}
-        for m in ms:
+        for m in db.measurements(workload_key=wkey, device_id=dev, partition=part, interference=interf, status="ok"):
             by_ratio.setdefault(norm_ratio(m.ratio), {})[m.mod_hash] = m
         ok_by_group[gk] = by_ratio
         bests = {norm_ratio(b.ratio): b for b in groups[gk]}
-        whole = bests.get(100.0)
-        base = {}
-        for row in db.baselines(workload_key=wkey, device_id=dev, partition=part, interference=interf):
-            base[(norm_ratio(row["ratio"]), row["kind"])] = row
         s = Series(wkey, names.get(wkey, ""), dev, part, interf)
-        for r in sorted(bests):
-            b = bests[r]
-            tm = by_ratio.get(r, {}).get(b.mod_hash)
-            wm = by_ratio.get(r, {}).get(whole.mod_hash) if whole else None
-            vendor = next((base[(r, k)] for k in VENDOR_BASELINES.get(dev_kind.get(dev, ""), ()) if (r, k) in base),
-                          None)
-            default = base.get((r, "tvm-default"))
-            p = SharePoint(r, b.granted_units, b.median_s, b.mod_hash, day(tm.created_at if tm else b.updated_at),
-                           b.n_trials, wm.median_s if wm else None, day(wm.created_at) if wm else None,
-                           vendor["kind"] if vendor else None, vendor["median_s"] if vendor else None,
-                           day(vendor["created_at"]) if vendor else None,
-                           default["median_s"] if default else None)
-            dates += [d for d in (p.tuned_date, p.whole_config_date, p.baseline_date) if d]
-            s.points.append(p)
+        s.points = _share_points(db, s, bests, by_ratio, VENDOR_BASELINES.get(dev_kind.get(dev, ""), ()))
         series.append(s)
-        for ra, rb in itertools.combinations(sorted(by_ratio), 2):
-            common = sorted(set(by_ratio[ra]) & set(by_ratio[rb]))
-            rho = None
-            if len(common) >= MIN_COMMON:
-                v = spearmanr([by_ratio[ra][h].median_s for h in common], [by_ratio[rb][h].median_s for h in common])
-                rho = None if math.isnan(v.statistic) else float(v.statistic)
-            same = ra in bests and rb in bests and bests[ra].mod_hash == bests[rb].mod_hash
-            correlations.append(Correlation(s.label, dev, ra, rb, len(common), rho, same))
+        correlations += _correlations(s, bests, by_ratio)
+    dates = [d for s in series for p in s.points for d in (p.tuned_date, p.whole_config_date, p.baseline_date) if d]
+    rows, cols, grid = _regret_grid(series, dev_name)
+    return ReportData(str(db.path), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), devices,
+                      (min(dates), max(dates)) if dates else None, series, _geomean_speedups(series), rows, cols,
+                      grid, correlations, _interference_effects(series, ok_by_group), deployment_cells(db),
+                      model_runs(db, latest=True), dev_name)
 
+
+def _share_points(db: TuningDatabase, s: Series, bests: dict, by_ratio: dict[float, dict[str, Any]],
+                  vendors: tuple[str, ...]) -> list[SharePoint]:
+    """One point per share the series has a best at: the best, the 100 %-tuned config measured at
+    that share, the vendor library (the first of ``vendors`` measured there) and TVM's default."""
+    whole = bests.get(100.0)
+    base = {}
+    for row in db.baselines(workload_key=s.workload_key, device_id=s.device_id, partition=s.partition,
+                            interference=s.interference):
+        base[(norm_ratio(row["ratio"]), row["kind"])] = row
+    points = []
+    for r in sorted(bests):
+        b = bests[r]
+        tm = by_ratio.get(r, {}).get(b.mod_hash)
+        wm = by_ratio.get(r, {}).get(whole.mod_hash) if whole else None
+        vendor = next((base[(r, k)] for k in vendors if (r, k) in base), None)
+        default = base.get((r, "tvm-default"))
+        points.append(SharePoint(r, b.granted_units, b.median_s, b.mod_hash, day(tm.created_at if tm else b.updated_at),
+                                 b.n_trials, wm.median_s if wm else None, day(wm.created_at) if wm else None,
+                                 vendor["kind"] if vendor else None, vendor["median_s"] if vendor else None,
+                                 day(vendor["created_at"]) if vendor else None,
+                                 default["median_s"] if default else None))
+    return points
+
+
+def _correlations(s: Series, bests: dict, by_ratio: dict[float, dict[str, Any]]) -> list[Correlation]:
+    """The rank correlation between every two shares of the series, over the candidates measured at both."""
+    from scipy.stats import spearmanr
+
+    out = []
+    for ra, rb in itertools.combinations(sorted(by_ratio), 2):
+        common = sorted(set(by_ratio[ra]) & set(by_ratio[rb]))
+        rho = None
+        if len(common) >= MIN_COMMON:
+            v = spearmanr([by_ratio[ra][h].median_s for h in common], [by_ratio[rb][h].median_s for h in common])
+            rho = None if math.isnan(v.statistic) else float(v.statistic)
+        same = ra in bests and rb in bests and bests[ra].mod_hash == bests[rb].mod_hash
+        out.append(Correlation(s.label, s.device_id, ra, rb, len(common), rho, same))
+    return out
+
+
+def _geomean_speedups(series: list[Series]) -> dict[float, float]:
+    """Per share, the geometric mean of the regret over the series that have both configs there."""
     logs: dict[float, list[float]] = {}
     for s in series:
         for p in s.points:
             if p.speedup:
                 logs.setdefault(p.ratio, []).append(math.log(p.speedup))
-    geo = {r: math.exp(sum(v) / len(v)) for r, v in sorted(logs.items())}
+    return {r: math.exp(sum(v) / len(v)) for r, v in sorted(logs.items())}
 
+
+def _regret_grid(series: list[Series], dev_name: dict[str, str]) -> tuple[list[str], list[float], list[list]]:
+    """The regret matrix: a row per series (named with its device), a column per share."""
     cols = sorted({p.ratio for s in series for p in s.points})
     rows = [f"{s.label} ({dev_name.get(s.device_id, s.device_id)})" for s in series]
     grid = [[next((p.speedup for p in s.points if p.ratio == c and p.speedup), None) for c in cols]
             for s in series]
+    return rows, cols, grid
 
+
+def _interference_effects(series: list[Series], ok_by_group: dict[tuple, dict]) -> list[InterferenceEffect]:
+    """Each series under a neighbour next to its quiet twin, share by share where both have a best."""
     effects: list[InterferenceEffect] = []
     quiet = {(s.workload_key, s.device_id, s.partition): s for s in series if s.interference == "none"}
     for s in series:
@@ -220,9 +248,7 @@ def compute_report(db: TuningDatabase) -> ReportData:
                                               p.tuned_s, qp[p.ratio].tuned_s, p.tuned_s / qp[p.ratio].tuned_s,
                                               thr[len(thr) // 2] if thr else None, unit,
                                               p.tuned_hash == qp[p.ratio].tuned_hash, p.tuned_date))
-    return ReportData(str(db.path), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), devices,
-                      (min(dates), max(dates)) if dates else None, series, geo, rows, cols, grid, correlations,
-                      effects, deployment_cells(db), model_runs(db, latest=True), dev_name)
+    return effects
 
 
 def report_json(d: ReportData) -> dict[str, Any]:

@@ -83,20 +83,28 @@ def _plot_interference(d: ReportData, path: Path) -> None:
 def _blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
     """The report as a list of blocks, rendered by both the Markdown and the HTML writers."""
     taken = f"; measurements taken {d.date_range[0]} to {d.date_range[1]}." if d.date_range else "."
-    dev_of = lambda i: device_cell(d.device_names, i)  # noqa: E731
     B: list[tuple] = [("h1", "spatialtune report"), ("p", f"Database {d.db_path}; generated {d.generated_at}{taken}")]
     B += lead_blocks(d, plots)
-    B.append(("h2", SECTIONS[1]))
+    return (B + _device_blocks(d) + _series_blocks(d, plots) + _speedup_blocks(d) + _regret_blocks(plots)
+            + _correlation_blocks(d) + _interference_blocks(d, plots) + _model_blocks(d))
+
+
+def _device_blocks(d: ReportData) -> list[tuple]:
+    B: list[tuple] = [("h2", SECTIONS[1])]
     B.append(("p", "Elsewhere the report names each device as in the first column (in report.html its id shows on "
                    "hover)."))
     B.append(("table", ["device", "id", "driver", "arch", "TVM", "registered"],
               [[d.device_names.get(x["id"], x["id"]), x["id"], x.get("driver") or "",
                 x.get("arch") or "", x.get("tvm_version") or "", day(x["created_at"])] for x in d.devices]))
-    B.append(("h2", SECTIONS[2]))
+    return B
+
+
+def _series_blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
+    B: list[tuple] = [("h2", SECTIONS[2])]
     B.append(("p", "Per workload: the config tuned for each share, the 100%-tuned config measured at that share, "
                    "and the vendor baseline measured under the same cap where one exists."))
     for i, s in enumerate(d.series):
-        dev = dev_of(s.device_id)
+        dev = device_cell(d.device_names, s.device_id)
         B.append(("h3", Cell(f"{s.label} on {dev.text} ({s.partition})", f"{s.workload_key} on {s.device_id}")))
         if f"series{i}" in plots:
             B.append(("img", plots[f"series{i}"], f"time vs share for {s.label} ({s.partition})"))
@@ -105,9 +113,13 @@ def _blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
                   [[f"{p.ratio:.4g}%", "" if p.units is None else str(p.units), _us(p.tuned_s), _us(p.whole_config_s),
                     f"{_us(p.baseline_s)} ({p.baseline_kind})" if p.baseline_s else "–", _us(p.default_s),
                     str(p.n_trials), p.tuned_date] for p in s.points]))
-    B.append(("h2", SECTIONS[3]))
-    rows = [[s.label, dev_of(s.device_id), f"{p.ratio:.4g}%", _us(p.tuned_s), _us(p.whole_config_s), f"{p.speedup:.3f}x",
-             p.tuned_date] for s in d.series for p in s.points if p.speedup]
+    return B
+
+
+def _speedup_blocks(d: ReportData) -> list[tuple]:
+    B: list[tuple] = [("h2", SECTIONS[3])]
+    rows = [[s.label, device_cell(d.device_names, s.device_id), f"{p.ratio:.4g}%", _us(p.tuned_s),
+             _us(p.whole_config_s), f"{p.speedup:.3f}x", p.tuned_date] for s in d.series for p in s.points if p.speedup]
     if rows:
         B.append(("table", ["workload", "device", "share", "ratio-tuned", "100%-tuned", "speedup", "measured"], rows))
         B.append(("table", ["share", "geometric mean speedup", "series"],
@@ -116,37 +128,49 @@ def _blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
                    for r, g in d.geomean_speedup.items()]))
     else:
         B.append(("p", "No share has both its own best config and the 100%-tuned config measured."))
-    B.append(("h2", SECTIONS[4]))
+    return B
+
+
+def _regret_blocks(plots: dict[str, Path]) -> list[tuple]:
+    B: list[tuple] = [("h2", SECTIONS[4])]
     if "regret" in plots:
         B.append(("img", plots["regret"], "regret heat map", "wide"))
         B.append(("p", "Regret: how much slower the 100%-tuned config is than the ratio-tuned one at each share "
                        "(empty: not measured)."))
     else:
         B.append(("p", "No regret to show: no share has the 100%-tuned config measured."))
-    B.append(("h2", SECTIONS[5]))
+    return B
+
+
+def _correlation_blocks(d: ReportData) -> list[tuple]:
+    B: list[tuple] = [("h2", SECTIONS[5])]
     if d.correlations:
         B.append(("table", ["workload", "device", "shares", "common candidates", "Spearman rho", "same best"],
-                  [[c.label, dev_of(c.device_id), f"{c.ratio_a:g}% vs {c.ratio_b:g}%", str(c.n_common),
-                    "–" if c.rho is None else f"{c.rho:.3f}", "yes" if c.same_best else "no"]
+                  [[c.label, device_cell(d.device_names, c.device_id), f"{c.ratio_a:g}% vs {c.ratio_b:g}%",
+                    str(c.n_common), "–" if c.rho is None else f"{c.rho:.3f}", "yes" if c.same_best else "no"]
                    for c in d.correlations]))
         B.append(("p", f"rho needs at least {MIN_COMMON} candidates measured at both shares."))
     else:
         B.append(("p", "No workload was measured at two shares."))
-    B.append(("h2", SECTIONS[6]))
+    return B
+
+
+def _interference_blocks(d: ReportData, plots: dict[str, Path]) -> list[tuple]:
+    B: list[tuple] = [("h2", SECTIONS[6])]
     if d.interference:
         if "interference" in plots:
             B.append(("img", plots["interference"], "interference slowdown"))
         B.append(("table", ["workload", "device", "share", "condition", "best alone", "best under it", "slowdown",
                             "neighbour throughput", "same config", "measured"],
-                  [[e.label, dev_of(e.device_id), f"{e.ratio:.4g}%", e.condition, _us(e.quiet_s), _us(e.best_s),
-                    f"{e.slowdown:.2f}x",
+                  [[e.label, device_cell(d.device_names, e.device_id), f"{e.ratio:.4g}%", e.condition,
+                    _us(e.quiet_s), _us(e.best_s), f"{e.slowdown:.2f}x",
                     "–" if e.neighbour_throughput is None else f"{e.neighbour_throughput:.3g} {e.neighbour_unit}",
                     "yes" if e.same_config else "no", e.date] for e in d.interference]))
     else:
         conds = sorted({s.interference for s in d.series})
         B.append(("p", f"No condition other than 'none' was tuned next to a quiet run (conditions: "
                        f"{', '.join(conds) or 'none'})."))
-    return B + _model_blocks(d)
+    return B
 
 
 def _model_blocks(d: ReportData) -> list[tuple]:

@@ -67,23 +67,35 @@ class EvolutionConfig:
     tile_seeds: int = 16
 
 
+@dataclass(frozen=True)
+class SearchRun:
+    """How one search runs, apart from what it searches: the candidates it hands out per batch,
+    its random seed and the evolution's threads (None: this process's cores; 1 makes a search
+    reproducible from its seed and its measurements). :class:`~.policy.SharePolicy` is given the
+    job's seed and derives its search's own from it and the key."""
+
+    batch: int = 16
+    seed: int = 0
+    threads: int | None = None
+
+
 class EvolutionarySearch(Search):
     def __init__(self, workload, target: dict, cost_model: CostModel, *,
                  measured: Sequence[tuple[str, float | None]] = (), seeds: Sequence[tuple[str, float]] = (),
-                 batch: int = 16, config: EvolutionConfig = EvolutionConfig(), rand_state: int = 0,
-                 share_units: tuple[int, int] = (1, 1), threads: int | None = None):
+                 config: EvolutionConfig = EvolutionConfig(), share_units: tuple[int, int] = (1, 1),
+                 run: SearchRun = SearchRun()):
         """``measured``: (trace, time or None) already measured under this share; ``seeds``:
         (trace, time on this share's scale) of other shares, best first; ``share_units``: (units
         granted, units of the whole device), the share features of the cost model."""
         from tvm.s_tir import meta_schedule as ms
 
         t0 = time.perf_counter()
-        self.workload, self.cost_model, self.batch, self.config = workload, cost_model, max(1, batch), config
+        self.workload, self.cost_model, self.batch, self.config = workload, cost_model, max(1, run.batch), config
         self.share_units = share_units
-        self.rand_state = rand_state
+        self.rand_state = rand_state = run.seed
         self._ms = ms
         self.space = DesignSpace(workload, target, rand_state=rand_state, pack_panels=config.pack_panels,
-                                 threads=threads or len(os.sched_getaffinity(0)),
+                                 threads=run.threads or len(os.sched_getaffinity(0)),
                                  strategy=ms.search_strategy.EvolutionarySearch(
                                      population_size=config.population, init_measured_ratio=config.init_measured_ratio,
                                      init_min_unmeasured=min(config.population, max(16, self.batch)),

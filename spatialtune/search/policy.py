@@ -31,14 +31,14 @@ import logging
 import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
 
 from ..terms import WHOLE, norm_ratio
 from .cost_model import CostModel, with_share
-from .evolution import EvolutionarySearch, EvolutionConfig
+from .evolution import EvolutionarySearch, EvolutionConfig, SearchRun
 from .space import Candidate
 
 log = logging.getLogger(__name__)
@@ -227,21 +227,19 @@ class SharePolicy:
     """
 
     def __init__(self, workload, target: dict, key: KeyId, rows: Sequence, model: CostModel, *,
-                 share_units: tuple[int, int], options: PolicyOptions = PolicyOptions(), batch: int = 16,
-                 seed: int = 0, threads: int | None = None, siblings: Sequence[tuple] = ()):
+                 share_units: tuple[int, int], options: PolicyOptions = PolicyOptions(), run: SearchRun = SearchRun()):
         self.workload, self.key, self.options = workload, key, options
-        self.siblings = siblings  # (workload, traces): other tasks' best kernels under this key (.siblings)
         self.here = [m for m in rows if KeyId.of(m) == key]
         self.best_of = {k: v for k, v in best_by_key(rows).items() if k != key}
         measured = [(m.trace, m.median_s if m.status == "ok" else None) for m in self.here]
-        rs = (seed * 7919 + len(self.here) * 31 + zlib.crc32(f"{key.partition}:{key.ratio:g}:{key.interference}"
-                                                              .encode())) % (2**31 - 1)
+        rs = (run.seed * 7919 + len(self.here) * 31 + zlib.crc32(f"{key.partition}:{key.ratio:g}:{key.interference}"
+                                                                  .encode())) % (2**31 - 1)
         t0 = time.perf_counter()
         seeds = self._seeds()
         self.n_seeds = len(seeds)
         self.search = EvolutionarySearch(workload, target, model, measured=measured, seeds=seeds,
-                                         batch=batch, config=options.evolution, rand_state=rs,
-                                         share_units=share_units, threads=threads)
+                                         config=options.evolution, share_units=share_units,
+                                         run=replace(run, seed=rs))
         self.setup_s = time.perf_counter() - t0
 
     def _seeds(self) -> list[tuple[str, float]]:
@@ -270,18 +268,19 @@ class SharePolicy:
                 out += [m.trace for m in ms[:1]]  # this share, other neighbours
         return list(dict.fromkeys(out))
 
-    def transfers(self) -> list[Candidate]:
-        """What to measure before any search: the transfers, then the siblings' kernels."""
+    def transfers(self, siblings: Sequence[tuple] = ()) -> list[Candidate]:
+        """What to measure before any search: the transfers, then the kernels of ``siblings``
+        ((workload, traces): other tasks' best kernels under this key, :mod:`.siblings`)."""
         out = self.search.replayed(self.transfer_traces(), "transfer")
-        return out + self.sibling_kernels(exclude={c.mod_hash for c in out})
+        return out + self.sibling_kernels(siblings, exclude={c.mod_hash for c in out})
 
-    def sibling_kernels(self, exclude: set[str] = frozenset()) -> list[Candidate]:
+    def sibling_kernels(self, siblings: Sequence[tuple], exclude: set[str] = frozenset()) -> list[Candidate]:
         """Sibling tasks' best kernels under this key, adapted to this workload (:mod:`.siblings`)."""
         from ..workloads.schedule import mod_hash
         from .siblings import adapt
 
         space, out, taken = self.search.space, [], set(exclude)
-        for donor, traces in self.siblings:
+        for donor, traces in siblings:
             for tr in traces:
                 sch = adapt(space, donor, tr)
                 h = None if sch is None else mod_hash(sch.mod)

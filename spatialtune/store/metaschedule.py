@@ -61,51 +61,19 @@ def import_metaschedule(db: TuningDatabase, src: Path, ratio: float, *, interfer
     of failed runs, or whose trace does not replay are counted, not fatal. Raises ConfigError
     when ``src`` is not a MetaSchedule database.
     """
-    import tvm
-    import tvm_ffi
-    from tvm.s_tir import meta_schedule as ms
-
-    from ..workloads.schedule import apply_trace, mod_hash
-
     check_ratio(ratio)
-    pw, pr = Path(src) / WORKLOAD_FILE, Path(src) / RECORD_FILE
-    if not pw.is_file() or not pr.is_file():
-        raise ConfigError(f"{src}: not a MetaSchedule database (needs {WORKLOAD_FILE} and {RECORD_FILE})")
-    try:
-        msdb = ms.database.JSONDatabase(path_workload=str(pw), path_tuning_record=str(pr), allow_missing=False)
-        records = list(msdb.get_all_tuning_records())
-    except Exception as e:
-        raise ConfigError(f"{src}: TVM cannot read this MetaSchedule database: {e}") from None
+    records = _read_records(src)
     summary = ImportSummary(records=len(records))
-    cands = {w.key: w for w in db.workloads()}
-    for w in workloads or ():
-        cands.setdefault(w.key, w)
-    by_hash: dict[int, list] = {}
-    for w in cands.values():
-        m = w.ir_module()
-        by_hash.setdefault(tvm_ffi.structural_hash(m), []).append((w, m))
+    by_hash = _workloads_by_hash(db, workloads)
     device = _import_device(db, device_id, records)
     summary.device_id = device["id"]
     part = partition or ("cpu" if device["kind"] == "cpu" else "mps")
     units = max(1, min(device["units"], round(ratio / 100 * device["units"])))
     for rec in records:
-        mod = rec.workload.mod
-        match = [w for w, m in by_hash.get(tvm_ffi.structural_hash(mod), []) if tvm_ffi.structural_equal(m, mod)]
-        if not match:
-            summary.unmatched += 1
+        replayed = _replay(rec, by_hash, summary)
+        if replayed is None:
             continue
-        w = match[0]
-        secs = [float(t) for t in (rec.run_secs or [])]
-        if not secs or not all(np.isfinite(s) and 0 < s < _MS_FAILED for s in secs):
-            summary.invalid += 1
-            continue
-        trace = tvm.ir.save_json(rec.trace.as_json())
-        try:
-            h = mod_hash(apply_trace(w, trace).mod)
-        except Exception as e:
-            log.debug("imported trace does not replay on %s: %s", w.key, e)
-            summary.invalid += 1
-            continue
+        w, trace, secs, h = replayed
         db.add_workload(w)
         m = Measurement(workload_key=w.key, device_id=device["id"], partition=part, ratio=norm_ratio(ratio),
                         interference=interference, mod_hash=h, trace=trace, status="unchecked", times=secs,
@@ -117,6 +85,63 @@ def import_metaschedule(db: TuningDatabase, src: Path, ratio: float, *, interfer
             summary.imported += 1
     log.info("imported %d of %d MetaSchedule records from %s", summary.imported, summary.records, src)
     return summary
+
+
+def _read_records(src: Path) -> list:
+    """The tuning records of the MetaSchedule JSON database in ``src``."""
+    from tvm.s_tir import meta_schedule as ms
+
+    pw, pr = Path(src) / WORKLOAD_FILE, Path(src) / RECORD_FILE
+    if not pw.is_file() or not pr.is_file():
+        raise ConfigError(f"{src}: not a MetaSchedule database (needs {WORKLOAD_FILE} and {RECORD_FILE})")
+    try:
+        msdb = ms.database.JSONDatabase(path_workload=str(pw), path_tuning_record=str(pr), allow_missing=False)
+        return list(msdb.get_all_tuning_records())
+    except Exception as e:
+        raise ConfigError(f"{src}: TVM cannot read this MetaSchedule database: {e}") from None
+
+
+def _workloads_by_hash(db: TuningDatabase, workloads: Sequence[Any] | None) -> dict[int, list]:
+    """The candidate workloads (the database's, then those given) by their IRModule's structural
+    hash, each with its module: records are matched to them as MetaSchedule matches them."""
+    import tvm_ffi
+
+    cands = {w.key: w for w in db.workloads()}
+    for w in workloads or ():
+        cands.setdefault(w.key, w)
+    by_hash: dict[int, list] = {}
+    for w in cands.values():
+        m = w.ir_module()
+        by_hash.setdefault(tvm_ffi.structural_hash(m), []).append((w, m))
+    return by_hash
+
+
+def _replay(rec, by_hash: dict[int, list], summary: ImportSummary):
+    """(workload, trace JSON, run times, the scheduled module's hash) for a record that matches a
+    workload, ran and replays; None for one that does not, counted in ``summary``."""
+    import tvm
+    import tvm_ffi
+
+    from ..workloads.schedule import apply_trace, mod_hash
+
+    mod = rec.workload.mod
+    match = [w for w, m in by_hash.get(tvm_ffi.structural_hash(mod), []) if tvm_ffi.structural_equal(m, mod)]
+    if not match:
+        summary.unmatched += 1
+        return None
+    w = match[0]
+    secs = [float(t) for t in (rec.run_secs or [])]
+    if not secs or not all(np.isfinite(s) and 0 < s < _MS_FAILED for s in secs):
+        summary.invalid += 1
+        return None
+    trace = tvm.ir.save_json(rec.trace.as_json())
+    try:
+        h = mod_hash(apply_trace(w, trace).mod)
+    except Exception as e:
+        log.debug("imported trace does not replay on %s: %s", w.key, e)
+        summary.invalid += 1
+        return None
+    return w, trace, secs, h
 
 
 def _import_device(db: TuningDatabase, device_id: str | None, records: list) -> dict:

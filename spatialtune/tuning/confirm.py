@@ -22,6 +22,7 @@ import numpy as np
 from ..measure.builder import BuildInput
 from ..measure.runner import RunInput
 from ..search.space import candidate_from_trace
+from .context import TuneContext
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +34,21 @@ def first_measurement_s(m, repeat: int) -> float | None:
     return float(np.median(first)) if first else None
 
 
-def confirm_best(db, builder, runner, workload, share, key: dict, target: dict, *, top: int = 4,
-                 rounds: int = 2) -> int:
-    """Re-measure the ``top`` fastest kernels under ``key``; returns how many were confirmed."""
+def confirm_best(ctx: TuneContext, *, top: int = 4, rounds: int = 2) -> int:
+    """Re-measure the ``top`` fastest kernels under ``ctx.key``; returns how many were confirmed."""
+    db, workload, key = ctx.db, ctx.workload, ctx.key
     ok = db.measurements(**key, status="ok")
     rows = sorted(ok, key=lambda m: m.median_s)[:min(top, max(2, len(ok) // 3))]
     if len(rows) < 2 or rounds < 1:
         return 0
     cands = [candidate_from_trace(workload, m.trace, "confirm", expect_hash=m.mod_hash) for m in rows]
     keep = [(m, c) for m, c in zip(rows, cands) if c is not None]
-    built = builder.build([BuildInput.of(c, workload.key, workload.fast_math) for _, c in keep], target)
+    built = ctx.builder.build([BuildInput.of(c, workload.key, workload.fast_math) for _, c in keep], ctx.target)
     keep = [(m, b) for (m, _), b in zip(keep, built) if b.ok]
     extra: dict[int, list[float]] = {i: [] for i in range(len(keep))}
     for _ in range(rounds):
-        res = runner.run(share, key["interference"], [RunInput(workload.to_dict(), b.artifact, b.cubin, m.mod_hash)
-                                                       for m, b in keep])
+        res = ctx.runner.run(ctx.share, key["interference"],
+                             [RunInput(workload.to_dict(), b.artifact, b.cubin, m.mod_hash) for m, b in keep])
         for i, r in enumerate(res):
             if r.status == "ok":
                 extra[i] += r.times

@@ -42,6 +42,7 @@ from ..terms import Share, check_ratio, norm_ratio
 from ..workloads.spec import Workload
 from .baselines import measure_baselines
 from .confirm import confirm_best
+from .context import TuneContext
 from .matrix import check_imported, fill_matrix
 from .lanes import ProgressFn, device_and_partition, in_threads, serialised
 from .options import ShareResult, TuneOptions, TuneSummary
@@ -281,7 +282,7 @@ class _Job:
     def _confirm(self, w: Workload, share: Share, key: dict) -> None:
         if self.runner.real and self.opt.confirm_top and not self.out_of_time():
             t0 = time.perf_counter()
-            confirm_best(self.db, self.builder, self.runner, w, share, key, self.target(share),
+            confirm_best(TuneContext(self.db, self.builder, self.runner, w, share, key, self.target(share)),
                          top=self.opt.confirm_top)
             self.stage.add("run", time.perf_counter() - t0)
 
@@ -381,10 +382,9 @@ class _KeySearch:
         self.policy = SharePolicy(w, target_for(job.device, share.units),
                                   KeyId(job.partition.kind, r, job.opt.interference), rows, self.model,
                                   share_units=(share.units, share.total), options=job.opt.policy(),
-                                  batch=job.opt.batch, seed=job.opt.seed, threads=job.opt.search_threads,
-                                  siblings=siblings)
+                                  run=job.opt.search_run())
         job.stage.add("setup", time.perf_counter() - t0)
-        self.pending = self.policy.transfers()
+        self.pending = self.policy.transfers(siblings)
 
     def step(self, want: int) -> bool:
         """Measure the next batch, at most ``want`` candidates (all pending transfers first);

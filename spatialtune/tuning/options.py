@@ -9,7 +9,7 @@ from ..errors import ConfigError
 from ..measure.runner import RunSettings
 from ..partitions import Partition
 from ..search.cost_model import create_cost_model
-from ..search.evolution import EvolutionConfig
+from ..search.evolution import EvolutionConfig, SearchRun
 from ..search.policy import PolicyOptions
 from ..terms import check_interference, regret
 
@@ -94,6 +94,9 @@ class TuneOptions:
                                                        explore=self.explore, local=self.local,
                                                        diversity=self.diversity, pack_panels=self.pack_panels,
                                                        tile_seeds=self.tile_seeds))
+
+    def search_run(self) -> SearchRun:
+        return SearchRun(batch=self.batch, seed=self.seed, threads=self.search_threads)
 
 
 @dataclass

@@ -259,47 +259,65 @@ def parse_space(raw: Mapping[str, Any], where: str) -> SearchSpace:
             seen_names[w.name] = w.dtype
             space.workloads.append(w)
             continue
-        extra = set(e) - {"name", "op", "dtype", "shape", "model"}
-        if extra:
-            raise SpecError(f"{at}.{sorted(extra)[0]}: unknown field (fields: name, op, dtype, shape, model)")
-        for req in ("name", "op", "shape"):
-            if req not in e:
-                raise SpecError(f"{at}.{req}: missing")
-        name = e["name"]
-        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
-            raise SpecError(f"{at}.name: must be a non-empty string without spaces, got {name!r}")
-        try:
-            op = get_operator(e["op"]) if isinstance(e["op"], str) else None
-        except SpecError as err:
-            raise SpecError(f"{at}.op: {err}") from None
-        if op is None:
-            raise SpecError(f"{at}.op: must be a string")
-        if not isinstance(e["shape"], dict):
-            raise SpecError(f"{at}.shape: must be a table like {{ M = 128, N = 768, K = 768 }}")
-        try:
-            params = op.check_params(e["shape"])
-            op.output_shape(params)
-        except SpecError as err:
-            raise SpecError(f"{at}.shape: {err}") from None
-        dtypes = e.get("dtype", "fp32")
-        dtypes = [dtypes] if isinstance(dtypes, str) else dtypes
-        if not isinstance(dtypes, list) or not dtypes:
-            raise SpecError(f"{at}.dtype: must be a string or a list of strings")
-        for dt in dtypes:
-            if dt not in DTYPES:
-                raise SpecError(f"{at}.dtype: unknown dtype {dt!r} (known: {', '.join(DTYPES)})")
-            if dt not in op.dtypes:
-                raise SpecError(f"{at}.dtype: {op.name} does not support {dt}")
-        model = e.get("model", "")
-        if not isinstance(model, str):
-            raise SpecError(f"{at}.model: must be a string")
-        for dt in dtypes:
-            wname = name if len(dtypes) == 1 else f"{name}_{dt}"
-            if wname in seen_names:
-                raise SpecError(f"{at}.name: duplicate workload name {wname!r}")
-            seen_names[wname] = dt
-            space.workloads.append(Workload(op=op.name, dtype=dt, params=params, name=wname, model=model))
+        for w in _op_entry(e, at):
+            if w.name in seen_names:
+                raise SpecError(f"{at}.name: duplicate workload name {w.name!r}")
+            seen_names[w.name] = w.dtype
+            space.workloads.append(w)
     return space
+
+
+def _op_entry(e: Mapping[str, Any], at: str) -> list[Workload]:
+    """An entry naming an operator and its shape: one workload per dtype it lists (named
+    ``NAME_DTYPE`` when it lists several)."""
+    extra = set(e) - {"name", "op", "dtype", "shape", "model"}
+    if extra:
+        raise SpecError(f"{at}.{sorted(extra)[0]}: unknown field (fields: name, op, dtype, shape, model)")
+    for req in ("name", "op", "shape"):
+        if req not in e:
+            raise SpecError(f"{at}.{req}: missing")
+    name = e["name"]
+    if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+        raise SpecError(f"{at}.name: must be a non-empty string without spaces, got {name!r}")
+    op, params = _entry_op(e, at)
+    dtypes = _entry_dtypes(e, at, op)
+    model = e.get("model", "")
+    if not isinstance(model, str):
+        raise SpecError(f"{at}.model: must be a string")
+    return [Workload(op=op.name, dtype=dt, params=params, name=name if len(dtypes) == 1 else f"{name}_{dt}",
+                     model=model) for dt in dtypes]
+
+
+def _entry_op(e: Mapping[str, Any], at: str):
+    """The entry's operator and its shape, checked by the operator."""
+    try:
+        op = get_operator(e["op"]) if isinstance(e["op"], str) else None
+    except SpecError as err:
+        raise SpecError(f"{at}.op: {err}") from None
+    if op is None:
+        raise SpecError(f"{at}.op: must be a string")
+    if not isinstance(e["shape"], dict):
+        raise SpecError(f"{at}.shape: must be a table like {{ M = 128, N = 768, K = 768 }}")
+    try:
+        params = op.check_params(e["shape"])
+        op.output_shape(params)
+    except SpecError as err:
+        raise SpecError(f"{at}.shape: {err}") from None
+    return op, params
+
+
+def _entry_dtypes(e: Mapping[str, Any], at: str, op) -> list[str]:
+    """The dtypes the entry lists (one string or a list), each known and supported by ``op``."""
+    dtypes = e.get("dtype", "fp32")
+    dtypes = [dtypes] if isinstance(dtypes, str) else dtypes
+    if not isinstance(dtypes, list) or not dtypes:
+        raise SpecError(f"{at}.dtype: must be a string or a list of strings")
+    for dt in dtypes:
+        if dt not in DTYPES:
+            raise SpecError(f"{at}.dtype: unknown dtype {dt!r} (known: {', '.join(DTYPES)})")
+        if dt not in op.dtypes:
+            raise SpecError(f"{at}.dtype: {op.name} does not support {dt}")
+    return dtypes
 
 
 
