@@ -166,7 +166,11 @@ def main() -> int:
         parse_layout(x)  # a bad name is one line before anything runs
     labels = [f"{m}{'' if parse_layout(x) is None else '-' + layout_name(parse_layout(x))}"
               for m in a.models.split(",") for x in layouts]
-    if a.table_only:
+    if a.table_only:  # without --layouts: every layout saved for these models
+        if a.layouts is None:
+            labels = [f.name[: -len("-result.json")] for m in a.models.split(",")
+                      for f in sorted(out.glob(f"{m}*-result.json"))
+                      if f.name == f"{m}-result.json" or f.name.startswith(f"{m}-NCHW")]
         return print_saved(out, labels)
     out.mkdir(parents=True, exist_ok=True)
     db_path = Path(a.db or (os.environ.get("SPATIALTUNE_DB") if a.quick else None) or out / "bench.sqlite")
