@@ -148,14 +148,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", default=bool(os.environ.get("SPATIALTUNE_QUICK")))
     ap.add_argument("--trials", type=int, default=None, help="trials per share per model (default 256; quick: one "
                                                              "per task)")
-    ap.add_argument("--ratios", default=None, help="shares, percent (default 100,50; quick: 100, since "
-                                                    "tests/test_models.py runs a model at two shares)")
+    ap.add_argument("--ratios", default=None, help="shares, percent, tuned in this order (default 100,50)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--layouts", default=None,
                     help="convolution layouts to compile each model in, e.g. nchw,NCHW16c (models.layout; a model "
                          "without convolutions runs in nchw only; default nchw, quick: nchw,NCHW8c)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(tempfile.gettempdir()) / "spatialtune-bench-model"))
     ap.add_argument("--db", default=None, help="tuning database (default: OUT/bench.sqlite)")
+    ap.add_argument("--no-scratch", dest="scratch", action="store_false",
+                    help="do not tune each share after the first again from an empty database (the trials to "
+                         "95 %% of the model's kernel time without transfer)")
     ap.add_argument("--table-only", action="store_true",
                     help="print the tables from the results saved under --out (MODEL-result.json); measure nothing")
     a = ap.parse_args()
@@ -174,7 +176,7 @@ def main() -> int:
         return print_saved(out, labels)
     out.mkdir(parents=True, exist_ok=True)
     db_path = Path(a.db or (os.environ.get("SPATIALTUNE_DB") if a.quick else None) or out / "bench.sqlite")
-    ratios = [float(r) for r in (a.ratios or ("100" if a.quick else "100,50")).split(",")]
+    ratios = [float(r) for r in (a.ratios or "100,50").split(",")]
     import onnxruntime
 
     where = f"{describe_machine()}, ONNX Runtime {onnxruntime.__version__}"
@@ -195,19 +197,28 @@ def main() -> int:
         opts = TuneOptions(trials=trials, scheduler="gradient", baselines=not a.quick,
                            **(dict(batch=1, population=16, genetic_iters=1,
                                    run=RunSettings(repeat=2, min_repeat_ms=5, warmup_ms=5)) if a.quick else {}))
-        t0 = time.perf_counter()
+        shares, new = {}, 0
         with TuningDatabase(db_path) as db:
-            summary = tune(tasks, ratios, db, opts)
-            tune_s = time.perf_counter() - t0
+            for i, r in enumerate(ratios):  # one share at a time, each with what the earlier ones found
+                t0 = time.perf_counter()
+                new += sum(x.new_trials for x in tune(tasks, [r], db, opts).results)
+                shares[f"{r:g}"] = {"tune_s": time.perf_counter() - t0, **reach(db, tasks, r)}
+                if i and a.scratch:  # the same share tuned again, knowing nothing of the others
+                    with TuningDatabase(out / f"{name}-scratch-{r:g}.sqlite") as fresh:
+                        t0 = time.perf_counter()
+                        tune(tasks, [r], fresh, opts)
+                        shares[f"{r:g}"]["scratch"] = {"tune_s": time.perf_counter() - t0,
+                                                       **reach(fresh, tasks, r, shares[f"{r:g}"]["final_s"])}
             mopts = ModelOptions(rounds=2, min_repeat_ms=5, warmup_ms=5) if a.quick else ModelOptions()
             res = measure_model(onnx_path, ratios, db, options=dataclasses.replace(mopts, layout=layout))
-        new = sum(r.new_trials for r in summary.results)
+        tune_s = sum(v["tune_s"] for v in shares.values())
         head = f"{name}: {len(tasks)} tasks, {trials} trials per share"
         print(f"\n{head} ({new} measured now, tuning {tune_s:.0f} s)")
         results.append((name, res))
         print(table(res))
+        print(convergence(shares))
         (out / f"{name}-result.json").write_text(json.dumps({
-            "machine": where, "date": time.strftime("%Y-%m-%d"), "head": head, "tune_s": tune_s,
+            "machine": where, "date": time.strftime("%Y-%m-%d"), "head": head, "tune_s": tune_s, "shares": shares,
             "load": os.getloadavg()[0], "rows": [r.to_dict() for r in res.rows]}, indent=1))
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (this machine's cores are "
           "shared: another job's threads slow a 2-core share down most)")
@@ -241,12 +252,48 @@ def print_saved(out: Path, names: list[str]) -> int:
         results.append((name, res))
         print(f"{d['head']} (tuning in that run {d['tune_s']:.0f} s, load average {d['load']:.2f})")
         print(table(res))
+        if d.get("shares"):
+            print(convergence(d["shares"]))
     if not results:
         print(f"no results under {out}", file=sys.stderr)
         return 1
     print(f"measured on: {'; '.join(sorted(where))}")
     verdicts(results)
     return 0
+
+
+def reach(db, tasks, ratio: float, ref_s: float | None = None) -> dict:
+    """How the share's tuning converged, from its measurements in order: the model's kernel time
+    (sum of weight x each task's best so far, once every task has one), ``final_s`` at the end, and
+    ``trials_to_95``: the trials (failed ones count) after which it was within 95 % of ``ref_s``
+    (default its own final), None if never."""
+    rows = sorted((m for w in tasks for m in db.measurements(workload_key=w.key, ratio=ratio, interference="none")),
+                  key=lambda m: m.id)
+    weight = {w.key: w.weight for w in tasks}
+    best: dict[str, float] = {}
+    curve = []
+    for m in rows:
+        if m.status == "ok" and m.median_s and m.median_s < best.get(m.workload_key, float("inf")):
+            best[m.workload_key] = m.median_s
+        curve.append(sum(weight[k] * t for k, t in best.items()) if len(best) == len(tasks) else None)
+    final = curve[-1] if curve else None
+    goal = (ref_s or final or 0) / 0.95
+    hit = next((i + 1 for i, c in enumerate(curve) if c is not None and c <= goal), None)
+    return {"trials": len(rows), "final_s": final, "trials_to_95": hit}
+
+
+def convergence(shares: dict) -> str:
+    lines = []
+    for r, v in shares.items():
+        line = (f"  {r}%: tuning {v['tune_s']:.0f} s; kernel time {fmt(v['final_s'])}, within 95 % of it after "
+                f"{v['trials_to_95']} of {v['trials']} trials" + (" (with the earlier shares' transfers)" if
+                                                                  "scratch" in v else ""))
+        sc = v.get("scratch")
+        if sc:
+            got = "not reached" if sc["trials_to_95"] is None else f"after {sc['trials_to_95']}"
+            line += (f"; from scratch {got} (its final {fmt(sc['final_s'])}, {sc['tune_s']:.0f} s)")
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def verdicts(results) -> None:
