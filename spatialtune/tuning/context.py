@@ -1,0 +1,63 @@
+"""What every part of one ``tune`` call shares, as MetaSchedule's ``TuneContext``: the device and
+partition measured on, the options, the builder and runner, the stage timings, the progress
+callback, the deadline, and the measurements a deferred runner has taken but not yet made."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..device import DeviceInfo
+from ..measure.builder import Builder
+from ..measure.runner import Runner
+from ..partitions import Partition
+from .lanes import ProgressFn
+from .options import TuneOptions
+
+KEY_FIELDS = ("workload_key", "device_id", "partition", "ratio", "interference")
+
+
+class Stage:
+    """Seconds per stage and counts, added to from every thread of a job."""
+
+    def __init__(self):
+        self.t = {"setup": 0.0, "search": 0.0, "build": 0.0, "run": 0.0, "train": 0.0, "baseline": 0.0}
+        self.counts = {"built": 0, "measured": 0}
+        self.gaps: list[str] = []  # winners-matrix cells that could not be measured, and why
+        self._lock = threading.Lock()  # workloads tuned in threads add to the same totals
+
+    def add(self, k: str, dt: float) -> None:
+        with self._lock:
+            self.t[k] += dt
+
+    def count(self, k: str, n: int) -> None:
+        with self._lock:
+            self.counts[k] += n
+
+
+@dataclass
+class Context:
+    device: DeviceInfo
+    partition: Partition
+    opt: TuneOptions
+    builder: Builder
+    runner: Runner
+    progress: ProgressFn | None = None
+    deadline: float | None = None
+    stage: Stage = field(default_factory=Stage)
+    # key (KEY_FIELDS values) -> mod hashes handed to a deferred runner in this call: they count
+    # toward the key's budget and are not handed out again, but they are not in the database
+    pending: dict[tuple, set[str]] = field(default_factory=dict)
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
+
+    def add_pending(self, key: dict, mod_hash: str) -> None:
+        self.pending.setdefault(tuple(key[f] for f in KEY_FIELDS), set()).add(mod_hash)
+
+    def pending_at(self, key: dict) -> set[str]:
+        return self.pending.get(tuple(key[f] for f in KEY_FIELDS), set())
+
+    def n_pending(self) -> int:
+        return sum(len(v) for v in self.pending.values())
