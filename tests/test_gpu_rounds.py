@@ -84,6 +84,31 @@ def test_round1_is_tune_with_a_deferred_runner(rounds):
     assert all(c["trace"] and len(c["features"]) > 10 for c in m1["candidates"])
 
 
+def test_the_same_tune_call_goes_on_from_the_import(rounds):
+    """Round 1's own call made again after the import: tune continues from the database, as after
+    a kill: a new batch none of which was measured, and the share's winners carried beside it."""
+    d, before = rounds["d"], rounds["before"]
+    with TuningDatabase(rounds["db_path"]) as db, \
+            BundleRunner(d / "r1again", detect_cpu(), "cpu", space=str(d / "space.toml")) as runner:
+        s = tune(rounds["ws"], [100], db, _round1_options(), runner=runner)
+        assert db.count_measurements() == len(before)
+    m = load_manifest(str(d / "r1again"))
+    new = [c for c in m["candidates"] if c["source"] in NEW]
+    assert len(new) == 5 and not {c["mod_hash"] for c in new} & {h for (_, _, h) in before}
+    assert {c["source"] for c in m["candidates"]} - set(NEW) <= {"best", "transfer", "matrix"}
+    assert any(c["source"] == "best" for c in m["candidates"])
+    assert s.pending >= 5 and s.results[0].n_trials == sum(r == 100.0 for (_, r, _) in before)
+
+
+def test_a_pending_result_is_never_a_row(tmp_path):
+    from spatialtune.errors import DatabaseError
+    from spatialtune.store.database import Measurement
+
+    with TuningDatabase(tmp_path / "db.sqlite") as db, pytest.raises(DatabaseError, match="pending"):
+        db.record(Measurement(workload_key=WK, device_id="cpu-x", partition="cpu", ratio=100.0,
+                              interference="none", mod_hash="h", trace="t", status="pending"))
+
+
 def test_round1_measured_for_real(rounds):
     res1, imp1 = rounds["res1"], rounds["imp1"]
     ok100 = [m for m in res1["measurements"] if m["condition"] == "cpu:100%" and m["status"] == "ok"]
