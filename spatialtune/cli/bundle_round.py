@@ -26,6 +26,8 @@ def build_round(a, per_wl: dict[str, int], explore: dict[str, int]) -> tuple[dic
     from ..workloads.spec import load_space
 
     workloads = load_space(a.space).select(a.workload)
+    _check_names("--workload-candidates", per_wl, workloads)
+    _check_names("--explore", explore, workloads)
     with tempfile.TemporaryDirectory(prefix="spatialtune-round-") as tmp, _round_db(a.db, tmp) as db:
         dev = pick_device(db, a.device, a.target) if a.db else None
         device = bundle_device(a.target, a.arch, dev)
@@ -86,13 +88,16 @@ def _share_groups(selectors, db, device, workloads, target: str) -> dict[tuple[s
     return out
 
 
+def _check_names(opt: str, counts: dict[str, int], workloads) -> None:
+    known = {n for w in workloads for n in (w.key, w.name)}
+    unknown = [name for name in counts if name not in known]
+    if unknown:
+        raise ConfigError(f"{opt} {unknown[0]}={counts[unknown[0]]}: no such workload in this bundle "
+                          f"(known: {', '.join(w.name or w.key for w in workloads)})")
+
+
 def _by_count(workloads, default: int, per_wl: dict[str, int]) -> dict[int, list]:
     """The workloads grouped by their number of new candidates per share."""
-    known = {n for w in workloads for n in (w.key, w.name)}
-    unknown = [name for name in per_wl if name not in known]
-    if unknown:
-        raise ConfigError(f"--workload-candidates {unknown[0]}: no such workload in this bundle "
-                          f"(known: {', '.join(w.name or w.key for w in workloads)})")
     out: dict[int, list] = {}
     for w in workloads:
         n = next((per_wl[k] for k in (w.key, w.name) if k in per_wl), default)
