@@ -147,6 +147,23 @@ def test_modules_stay_small(mod):
     assert n <= MAX_LINES, f"{mod} has {n} lines: split it along its ideas"
 
 
+# One tuning loop (issue 25): a GPU round is ``tune`` with the bundle runner, so bundle/ packs,
+# runs on the device and imports, and chooses no candidate, loads or fits no cost model and walks
+# no share of its own.
+ONE_LOOP = {"bundle": ("spatialtune.search.policy", "spatialtune.search.cost_model", "spatialtune.search.evolution",
+                       "spatialtune.search.uniform", "spatialtune.tuning")}
+
+
+def test_bundles_leave_the_tuning_to_tune():
+    wrong = []
+    for mod in MODS:
+        banned = ONE_LOOP.get(package_of(mod), ())
+        for target, _, line in imports_of(mod):
+            if any(target == b or target.startswith(b + ".") for b in banned):
+                wrong.append(f"{mod}:{line} imports {target}")
+    assert not wrong, "a second tuning driver (tune is the one loop; bundles are its runner):\n" + "\n".join(wrong)
+
+
 def test_the_checks_see_a_violation(tmp_path, monkeypatch):
     """The walker is not blind: an upward import, a cycle and a private import are all found."""
     fake = tmp_path / "spatialtune"
@@ -157,6 +174,9 @@ def test_the_checks_see_a_violation(tmp_path, monkeypatch):
     (fake / "search" / "__init__.py").write_text("")
     (fake / "store" / "a.py").write_text("from ..search.b import _hidden\n")
     (fake / "search" / "b.py").write_text("from ..store import a\n_hidden = 1\n")
+    (fake / "bundle").mkdir()
+    (fake / "bundle" / "__init__.py").write_text("")
+    (fake / "bundle" / "c.py").write_text("from ..search.policy import SharePolicy\n")
     here = sys.modules[__name__]
     monkeypatch.setattr(here, "PKG", fake)
     monkeypatch.setattr(here, "MODS", modules())
@@ -166,6 +186,8 @@ def test_the_checks_see_a_violation(tmp_path, monkeypatch):
         test_no_import_cycle()
     with pytest.raises(AssertionError, match="private names"):
         test_no_private_names_across_modules()
+    with pytest.raises(AssertionError, match="bundle.c:1 imports spatialtune.search.policy"):
+        test_bundles_leave_the_tuning_to_tune()
 
 
 def test_the_cli_and_the_measuring_side_import_light():

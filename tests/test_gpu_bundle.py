@@ -225,3 +225,33 @@ def test_import_records_cublas_baselines(bundle, tmp_path):
     row25 = next(ln for ln in table.splitlines() if "mps:25%" in ln)
     assert "20.0" in row25 and "1.50" in row25  # cuBLAS 20 us; best 30 us / 20 us
     assert f"INFO cuBLAS {wk} green:100%: unavailable: torch cannot be imported here" in check_targets(res)
+
+
+def test_next_gpu_round_is_tune_from_the_imported_results(bundle, tmp_path):
+    """The next round of a GPU the database knows (the fake H200's imported results): ``tune``
+    with the bundle runner on that device's MPS shares, cubins built here for its arch; it
+    records nothing, proposes new kernels per share and carries each share's winners."""
+    from spatialtune.store.database import TuningDatabase
+
+    _, ok = _fake_results(bundle, tmp_path / "res")
+    db_path = tmp_path / "db.sqlite"
+    assert run_cli("bundle", "import", tmp_path / "res", "--db", db_path, timeout=300).returncode == 0
+    with TuningDatabase(db_path, create=False) as db:
+        n_before = db.count_measurements()
+    (tmp_path / "space.toml").write_text(SPACE)
+    r = run_cli("bundle", "build", "--space", tmp_path / "space.toml", "--db", db_path, "--candidates", "2",
+                "--build-workers", "2", "--out", tmp_path / "b2", timeout=600)
+    assert r.returncode == 0, r.stderr
+    m = load_manifest(str(tmp_path / "b2"))
+    with TuningDatabase(db_path, create=False) as db:
+        (dev,) = db.devices()
+        assert db.count_measurements() == n_before  # pending kernels are not recorded
+    assert m["arch"] == "sm_90" and m["round"]["device_id"] == dev["id"]
+    new = [c for c in m["candidates"] if c["source"] not in ("best", "transfer", "matrix")]
+    assert sorted(sum((c["shares"] for c in new), [])) == ["mps:100%"] * 2 + ["mps:25%"] * 2
+    assert not {c["mod_hash"] for c in new} & {c["mod_hash"] for c in ok}
+    best = {c["mod_hash"] for c in m["candidates"] if c["source"] == "best"}
+    assert best == {c["mod_hash"] for c in ok[:2]}  # the winners at 100 % and 25 %, measured again
+    for c in m["candidates"]:
+        assert c["cubin"].endswith(".cubin") and (tmp_path / "b2" / c["cubin"]).is_file()
+    assert m["neighbour_cubin"] == "support/neighbour.cubin"

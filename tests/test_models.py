@@ -308,18 +308,20 @@ def test_bad_model_input_is_one_line_and_exit_2(tmp_path, make, args, message):
 def test_bundles_carry_a_prim_task_and_its_reference(mlp_space, tmp_path):
     """A bundle's run host may have no compiler: the PrimFunc travels in the manifest, its float64
     reference as a library built on the CPU host; run and import on this host's cores."""
-    from spatialtune.bundle.build import build_bundle
     from spatialtune.bundle.importer import import_results
-    from spatialtune.bundle.run import run_bundle
+    from spatialtune.bundle.manifest import load_manifest
+    from spatialtune.bundle.run import RunOptions, run_bundle
     from spatialtune.terms import parse_condition
 
-    man = build_bundle(str(mlp_space / "mlp.toml"), ["fused_matmul_add_relu"], str(tmp_path / "b"), candidates=2,
-                       target="cpu", build_workers=1)
+    r = run_cli("bundle", "build", "--space", mlp_space / "mlp.toml", "--workload", "fused_matmul_add_relu",
+                "--candidates", "2", "--target", "cpu", "--build-workers", "1", "--out", tmp_path / "b", timeout=600)
+    assert r.returncode == 0, r.stderr
+    man = load_manifest(str(tmp_path / "b"))
     (entry,) = man["workloads"].values()
     assert entry["prim"]["script"] and (tmp_path / "b" / entry["reference_lib"]).is_file()
     shutil.copytree(tmp_path / "b", tmp_path / "moved")  # paths are the bundle's own
-    res = run_bundle(str(tmp_path / "moved"), str(tmp_path / "res"), [parse_condition("cpu:100")], repeat=1,
-                     min_repeat_ms=1)
+    res = run_bundle(str(tmp_path / "moved"), str(tmp_path / "res"), [parse_condition("cpu:100")],
+                     RunOptions(repeat=1, min_repeat_ms=1))
     assert [m["status"] for m in res["measurements"]] == ["ok"] * len(res["measurements"]) != []
     with TuningDatabase(tmp_path / "db.sqlite") as db:
         import_results(str(tmp_path / "res"), db)

@@ -1,6 +1,8 @@
-"""Import a bundle run (CPU host): every measurement into the tuning database, the vendor
-baselines beside them, and the cost models of the touched shares retrained, so the next round
-(``bundle build --db``) starts from them."""
+"""Import a bundle run (CPU host): every measurement into the tuning database and the vendor
+baselines beside them. The outputs were checked on the GPU host: a wrong kernel comes back as
+``wrong_result`` and is recorded as such, never as a time. The next ``tune`` (a next round)
+retrains the cost models from these rows; ``spatialtune bundle import`` retrains the touched
+shares' models at once (:func:`spatialtune.tuning.models.retrain`)."""
 
 from __future__ import annotations
 
@@ -11,15 +13,14 @@ import numpy as np
 
 from ..device import DeviceInfo
 from ..errors import ConfigError
-from ..search.cost_model import create_cost_model
-from ..search.policy import TrainingSet, fit_share_model
 from ..store.database import Measurement
 from ..workloads.spec import Workload
 from .manifest import load_manifest, load_results
 
 
-def import_results(results_path: str, db, *, cost_model: str = "xgb") -> dict:
-    """Record a bundle run in ``db`` (a TuningDatabase) and retrain the touched cost models."""
+def import_results(results_path: str, db) -> dict:
+    """Record a bundle run in ``db`` (a TuningDatabase); returns counts, the device and the
+    (partition, ratio, interference) keys it touched (``keys``)."""
     res = load_results(results_path)
     rdir = Path(results_path) if Path(results_path).is_dir() else Path(results_path).parent
     man_p = rdir / "manifest.json"
@@ -52,7 +53,7 @@ def import_results(results_path: str, db, *, cost_model: str = "xgb") -> dict:
             skipped += 1
         else:
             added += 1
-        keys.add((dev.id, m["partition"], m["ratio"], m["interference"]))
+        keys.add((m["partition"], m["ratio"], m["interference"]))
     baselines = 0
     for b in res.get("baselines", []):  # the vendor baseline under the same share and neighbour
         if b.get("status") != "ok" or not b.get("median_s"):
@@ -62,18 +63,5 @@ def import_results(results_path: str, db, *, cost_model: str = "xgb") -> dict:
         db.record_baseline(b["workload_key"], dev.id, b["partition"], b["ratio"], b["interference"],
                            b.get("kind") or "cublas", b["median_s"], b.get("granted_units"))
         baselines += 1
-    trained = 0
-    data: dict[tuple, TrainingSet] = {}
-    for device_id, partition, ratio, interference in sorted(keys):
-        if (partition, interference) not in data:  # every share of a condition learns from all of them
-            data[partition, interference] = TrainingSet(dev.units)
-            data[partition, interference].add_rows(db.measurements(device_id=device_id, partition=partition,
-                                                                   interference=interference, status="ok",
-                                                                   with_features=True))
-        model = create_cost_model(cost_model)
-        if fit_share_model(model, data[partition, interference], ratio):
-            db.save_cost_model(device_id, partition, ratio, interference, model.kind, model.to_json(),
-                               len(data[partition, interference]))
-            trained += 1
-    return {"device_id": dev.id, "device": dev.name, "added": added, "skipped": skipped, "keys": len(keys),
-            "cost_models": trained, "baselines": baselines}
+    return {"device_id": dev.id, "device": dev.name, "units": dev.units, "added": added, "skipped": skipped,
+            "keys": sorted(keys), "baselines": baselines}

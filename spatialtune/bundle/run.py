@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,106 +29,143 @@ def conditions_from(partition: str, ratios: Sequence[float], interference: Seque
     return [Condition(partition, ratio=r, interference=i) for i in interference for r in ratios]
 
 
-def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], *, repeat: int = 5, min_repeat_ms: int = 10,
-               timeout: float = 20.0, top: int | None = None, seed: int = 0, vendor: bool = True) -> dict:
+@dataclass(frozen=True)
+class RunOptions:
+    """How a bundle run measures: the measuring settings, how much of the pool each condition
+    after the first measures (``top``) and whether the vendor baseline runs beside it."""
+
+    repeat: int = 5
+    min_repeat_ms: int = 10
+    timeout: float = 20.0  # per candidate
+    top: int | None = None
+    seed: int = 0
+    vendor: bool = True
+
+
+def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], options: RunOptions | None = None) -> dict:
     """Measure the bundle's candidates under each condition; returns (and writes) the results.
 
     A candidate is measured under every condition it was proposed for (``for`` in the manifest),
-    whatever its speed elsewhere. ``top``: besides those, after the first condition (which should
-    be the whole device) only each workload's ``top`` fastest candidates of the first condition
-    and the configs a next round carries to be measured everywhere (``transfer``, ``best``) are
-    measured; without ``top``, every candidate under every condition.
+    whatever its speed elsewhere. ``options.top``: besides those, after the first condition
+    (which should be the whole device) only each workload's ``top`` fastest candidates of the
+    first condition and the configs a next round carries to be measured everywhere
+    (``transfer``, ``best``) are measured; without ``top``, every candidate under every condition.
 
-    ``vendor`` (CUDA only): after each condition's candidates, the same worker measures torch's
-    matmul (cuBLAS: fp32 without TF32, or fp16 with fp32 accumulation) for every matmul/dense/batch_matmul workload, under the same
-    share and neighbour (:func:`measure_vendor`), into ``results["baselines"]``. Optional: a GPU
-    host without torch gives one log line and no baseline rows.
+    ``options.vendor`` (CUDA only): after each condition's candidates, the same worker measures
+    torch's matmul (cuBLAS: fp32 without TF32, or fp16 with fp32 accumulation) for every
+    matmul/dense/batch_matmul workload, under the same share and neighbour
+    (:func:`measure_vendor`), into ``results["baselines"]``. Optional: a GPU host without torch
+    gives one log line and no baseline rows.
     """
-    from ..measure.runner import LocalRunner, RunInput, RunSettings
+    from ..measure.runner import LocalRunner
     from ..partitions import create_partition
 
     if not conditions:
         raise ConfigError("no conditions to measure")
-    man = load_manifest(bundle)
-    root = Path(bundle).resolve()
-    on_cpu = man.get("target", {}).get("kind") == "llvm"
-    bad = [c.label for c in conditions if (c.partition_kind == "cpu") != on_cpu]
-    if bad:
-        raise ConfigError(f"conditions {', '.join(bad)} do not fit a bundle built for "
-                          f"{'cpu (use cpu:RATIO)' if on_cpu else 'cuda (use mps:... or green:...)'}")
+    run = _Run(bundle, out, conditions, options or RunOptions())
+    # Group by partition and keep the order given: a private MPS daemon is stopped before green
+    # contexts (non-MPS clients) run.
+    for kind in dict.fromkeys(c.partition_kind for c in conditions):
+        part = create_partition("cpu") if run.on_cpu else create_partition(kind, total_sms=run.device.units)
+        with part, LocalRunner(part, device_kind="cpu" if run.on_cpu else "cuda", settings=run.settings) as runner:
+            for cond in [c for c in conditions if c.partition_kind == kind]:
+                run.condition(runner, part, cond)
+    return run.results
+
+
+class _Run:
+    """One bundle run: the manifest, the candidates still measured, and the results so far."""
+
+    def __init__(self, bundle: str, out: str, conditions: Sequence[Condition], opt: RunOptions):
+        from ..measure.runner import RunSettings
+
+        self.man = load_manifest(bundle)
+        self.root = Path(bundle).resolve()
+        self.on_cpu = self.man.get("target", {}).get("kind") == "llvm"
+        bad = [c.label for c in conditions if (c.partition_kind == "cpu") != self.on_cpu]
+        if bad:
+            raise ConfigError(f"conditions {', '.join(bad)} do not fit a bundle built for "
+                              f"{'cpu (use cpu:RATIO)' if self.on_cpu else 'cuda (use mps:... or green:...)'}")
+        self.device, self.register_tenant = _this_device(self.on_cpu)
+        if self.device.arch != self.man["arch"]:
+            raise DeviceError(f"bundle built for {self.man['arch']}, this {'host' if self.on_cpu else 'GPU'} is "
+                              f"{self.device.arch}")
+        _support_env(self.man, self.root)
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.root / "manifest.json", self.out / "manifest.json")
+        self.settings = RunSettings(repeat=opt.repeat, min_repeat_ms=opt.min_repeat_ms, timeout=opt.timeout,
+                                    seed=opt.seed)
+        self.top = opt.top
+        dev = self.device.to_dict() | {"tvm_version": self.man.get("tvm_version", "")}
+        self.results = {"format": FORMAT, "device": dev, "bundle": str(self.root),
+                        "settings": vars(self.settings) | {"top": opt.top}, "conditions": [], "measurements": [],
+                        "baselines": [], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.cands = self.man["candidates"]
+        self.pool = {c["id"] for c in self.cands}
+        self.keep = {c["id"] for c in self.cands if c.get("source") in ("transfer", "best")}
+        self.first = True
+        self.vendor = {"off": None} if opt.vendor and not self.on_cpu else {"off": "not asked for"}
+        self.t0 = time.perf_counter()
+
+    def condition(self, runner, part, cond: Condition) -> None:
+        """Measure one condition's candidates (and the vendor baseline); write the results."""
+        from ..measure.runner import RunInput
+
+        share = part.grant_sms(cond.sms) if cond.sms is not None else part.grant(cond.ratio)
+        ckey = condition_key(cond.partition_kind, share.key_ratio, cond.interference)
+        todo = [c for c in self.cands if c["status"] == "ok" and (c["id"] in self.pool or ckey in c.get("for", []))]
+        inputs = [RunInput(_workload(self.man, c["workload_key"], self.root), str(self.root / c["artifact"]),
+                           str(self.root / c["cubin"]) if c.get("cubin") else None) for c in todo]
+        t0 = time.perf_counter()
+        if cond.interference.startswith("tenant:") and self.register_tenant is not None:
+            _register_tenants(self.results, self.man, self.root, self.register_tenant)
+        res = runner.run(share, cond.interference, inputs)
+        base_row = {"partition": cond.partition_kind, "ratio": share.key_ratio, "planned_units": share.units,
+                    "total_units": share.total, "interference": cond.interference, "condition": cond.label}
+        rows = [_row(c) | base_row | r.to_dict() for c, r in zip(todo, res)]
+        if self.first:
+            rows += [_row(c) | base_row | {"status": "build_error", "error": c.get("error", "")}
+                     for c in self.cands if c["status"] != "ok"]
+        self.results["measurements"] += rows
+        base = measure_vendor(runner, share, cond, self.man, self.vendor)
+        self.results["baselines"] += base
+        summary = _condition_summary(cond, share, rows, time.perf_counter() - t0, base)
+        self.results["conditions"].append(summary)
+        log.info("%s", json.dumps(summary))
+        if self.first and self.top:
+            self.pool = set(self.keep)
+            for wk in self.man["workloads"]:
+                ok = sorted((r for r in rows if r["workload_key"] == wk and r["status"] == "ok"),
+                            key=lambda r: r["median_s"])
+                self.pool |= {r["candidate"] for r in ok[: self.top]}
+        self.first = False
+        self.results["elapsed_s"] = round(time.perf_counter() - self.t0, 1)
+        write_json(self.out / "results.json", self.results)
+
+
+def _row(c: dict) -> dict:
+    return {"candidate": c["id"], "workload_key": c["workload_key"], "mod_hash": c["mod_hash"]}
+
+
+def _this_device(on_cpu: bool):
+    """This host's device, and how a ``tenant:`` neighbour is registered (GPU only)."""
     if on_cpu:
         from ..device import detect_cpu
 
-        device = detect_cpu()
-        register_tenant = None
-    else:
-        from ..device import detect_cuda
-        from ..neighbours.gpu import register_tenant
+        return detect_cpu(), None
+    from ..device import detect_cuda
+    from ..neighbours.gpu import register_tenant
 
-        device = detect_cuda()
-    if device.arch != man["arch"]:
-        raise DeviceError(f"bundle built for {man['arch']}, this {'host' if on_cpu else 'GPU'} is {device.arch}")
-    dev = device.to_dict() | {"tvm_version": man.get("tvm_version", "")}
+    return detect_cuda(), register_tenant
+
+
+def _support_env(man: dict, root: Path) -> None:
+    """The bundle's neighbour cubin and green-context shim, for the measuring workers."""
     if man.get("neighbour_cubin"):
         os.environ.setdefault("SPATIALTUNE_NEIGHBOUR_CUBIN", str(root / man["neighbour_cubin"]))
     if man.get("green_shim") and (root / man["green_shim"]).exists():
         os.environ.setdefault("SPATIALTUNE_GREEN_SHIM", str(root / man["green_shim"]))
-    out_p = Path(out)
-    out_p.mkdir(parents=True, exist_ok=True)
-    shutil.copy(root / "manifest.json", out_p / "manifest.json")
-    settings = RunSettings(repeat=repeat, min_repeat_ms=min_repeat_ms, timeout=timeout, seed=seed)
-    results = {"format": FORMAT, "device": dev, "bundle": str(root), "settings": vars(settings) | {"top": top},
-               "conditions": [], "measurements": [], "baselines": [],
-               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    cands = man["candidates"]
-    pool = {c["id"] for c in cands}
-    keep = {c["id"] for c in cands if c.get("source") in ("transfer", "best")}
-    t_all = time.perf_counter()
-    # Group by partition and keep the order given: a private MPS daemon is stopped before green
-    # contexts (non-MPS clients) run.
-    order: list[str] = []
-    for cond in conditions:
-        if cond.partition_kind not in order:
-            order.append(cond.partition_kind)
-    first = True
-    vendor_state: dict = {"off": None} if vendor and not on_cpu else {"off": "not asked for"}
-    for kind in order:
-        part = create_partition("cpu") if on_cpu else create_partition(kind, total_sms=device.units)
-        with part, LocalRunner(part, device_kind="cpu" if on_cpu else "cuda", settings=settings) as runner:
-            for cond in [c for c in conditions if c.partition_kind == kind]:
-                share = part.grant_sms(cond.sms) if cond.sms is not None else part.grant(cond.ratio)
-                ckey = condition_key(kind, share.key_ratio, cond.interference)
-                todo = [c for c in cands if c["status"] == "ok" and (c["id"] in pool or ckey in c.get("for", []))]
-                inputs = [RunInput(_workload(man, c["workload_key"], root), str(root / c["artifact"]),
-                                   str(root / c["cubin"]) if c.get("cubin") else None) for c in todo]
-                t0 = time.perf_counter()
-                if cond.interference.startswith("tenant:") and register_tenant is not None:
-                    _register_tenants(results, man, root, register_tenant)
-                res = runner.run(share, cond.interference, inputs)
-                base_row = {"partition": kind, "ratio": share.key_ratio, "planned_units": share.units,
-                            "total_units": share.total, "interference": cond.interference, "condition": cond.label}
-                rows = [{"candidate": c["id"], "workload_key": c["workload_key"], "mod_hash": c["mod_hash"]}
-                        | base_row | r.to_dict() for c, r in zip(todo, res)]
-                if first:
-                    rows += [{"candidate": c["id"], "workload_key": c["workload_key"], "mod_hash": c["mod_hash"]}
-                             | base_row | {"status": "build_error", "error": c.get("error", "")}
-                             for c in cands if c["status"] != "ok"]
-                results["measurements"] += rows
-                base = measure_vendor(runner, share, cond, man, vendor_state)
-                results["baselines"] += base
-                summary = _condition_summary(cond, share, rows, time.perf_counter() - t0, base)
-                results["conditions"].append(summary)
-                log.info("%s", json.dumps(summary))
-                if first and top:
-                    pool = set(keep)
-                    for wk in man["workloads"]:
-                        ok = sorted((r for r in rows if r["workload_key"] == wk and r["status"] == "ok"),
-                                    key=lambda r: r["median_s"])
-                        pool |= {r["candidate"] for r in ok[:top]}
-                first = False
-                results["elapsed_s"] = round(time.perf_counter() - t_all, 1)
-                write_json(out_p / "results.json", results)
-    return results
 
 
 def _workload(man: dict, key: str, root: Path) -> dict:

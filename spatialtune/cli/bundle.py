@@ -9,32 +9,36 @@ from .common import Parser, db_arg, open_db
 def add_bundle(sub) -> None:
     p = sub.add_parser("bundle", help="build candidates here, measure them on a GPU host, import the results")
     bs = p.add_subparsers(dest="bundle_command", metavar="ACTION", parser_class=Parser)
-    b = bs.add_parser("build", help="search and build candidates with cubins into a bundle directory")
+    b = bs.add_parser("build", help="a GPU round: tune into a bundle directory (candidates built with cubins, "
+                      "measured later by bundle run)")
     b.add_argument("--space", required=True)
     b.add_argument("--workload", action="append", default=[], metavar="NAME", help="repeatable; default: all")
     b.add_argument("--target", default="cuda", choices=("cuda", "cpu"),
                    help="cuda; cpu runs the same loop on this host's cores (for tests)")
     b.add_argument("--arch", default=None, help="CUDA: sm_XY to compile for (default: the --db device's; needed "
                    "for a first round)")
-    b.add_argument("--candidates", type=int, default=32, help="new candidates per workload (per workload and share "
-                   "with --db)")
+    b.add_argument("--candidates", type=int, default=32, help="new candidates per workload and share (tune's "
+                   "--batch: a round proposes one search batch per share)")
     b.add_argument("--workload-candidates", action="append", default=[], metavar="NAME=N",
-                   help="new candidates for one workload (repeatable; 0 with --db: only the winners)")
+                   help="new candidates per share for one workload (repeatable)")
+    b.add_argument("--trials", type=int, default=None, help="budget per workload and share across rounds, as "
+                   "tune's (default: none, every round proposes a batch)")
     b.add_argument("--build-workers", type=int, default=2)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", required=True, help="bundle directory")
-    b.add_argument("--db", default=None, help="next round: search from the measurements and cost models of this "
-                   "database (after bundle import); without it, a fresh search")
+    b.add_argument("--db", default=None, help="next round: tune from the measurements and cost models of this "
+                   "database (after bundle import); without it, a first round from nothing")
     b.add_argument("--device", default=None, metavar="ID", help="with --db: the device to continue from "
                    "(needed when the database holds several of the target's kind)")
     b.add_argument("--share", action="append", default=[], metavar="PART:SHARE[:INTERF]",
-                   help="with --db: shares to search (repeatable; default: every share measured without a neighbour)")
-    b.add_argument("--transfer-top", type=int, default=2, help="with --db: each share's best configs measured at "
-                   "every share")
+                   help="shares to tune (repeatable; default: with --db every share measured without a neighbour, "
+                   "else the whole device)")
+    b.add_argument("--transfer-top", type=int, default=2, help="each share's best configs measured at every share, "
+                   "and each share's winners measured again beside the new candidates")
     b.add_argument("--explore", action="append", default=[], metavar="NAME=N",
                    help="add N uniform samples of the design space for a workload (repeatable; no cost model)")
-    b.add_argument("--cost-model", default="random", help="ranking without data (round 1, or a share with no "
-                   "saved model)")
+    b.add_argument("--cost-model", default="xgb", help="as tune's: a share's saved model of this kind is reused "
+                   "while nothing was measured since it was fit, else one is fit on the device's measurements")
     b.set_defaults(func=_cmd_bundle_build)
     r = bs.add_parser("run", help="measure a bundle on this GPU (runtime-only TVM, numpy, cuda-bindings)")
     r.add_argument("bundle")
@@ -60,35 +64,35 @@ def add_bundle(sub) -> None:
 
 
 def _cmd_bundle_build(a) -> int:
-    from ..bundle.build import build_bundle
+    from .bundle_round import build_round
 
-    per_wl, explore = {}, {}
-    for opt, items, into in (("--workload-candidates", a.workload_candidates, per_wl),
-                             ("--explore", a.explore, explore)):
-        for item in items:
-            name, sep, n = item.rpartition("=")
-            if not sep or not name or not n.strip().isdigit():
-                raise ConfigError(f"{opt} {item!r}: expected NAME=N, e.g. mm_1024=8")
-            into[name] = int(n)
-    m = build_bundle(a.space, a.workload, a.out, candidates=a.candidates, target=a.target, arch=a.arch, seed=a.seed,
-                     build_workers=a.build_workers, cost_model=a.cost_model, db_path=a.db, device_id=a.device,
-                     shares=a.share, workload_candidates=per_wl, transfer_top=a.transfer_top,
-                     explore=explore)
+    per_wl, explore = _counts("--workload-candidates", a.workload_candidates), _counts("--explore", a.explore)
+    if a.candidates < 1 or any(n < 1 for n in per_wl.values()):
+        raise ConfigError(f"--candidates and --workload-candidates must be positive, got {a.candidates}"
+                          f"{''.join(f', {k}={n}' for k, n in per_wl.items())}")
+    m, summary = build_round(a, per_wl, explore)
     built = sum(c["status"] == "ok" for c in m["candidates"])
     print(f"bundle {a.out}: {built}/{len(m['candidates'])} candidates built for {m['arch']} "
           f"({', '.join(m['workloads'])}) in {m['build_s']} s")
-    if "round" in m:
-        r = m["round"]
-        for wk, info in r["workloads"].items():
-            print(f"  {wk}: from {info['measured']} measurements on {r['device']} [{r['device_id']}]: "
-                  f"{info['new']} new, {info.get('explore', 0)} uniform samples, {info['transfer']} winners to "
-                  f"measure at other shares, {info['best']} winners re-measured, {info.get('matrix', 0)} "
-                  f"other conditions' winners for the winners matrix")
+    for wk, info in summary.items():
+        print(f"  {wk}: from {info['measured']} measurements: {info['new']} new, {info['uniform']} uniform samples, "
+              f"{info['transfer']} winners to measure at other shares, {info['best']} winners re-measured, "
+              f"{info['matrix']} other conditions' winners for the winners matrix")
     return 0
 
 
+def _counts(opt: str, items) -> dict[str, int]:
+    out = {}
+    for item in items:
+        name, sep, n = item.rpartition("=")
+        if not sep or not name or not n.strip().isdigit():
+            raise ConfigError(f"{opt} {item!r}: expected NAME=N, e.g. mm_1024=8")
+        out[name] = int(n)
+    return out
+
+
 def _cmd_bundle_run(a) -> int:
-    from ..bundle.run import conditions_from, run_bundle
+    from ..bundle.run import RunOptions, conditions_from, run_bundle
     from ..bundle.table import format_table
     from ..terms import parse_condition
     from ..terms import parse_ratios
@@ -97,18 +101,20 @@ def _cmd_bundle_run(a) -> int:
         conds = [parse_condition(c) for c in a.condition]
     else:
         conds = conditions_from(a.partition, parse_ratios(a.ratios), [s.strip() for s in a.interference.split(",")])
-    res = run_bundle(a.bundle, a.out, conds, repeat=a.repeat, min_repeat_ms=a.min_repeat_ms, timeout=a.timeout,
-                     top=a.top, seed=a.seed, vendor=a.vendor)
+    res = run_bundle(a.bundle, a.out, conds, RunOptions(repeat=a.repeat, min_repeat_ms=a.min_repeat_ms,
+                                                        timeout=a.timeout, top=a.top, seed=a.seed, vendor=a.vendor))
     print(format_table(res))
     return 0
 
 
 def _cmd_bundle_import(a) -> int:
     from ..bundle.importer import import_results
+    from ..tuning.models import retrain
 
     with open_db(a.db, create=True) as db:
-        s = import_results(a.results, db, cost_model=a.cost_model)
+        s = import_results(a.results, db)
+        trained = retrain(db, s["device_id"], s["units"], s["keys"], a.cost_model)
     print(f"imported {s['added']} measurements ({s['skipped']} already there) for {s['device']} [{s['device_id']}] "
-          f"into {a.db or 'the default database'}; retrained {s['cost_models']} cost models; "
+          f"into {a.db or 'the default database'}; retrained {trained} cost models; "
           f"{s['baselines']} cuBLAS baselines")
     return 0

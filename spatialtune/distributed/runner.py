@@ -20,35 +20,14 @@ from typing import Any, Sequence
 from ..device import DeviceInfo, tvm_version
 from ..errors import ConfigError, DeviceError
 from ..measure.runner import MeasureResult, ResultFn, Runner, RunInput, RunSettings
-from ..partitions import Partition, create_partition
-from ..partitions.cpu import CpuPartition
+from ..partitions import Partition
+from ..partitions.remote import RemotePartition
 from ..terms import Share
 from .pool import Job, ServerPool
 from .protocol import measure_request, parse_address
 from .tracker import START_WAIT_S
 
 GRACE_S = 60.0  # beyond the measurement's own timeout: upload, a measuring worker (re)starting
-
-
-class RemotePartition(Partition):
-    """The servers' partition as the driver sees it: it grants shares of the servers' device by
-    the servers' own rule (same kind, same totals; each server checks that its grant matches),
-    and holds nothing here: every server sets up and enforces its own."""
-
-    scope = "remote"
-
-    def __init__(self, kind: str, device: DeviceInfo):
-        self.kind = kind
-        if kind == "cpu":
-            self._rule: Partition = CpuPartition(cores=list(range(device.units)))
-        else:
-            self._rule = create_partition(kind, total_sms=device.units)
-
-    def grant(self, ratio: float) -> Share:
-        return self._rule.grant(ratio)
-
-    def neighbour_share(self, share: Share) -> Share | None:
-        return self._rule.neighbour_share(share)
 
 
 class RpcRunner(Runner):

@@ -44,11 +44,14 @@ class RunInput:
     artifact: str
     cubin: str | None = None
     mod_hash: str | None = None  # the kernel's identity (lets a replay runner find its record)
+    # What a deferred runner packs so that the result can be recorded when it comes back (trace,
+    # features, source, search_s, build_s); a runner that measures now needs none of it.
+    candidate: dict | None = None
 
 
 @dataclass
 class MeasureResult:
-    status: str  # ok | wrong_result | runtime_error | timeout
+    status: str  # ok | wrong_result | runtime_error | timeout | pending (a deferred runner: measured later)
     error: str = ""
     times: list[float] = field(default_factory=list)
     median_s: float | None = None
@@ -70,9 +73,15 @@ class Runner(ABC):
     """Contract: ``run`` returns one result per input, in order, and hands each to ``on_result``
     the moment it exists (so a caller can record it before the next one runs); a bad kernel is a
     result, not an exception. The share and interference hold for the whole batch. ``real``:
-    whether results come from hardware now (baselines and comparison measurements need it)."""
+    whether results come from hardware (baselines and comparison measurements need it).
+
+    ``deferred``: the runner measures later, elsewhere (a GPU bundle): every result of ``run`` is
+    ``pending``, which the caller records neither as a time nor as a failure; the measurements
+    reach the database by another way (``bundle import``) and the caller picks them up from there
+    when it runs again."""
 
     real = True
+    deferred = False
     baselines = False  # can time TVM's default schedule and numpy next to the kernels
     parallel = 1  # measurements it can make at once (a pool of servers: how many; ``run`` is then thread-safe)
 

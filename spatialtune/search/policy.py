@@ -1,5 +1,6 @@
 """The one policy that picks the next candidates for a (workload, condition): used by ``tune``
-batch by batch, and by ``bundle build --db`` for a whole GPU round at once.
+batch by batch, whether a batch is measured here, on RPC servers or later on a GPU host (a
+bundle).
 
 For a tuning key (workload, device, partition, ratio, interference) it starts from everything the
 database holds for that workload on that device:
@@ -32,7 +33,7 @@ import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -294,19 +295,6 @@ class SharePolicy:
 
     def tell(self, candidates: Sequence[Candidate], times: Sequence[float | None]) -> None:
         self.search.tell(candidates, times)
-
-    def propose(self, n: int, exclude: Callable[[str], bool] = lambda h: False) -> list[Candidate]:
-        """``n`` new candidates at once, none measured and none ``exclude``d (an open-loop round,
-        as a GPU bundle is: asked in batches, each told as not measured yet)."""
-        out: list[Candidate] = []
-        empty = 0
-        while len(out) < n and empty < 3:
-            got = self.search.ask(min(self.search.batch, n - len(out)))
-            self.search.tell(got, [None] * len(got))
-            keep = [c for c in got if not exclude(c.mod_hash) and all(c.mod_hash != o.mod_hash for o in out)]
-            empty = empty + 1 if not keep else 0
-            out += keep
-        return out
 
     def close(self) -> None:
         self.search.close()

@@ -1,4 +1,5 @@
-"""What ``tune`` measures beyond a key's search: the winners matrix and imported configs.
+"""What ``tune`` measures beyond a key's search: the winners matrix, imported configs and
+uniform samples.
 
 Both are reference measurements, read from the database each time (so a resumed job measures
 only what is missing) and made through the job's own build-and-measure step (``job.measure``),
@@ -37,12 +38,14 @@ def fill_matrix(job, w: Workload) -> None:
                                  f"not measured (this partition cannot grant {k.ratio:g}% again exactly)")
                 log.info("%s", job.stage.gaps[-1])
                 continue
-            cands = [c for m in configs if (c := candidate_from_trace(w, m.trace, "matrix", m.features,
-                                                                      m.mod_hash)) is not None]
+            key = job.key(w, k.ratio) | {"interference": k.interference}
+            taken = job.ctx.pending_at(key)  # handed to a deferred runner already: not twice
+            cands = [c for m in configs if m.mod_hash not in taken
+                     and (c := candidate_from_trace(w, m.trace, "matrix", m.features, m.mod_hash)) is not None]
             if cands:
                 log.info("%s @ %g%% %s: measuring %d winners of other conditions", w.key, k.ratio,
                          k.interference, len(cands))
-                job.measure(w, share, job.key(w, k.ratio) | {"interference": k.interference}, cands)
+                job.measure(w, share, key, cands)
                 measured += len(cands)
         if not measured:
             return
@@ -59,4 +62,22 @@ def check_imported(job, w: Workload, share: Share, key: dict) -> None:
                                                            m.mod_hash)) is not None]
     if cands and not job.out_of_time():
         log.info("%s @ %g%%: checking %d imported configs", w.key, share.key_ratio, len(cands))
+        job.measure(w, share, key, cands)
+
+
+def measure_samples(job, w: Workload, share: Share, key: dict) -> None:
+    """``opt.samples`` of ``w`` (by name or key): that many uniform samples of its design space,
+    none measured on the device before, measured under ``key`` (source ``uniform``)."""
+    n = max([v for name, v in job.opt.samples.items() if name in (w.key, w.name)], default=0)
+    if not n or job.out_of_time():
+        return
+    from ..search.uniform import UniformSampler
+
+    seen = {m.mod_hash for m in job.db.measurements(workload_key=w.key, device_id=job.device.id)}
+    seen |= job.ctx.pending_at(key)
+    cands = UniformSampler(w, job.target(share), seed=job.opt.seed).sample(n, exclude=seen)
+    for c in cands:
+        c.source = "uniform"
+    log.info("%s @ %g%%: %d uniform samples of the design space", w.key, share.key_ratio, len(cands))
+    if cands:
         job.measure(w, share, key, cands)

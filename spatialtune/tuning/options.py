@@ -42,6 +42,9 @@ class TuneOptions:
     mcpu: str | None = None  # CPU: LLVM CPU to compile for (default: this machine's)
     arch: str | None = None  # CUDA: sm_XY to compile for (default: the device's)
     seed: int = 0
+    # Workload (name or key) -> that many uniform samples of its design space, none measured
+    # before, measured at the job's first share before its search: a pool no cost model chose.
+    samples: dict[str, int] = field(default_factory=dict)
     baselines: bool = True
     confirm_top: int = 4  # the fastest kernels of a key measured again after its search (0: none)
     artifact_dir: str | None = None
@@ -84,6 +87,8 @@ class TuneOptions:
             raise ConfigError("--transfer-top and --seeds-per-share must not be negative")
         if isinstance(self.matrix_top, bool) or not (isinstance(self.matrix_top, int) and self.matrix_top >= 0):
             raise ConfigError(f"--matrix-top must be a non-negative integer, got {self.matrix_top!r}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in self.samples.values()):
+            raise ConfigError(f"uniform samples per workload must be non-negative integers, got {self.samples!r}")
         check_interference(self.interference)
         create_cost_model(self.cost_model)
 
@@ -133,3 +138,4 @@ class TuneSummary:
     timings: dict[str, float]  # seconds spent in search, build, run, train
     stopped_early: bool = False
     matrix_gaps: list[str] = field(default_factory=list)  # winners-matrix cells left unmeasured, and why
+    pending: int = 0  # measurements a deferred runner took to make later (a GPU bundle)

@@ -1,0 +1,63 @@
+"""The search of one (workload, share) key inside ``tune``: its policy, the transfers still to
+measure, and one batch per step."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+from ..device import target_for
+from ..search.policy import KeyId, SharePolicy
+from ..terms import Share
+from ..workloads.spec import Workload
+
+log = logging.getLogger(__name__)
+
+
+class KeySearch:
+    """One batch per :meth:`step`: built, measured and recorded, the share's model retrained.
+
+    With a deferred runner a batch's times come later. The transfers are chosen from what other
+    shares measured already, so a search batch still follows them in the same call; the batch
+    after a search batch would be asked of a policy that has not heard of the last one, so the
+    key stops there (the next ``tune`` call goes on from the database)."""
+
+    def __init__(self, job, w: Workload, share: Share, key: dict, siblings: Sequence[tuple] = ()):
+        t0 = time.perf_counter()
+        self.job, self.w, self.share, self.key = job, w, share, key
+        r = share.key_ratio
+        rows = job.db.measurements(workload_key=w.key, device_id=job.device.id, with_features=True)
+        self.model = job.models.model_for(r)
+        self.policy = SharePolicy(w, target_for(job.device, share.units),
+                                  KeyId(job.partition.kind, r, job.opt.interference), rows, self.model,
+                                  share_units=(share.units, share.total), options=job.opt.policy(),
+                                  run=job.opt.search_run())
+        job.stage.add("setup", time.perf_counter() - t0)
+        taken = job.ctx.pending_at(key)
+        self.transfers = [c for c in self.policy.transfers(siblings) if c.mod_hash not in taken]
+
+    def step(self, want: int) -> bool:
+        """Measure the next batch, at most ``want`` candidates (all waiting transfers first);
+        False when the search space is exhausted or the next batch waits on pending results."""
+        job = self.job
+        t0 = time.perf_counter()
+        transfers = bool(self.transfers)
+        if transfers:
+            cands, self.transfers = self.transfers[:want], self.transfers[want:]
+        else:
+            cands = self.policy.ask(min(job.opt.batch, want))
+        job.stage.add("search", time.perf_counter() - t0)
+        if not cands:
+            log.info("%s @ %g%%: search space exhausted", self.w.key, self.share.key_ratio)
+            return False
+        times = job.measure(self.w, self.share, self.key, cands)
+        pending = job.ctx.pending_at(self.key)
+        if any(c.mod_hash in pending for c in cands):
+            return transfers
+        self.policy.tell(cands, times)
+        job.models.learn(self.share.key_ratio, self.model, cands, times, self.w.key, self.share.units)
+        return True
+
+    def close(self) -> None:
+        self.policy.close()
