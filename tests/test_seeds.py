@@ -119,3 +119,18 @@ def test_seed_kernels_replay_build_and_match_numpy(w, tmp_path):
     with LocalRunner(part, settings=RunSettings(repeat=2, min_repeat_ms=1, timeout=60)) as r:
         res = r.run(part.grant(100), "none", [RunInput(w.to_dict(), x.artifact) for x in built])
     assert all(x.status == "ok" and x.rel_err < 1e-5 for x in res), [(x.status, x.error) for x in res]
+
+
+def test_a_failure_inside_metaschedules_evolution_costs_the_evolution_not_the_job(monkeypatch, caplog):
+    s = _search(DENSE, AVX2, tile_seeds=0)
+    first = s.ask(8)
+    s.tell(first, [1e-3 * (i + 1) for i in range(len(first))])
+
+    def failing(self):  # as TVM's parallel_for reports a check failing in one of its threads
+        raise RuntimeError("parallel_for_dynamic error with Check failed: (args.size() == ...) is false")
+
+    monkeypatch.setattr(type(s.strategy), "generate_measure_candidates", failing)
+    got = s.ask(8)
+    assert len(got) == 8 and not {c.mod_hash for c in got} & {c.mod_hash for c in first}
+    assert any("evolution failed" in r.getMessage() for r in caplog.records)
+    assert len(s.ask(4)) == 4  # and the next batches of the key sample without it

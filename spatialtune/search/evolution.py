@@ -248,7 +248,13 @@ class EvolutionarySearch(Search):
         tries = 0
         while len(self.pool) < n and not self._evolution_done and tries < 4:
             tries += 1
-            got = self.strategy.generate_measure_candidates()
+            try:
+                got = self.strategy.generate_measure_candidates()
+            except Exception as e:  # a check failing inside TVM's evolution: this key samples instead
+                self._evolution_done = True
+                log.warning("%s: MetaSchedule's evolution failed (%s); sampling uniformly for this key",
+                            self.workload.key, (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+                break
             if not got:
                 self._evolution_done = True
                 log.info("%s: MetaSchedule's evolution has nothing more; sampling uniformly", self.workload.key)
