@@ -6,8 +6,9 @@ ONNX Runtime on the same cores. Prints, per model and share, the four latencies,
 and the task that costs most. Tuning resumes from the database (--db), so a second run with more
 --trials continues; the end-to-end runs are done again each time.
 
---layouts nchw,NCHW16c also compiles each model with its convolutions blocked by 16 output channels
-(spatialtune.models.layout), as separate tasks, tuned and timed the same way.
+--layouts nchw,NCHW16c compiles each model both ways: convolutions in NCHW, and blocked by 16 output
+channels (spatialtune.models.layout), as separate tasks tuned and timed the same way; the default
+is the CLI's, auto.
 
 SPATIALTUNE_QUICK=1 (or --quick): toy-sized models at 100 % only, one trial per task, a smoke test.
 """
@@ -33,7 +34,7 @@ from spatialtune.device import describe_machine  # noqa: E402
 from spatialtune.measure.runner import RunSettings  # noqa: E402
 from spatialtune.models.e2e import ModelOptions, measure_model  # noqa: E402
 from spatialtune.models.importer import space_from_onnx  # noqa: E402
-from spatialtune.models.layout import layout_name, parse_layout  # noqa: E402
+from spatialtune.models.layout import parse_layout  # noqa: E402
 from spatialtune.store.model_runs import ModelRun  # noqa: E402
 from spatialtune.store.database import TuningDatabase  # noqa: E402
 from spatialtune.tuning import TuneOptions, tune  # noqa: E402
@@ -151,8 +152,9 @@ def main() -> int:
     ap.add_argument("--ratios", default=None, help="shares, percent, tuned in this order (default 100,50)")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--layouts", default=None,
-                    help="convolution layouts to compile each model in, e.g. nchw,NCHW16c (models.layout; a model "
-                         "without convolutions runs in nchw only; default nchw, quick: nchw,NCHW8c)")
+                    help="convolution layouts to compile each model in, e.g. nchw,NCHW16c (models.layout; default "
+                         "auto, as the CLI; quick: nchw,NCHW8c; a layout that resolves to one already measured, "
+                         "e.g. for a model without convolutions, is measured once)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(tempfile.gettempdir()) / "spatialtune-bench-model"))
     ap.add_argument("--db", default=None, help="tuning database (default: OUT/bench.sqlite)")
     ap.add_argument("--no-scratch", dest="scratch", action="store_false",
@@ -163,17 +165,13 @@ def main() -> int:
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(a.out)
-    layouts = [x.strip() for x in (a.layouts or ("nchw,NCHW8c" if a.quick else "nchw")).split(",") if x.strip()]
+    layouts = [x.strip() for x in (a.layouts or ("nchw,NCHW8c" if a.quick else "auto")).split(",") if x.strip()]
     for x in layouts:
         parse_layout(x)  # a bad name is one line before anything runs
-    labels = [f"{m}{'' if parse_layout(x) is None else '-' + layout_name(parse_layout(x))}"
-              for m in a.models.split(",") for x in layouts]
-    if a.table_only:  # without --layouts: every layout saved for these models
-        if a.layouts is None:
-            labels = [f.name[: -len("-result.json")] for m in a.models.split(",")
-                      for f in sorted(out.glob(f"{m}*-result.json"))
-                      if f.name == f"{m}-result.json" or f.name.startswith(f"{m}-NCHW")]
-        return print_saved(out, labels)
+    if a.table_only:  # every layout saved for these models
+        return print_saved(out, [f.name[: -len("-result.json")] for m in a.models.split(",")
+                                 for f in sorted(out.glob(f"{m}*-result.json"))
+                                 if f.name == f"{m}-result.json" or f.name.startswith(f"{m}-NCHW")])
     out.mkdir(parents=True, exist_ok=True)
     db_path = Path(a.db or (os.environ.get("SPATIALTUNE_DB") if a.quick else None) or out / "bench.sqlite")
     ratios = [float(r) for r in (a.ratios or "100,50").split(",")]
@@ -182,15 +180,16 @@ def main() -> int:
     where = f"{describe_machine()}, ONNX Runtime {onnxruntime.__version__}"
     print(f"machine: {where}; {'quick' if a.quick else 'full'} mode; database {db_path}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    results = []
+    results, done = [], set()
     for name, layout in ((m, x) for m in a.models.split(",") for x in layouts):
         build, full, toy = MODELS[name]
         onnx_path = build(out / f"{name}.onnx", **(toy if a.quick else full))
         text, tasks = space_from_onnx([onnx_path], layout=layout)
-        if parse_layout(layout) is not None and not [w for w in tasks if "NCHWc" in w.name]:
-            print(f"\n{name}: no convolution takes {layout}; it runs in nchw only")
+        if tasks[0].model in done:  # the layout resolved to one measured already (auto, or no convolution)
+            print(f"\n{name}: --layout {layout} is {tasks[0].model}, measured above")
             continue
         name = tasks[0].model
+        done.add(name)
         (out / f"{name}.toml").write_text(text)
         tasks = load_space(out / f"{name}.toml").workloads
         trials = a.trials or (len(tasks) if a.quick else 256)

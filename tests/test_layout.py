@@ -8,7 +8,7 @@ from spatialtune.errors import ConfigError
 from spatialtune.measure.runner import RunSettings
 from spatialtune.models.e2e import ModelOptions, measure_model
 from spatialtune.models.importer import extract_workloads, load_onnx, space_from_onnx
-from spatialtune.models.layout import parse_layout
+from spatialtune.models.layout import host_lanes, parse_layout
 from spatialtune.store.database import TuningDatabase
 from spatialtune.tuning import TuneOptions, tune
 
@@ -37,8 +37,34 @@ def cnn_block(path, c=8, e=16):
     return path
 
 
+def plain_block(path, c=16):
+    """A residual pair of 3x3 convolutions, every channel count a multiple of 16."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["a1"]),
+             helper.make_node("Conv", ["a1", "w2"], ["b"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["b", "x"], ["y"])]
+    g = helper.make_graph(nodes, "plain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 6, 6])],
+                          [_w(rng, "w1", (2 * c, c, 3, 3)), _w(rng, "w2", (c, 2 * c, 3, 3))])
+    save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_auto_blocks_by_the_vector_width_only_when_every_convolution_takes_it(tmp_path):
+    lanes = host_lanes()
+    blocked = load_onnx(plain_block(tmp_path / "p.onnx"))  # auto is the default
+    assert blocked.layout == f"NCHW{lanes}c" and blocked.name == f"p-NCHW{lanes}c"
+    names = [w.name for w in extract_workloads(blocked)]
+    assert sum("NCHWc" in n for n in names) == 2 and sum("layout_transform" in n for n in names) == 2, names
+    depthwise = load_onnx(cnn_block(tmp_path / "m.onnx"))  # a grouped convolution: it stays NCHW
+    assert depthwise.layout == "nchw" and depthwise.name == "m"
+    assert load_onnx(tmp_path / "p.onnx", layout="nchw").name == "p"
+
+
 def test_layout_names_parse_and_bad_ones_are_one_line(tmp_path):
     assert parse_layout(None) is None and parse_layout("nchw") is None and parse_layout("NCHW16c") == 16
+    assert parse_layout("auto") == host_lanes() in (4, 8, 16)
     for bad in ("nhwc", "NCHW1c", "NCHWc", "NCHW16"):
         with pytest.raises(ConfigError, match="--layout"):
             parse_layout(bad)

@@ -31,9 +31,9 @@ def add_model(sub) -> None:
     p.add_argument("--exact-math", action="store_true",
                    help="build the tuned variants with exact erf/exp/tanh (default: vectorisable approximations "
                         "for the tasks whose output check passes with them; see docs/models.md)")
-    p.add_argument("--layout", default="nchw",
-                   help="convolutions in this layout: nchw (default) or NCHW<b>c, blocked by b channels (as tasks were "
-                        "extracted with workloads --from-onnx --layout; docs/models.md)")
+    p.add_argument("--layout", default="auto",
+                   help="convolutions in this layout: auto (default: blocked by this CPU's fp32 vector width when every "
+                        "convolution takes it), nchw or NCHW<b>c; as the tasks were extracted (docs/models.md)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON array instead of tables")
     db_arg(p)
     p.set_defaults(func=_cmd_model)

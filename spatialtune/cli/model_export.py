@@ -34,9 +34,9 @@ def add_model_export(sub) -> None:
                    help="static shape of a model input (as given to workloads --from-onnx)")
     p.add_argument("--interference", default="none", help="use the configs tuned under this neighbour")
     p.add_argument("--mcpu", default=None, help="the LLVM CPU the tuning records were measured for")
-    p.add_argument("--layout", default="nchw",
-                   help="convolutions in this layout: nchw (default) or NCHW<b>c, blocked by b channels (as tasks were "
-                        "extracted with workloads --from-onnx --layout; docs/models.md)")
+    p.add_argument("--layout", default="auto",
+                   help="convolutions in this layout: auto (default: blocked by this CPU's fp32 vector width when every "
+                        "convolution takes it), nchw or NCHW<b>c; as the tasks were extracted (docs/models.md)")
     p.add_argument("--json", action="store_true", help="print the manifest instead of a summary")
     db_arg(p)
     p.set_defaults(func=_cmd_export)

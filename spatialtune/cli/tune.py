@@ -159,8 +159,9 @@ def add_workloads(sub) -> None:
     p.add_argument("--out", metavar="SPACE.toml", help="with --from-onnx: write the space there (default: print it)")
     p.add_argument("--name", help="with --from-onnx: the space's name (default: the models' names)")
     p.add_argument("--layout", default=None,
-                   help="with --from-onnx: the convolutions' layout, nchw (default) or NCHW<b>c: blocked by b "
-                        "output channels, as ONNX Runtime runs them (docs/models.md)")
+                   help="with --from-onnx: the convolutions' layout: auto (default: blocked by this CPU's fp32 "
+                        "vector width when every convolution takes it), nchw, or NCHW<b>c: blocked by b output "
+                        "channels, as ONNX Runtime runs them (docs/models.md)")
     p.add_argument("--exact-math", action="store_true",
                    help="with --from-onnx: build every task with exact erf/exp/tanh (default: vectorisable "
                         "approximations on a CPU where a task's output check passes with them)")
@@ -174,7 +175,7 @@ def _cmd_workloads(a) -> int:
         from ..models.importer import parse_shapes, space_from_onnx
 
         text, workloads = space_from_onnx(a.from_onnx, parse_shapes(a.shape), a.name, fast_math=not a.exact_math,
-                                           layout=a.layout)
+                                           layout=a.layout or "auto")
         if not a.out:
             print(text)
             return 0

@@ -74,7 +74,7 @@ class ModelOptions:
     interference: str = "none"  # whose records: the condition they were tuned under
     fast_math: bool = True  # tasks build with vectorisable erf/exp/tanh where that passes the check
     profile: bool = False  # also break the share-tuned latency down per task next to ONNX Runtime's profile
-    layout: str = "nchw"  # of the convolutions, as the tasks were extracted (models.layout)
+    layout: str = "auto"  # of the convolutions, as the tasks were extracted (models.layout)
 
     def settings(self) -> dict:
         return {"rounds": self.rounds, "min_repeat_ms": self.min_repeat_ms, "warmup_ms": self.warmup_ms}

@@ -40,7 +40,7 @@ from .importer import extract_workloads, load_onnx
 @dataclass(frozen=True)
 class ExportOptions:
     shapes: dict | None = None  # static input shapes, as given to workloads --from-onnx
-    layout: str | None = None  # the convolutions' layout the tasks were extracted with (models.layout)
+    layout: str = "auto"  # the convolutions' layout the tasks were extracted with (models.layout)
     mcpu: str | None = None  # the device whose tuning records are used (default: this machine's CPU)
     interference: str = "none"  # whose records: the condition they were tuned under
 

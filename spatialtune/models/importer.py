@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigError, SpecError
 from ..workloads.prim import PrimTask, prim_task
-from .layout import layout_name, parse_layout, to_blocked
+from .layout import AUTO, layout_name, parse_layout, resolve
 from ..workloads.spec import Workload
 
 log = logging.getLogger(__name__)
@@ -74,11 +74,11 @@ def _read(path: Path):
 
 
 def load_onnx(path: str | Path, shapes: Mapping[str, Sequence[int]] | None = None,
-              layout: str | None = None) -> ImportedModel:
+              layout: str | None = AUTO) -> ImportedModel:
     """Import ``path`` through ``tvm.relax.frontend.onnx.from_onnx``. ``shapes`` gives (or
     overrides) input shapes by input name; every dimension must end up static. ``layout``:
-    ``nchw`` (the default) or ``NCHW<b>c`` for blocked convolutions (:mod:`.layout`; the model's
-    name then ends in ``-NCHW<b>c``, its tasks are others). SpecError for a file that is not ONNX,
+    ``auto`` (the default), ``nchw`` or ``NCHW<b>c`` for blocked convolutions (:mod:`.layout`; a
+    blocked model's name ends in ``-NCHW<b>c``, its tasks are others). SpecError for a file that is not ONNX,
     a dynamic dimension left, or what the importer cannot take."""
     from onnx import helper
 
@@ -114,14 +114,13 @@ def load_onnx(path: str | Path, shapes: Mapping[str, Sequence[int]] | None = Non
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         raise SpecError(f"{path}: TVM's ONNX importer failed: {lines[-1][:300] if lines else type(e).__name__}") \
             from None
-    block = parse_layout(layout)
-    if block is not None:
-        try:
-            mod = to_blocked(mod, block)
-        except Exception as e:
-            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-            raise SpecError(f"{path}: the {layout_name(block)} layout does not apply: "
-                            f"{lines[-1][:300] if lines else type(e).__name__}") from None
+    parse_layout(layout)  # a bad name is a ConfigError, not a SpecError of the file
+    try:
+        mod, block = resolve(mod, layout)
+    except Exception as e:
+        lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+        raise SpecError(f"{path}: the {layout} layout does not apply: "
+                        f"{lines[-1][:300] if lines else type(e).__name__}") from None
     return ImportedModel(name=path.stem if block is None else f"{path.stem}-{layout_name(block)}", path=str(path),
                          hash=digest, inputs=inputs, outputs=[o.name for o in model.graph.output], relax_mod=mod,
                          layout=layout_name(block))
@@ -217,7 +216,7 @@ def merge_tasks(per_model: Sequence[Sequence[Workload]]) -> list[Workload]:
 
 def space_from_onnx(paths: Sequence[str | Path], shapes: Mapping[str, Sequence[int]] | None = None,
                     name: str | None = None, fast_math: bool = True,
-                    layout: str | None = None) -> tuple[str, list[Workload]]:
+                    layout: str | None = AUTO) -> tuple[str, list[Workload]]:
     """(the search-space file's text, its workloads) for the tasks of the models at ``paths``
     (their convolutions in ``layout``, see :func:`load_onnx`)."""
     from ..workloads.spacefile import format_space

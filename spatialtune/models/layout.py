@@ -13,8 +13,12 @@ element-wise operators follow, and layout transforms are inserted only where the
 layout (its inputs and outputs, and around a convolution left in NCHW): those are tasks of the
 model like any other, so their time is in its latency.
 
-A layout is a choice per model (``--layout``), not a rule: which is faster depends on the
-shapes, the CPU and the share, so it is measured (``scripts/bench-model --layouts``).
+``auto`` (the default) blocks by this CPU's fp32 vector width (16 with AVX-512, 8 with AVX, else
+4) when every convolution of the model can take that layout, and keeps NCHW otherwise: a
+convolution left in NCHW in a blocked graph costs two layout transforms of its activations, and
+a grouped (depthwise) convolution, which no blocked kernel here takes, is the usual reason. An
+explicit ``NCHW<b>c`` blocks what it can. Which is faster depends on the shapes, the CPU and the
+share, so ``scripts/bench-model --layouts`` measures both.
 """
 
 from __future__ import annotations
@@ -24,21 +28,46 @@ import re
 from ..errors import ConfigError
 
 PLAIN = "nchw"
+AUTO = "auto"
 
 
 def parse_layout(text: str | None) -> int | None:
-    """``nchw`` (or None) -> None; ``NCHW16c`` -> 16. ConfigError for anything else."""
+    """``nchw`` (or None) -> None; ``NCHW16c`` -> 16; ``auto`` -> this CPU's fp32 lanes.
+    ConfigError for anything else."""
     if text is None or text.strip().lower() == PLAIN:
         return None
+    if text.strip().lower() == AUTO:
+        return host_lanes()
     m = re.fullmatch(r"nchw(\d+)c", text.strip().lower())
     if not m or int(m.group(1)) < 2:
-        raise ConfigError(f"--layout {text!r}: expected nchw or NCHW<b>c with a block b >= 2 (e.g. NCHW16c: 16 fp32 "
-                          "lanes of AVX-512, NCHW8c for AVX2)")
+        raise ConfigError(f"--layout {text!r}: expected auto, nchw or NCHW<b>c with a block b >= 2 (e.g. NCHW16c: "
+                          "16 fp32 lanes of AVX-512, NCHW8c for AVX2)")
     return int(m.group(1))
 
 
 def layout_name(block: int | None) -> str:
     return PLAIN if block is None else f"NCHW{block}c"
+
+
+def host_lanes() -> int:
+    """fp32 lanes of this CPU's widest vector registers, as the kernel reports its features."""
+    from ..device import cpu_flags
+
+    flags = cpu_flags()
+    return 16 if "avx512f" in flags else 8 if "avx" in flags else 4
+
+
+def resolve(mod, text: str | None) -> tuple[object, int | None]:
+    """(``mod`` in the layout ``text`` asks for, its block or None for NCHW); ``auto`` blocks
+    only when every convolution takes the block (see the module doc)."""
+    block = parse_layout(text)
+    if block is None:
+        return mod, None
+    if (text or "").strip().lower() == AUTO:
+        convs = _convolutions(mod)
+        if not convs or any(g != 1 or c % block or o % block for c, o, g in convs):
+            return mod, None
+    return to_blocked(mod, block), block
 
 
 def to_blocked(mod, block: int):
@@ -64,25 +93,49 @@ def to_blocked(mod, block: int):
         relax.transform.LegalizeOps({"relax.nn.conv2d": grouped_first}, skip_ops=others),
         relax.transform.ConvertLayout({"relax.nn.conv2d": [f"NCHW{block}c", f"OIHW{block}o", f"NCHW{block}c"]}),
         relax.transform.Normalize(),
+        # one transform of an input read by two convolutions (a residual block's first conv and
+        # its projection), not one per reader
+        relax.transform.EliminateCommonSubexpr(),
         relax.transform.LegalizeOps({"relax.nn.conv2d": conv2d}),
     ])
     with tvm.transform.PassContext(opt_level=3):
         return seq(mod)
 
 
-def _op_names(mod) -> set[str]:
+def _calls(mod) -> list:
     from tvm import ir, relax
 
-    names: set[str] = set()
+    calls: list = []
 
     @relax.expr_functor.visitor
     class _Ops(relax.PyExprVisitor):
         def visit_call_(self, call) -> None:
             if isinstance(call.op, ir.Op):
-                names.add(call.op.name)
+                calls.append(call)
             super().visit_call_(call)
 
     for fn in mod.functions.values():
         if isinstance(fn, relax.Function):
             _Ops().visit_expr(fn)
-    return names
+    return calls
+
+
+def _op_names(mod) -> set[str]:
+    return {c.op.name for c in _calls(mod)}
+
+
+def _convolutions(mod) -> list[tuple[int, int, int]]:
+    """(input channels, output channels, groups) of every conv2d of ``mod``; one that is not a
+    static NCHW/OIHW convolution counts with groups 0, so ``auto`` leaves the model NCHW."""
+    out = []
+    for c in _calls(mod):
+        if c.op.name != "relax.nn.conv2d":
+            continue
+        try:
+            data = [int(d) for d in c.args[0].struct_info.shape]
+            weight = [int(d) for d in c.args[1].struct_info.shape]
+            ok = c.attrs.data_layout == "NCHW" and c.attrs.kernel_layout == "OIHW"
+            out.append((data[1], weight[0], int(c.attrs.groups)) if ok else (1, 1, 0))
+        except (TypeError, ValueError, AttributeError):
+            out.append((1, 1, 0))  # a dynamic or unknown shape: not something to block blindly
+    return out
