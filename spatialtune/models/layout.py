@@ -132,8 +132,8 @@ def _convolutions(mod) -> list[tuple[int, int, int]]:
         if c.op.name != "relax.nn.conv2d":
             continue
         try:
-            data = [int(d) for d in c.args[0].struct_info.shape]
-            weight = [int(d) for d in c.args[1].struct_info.shape]
+            data = [int(d) for d in c.args[0].ty.shape.values]
+            weight = [int(d) for d in c.args[1].ty.shape.values]
             ok = c.attrs.data_layout == "NCHW" and c.attrs.kernel_layout == "OIHW"
             out.append((data[1], weight[0], int(c.attrs.groups)) if ok else (1, 1, 0))
         except (TypeError, ValueError, AttributeError):
