@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..workloads.prim import blocks
 from ..workloads.schedule import mod_hash
 from .rules import PANEL_WIDTH
 from .space import Candidate
@@ -104,18 +105,14 @@ def broadcast_axis(mod) -> int | None:
     from tvm.s_tir import Schedule
     from tvm.tirx.analysis import undefined_vars
 
-    sch = Schedule(mod)
-    found, todo = [], [sch.get_sblock("root")]
-    while todo:
-        for b in sch.get_child_blocks(todo.pop()):
-            todo.append(b)
-            blk = sch.get(b)
-            spatial = [iv.var for iv in blk.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
-            if len(blk.writes) != 1 or len(spatial) < 2 or len(spatial) == len(blk.iter_vars):
-                continue
-            cols = blk.writes[0].region[-1].min if blk.writes[0].region else None
-            if isinstance(cols, tirx.Var) and cols.same_as(spatial[-1]):
-                found.append((blk, spatial))
+    found = []
+    for blk in blocks(Schedule(mod)):
+        spatial = [iv.var for iv in blk.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+        if len(blk.writes) != 1 or len(spatial) < 2 or len(spatial) == len(blk.iter_vars):
+            continue
+        cols = blk.writes[0].region[-1].min if blk.writes[0].region else None
+        if isinstance(cols, tirx.Var) and cols.same_as(spatial[-1]):
+            found.append((blk, spatial))
     if len(found) != 1:
         return None
     blk, spatial = found[0]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 
+from ..workloads.prim import blocks
+
 log = logging.getLogger(__name__)
 
 
@@ -27,15 +29,8 @@ def _main_block(mod):
     from tvm import tirx
     from tvm.s_tir import Schedule
 
-    sch = Schedule(mod)
-    found, todo = [], [sch.get_sblock("root")]
-    while todo:
-        for b in sch.get_child_blocks(todo.pop()):
-            todo.append(b)
-            blk = sch.get(b)
-            kinds = {iv.iter_type for iv in blk.iter_vars}
-            if tirx.IterVar.DataPar in kinds and tirx.IterVar.CommReduce in kinds and len(blk.writes) == 1:
-                found.append(blk)
+    found = [blk for blk in blocks(Schedule(mod)) if len(blk.writes) == 1
+             and {tirx.IterVar.DataPar, tirx.IterVar.CommReduce} <= {iv.iter_type for iv in blk.iter_vars}]
     return found[0] if len(found) == 1 else None
 
 
@@ -89,15 +84,6 @@ def refit(factors: list[int], extent: int) -> list[int]:
     return [left, *reversed(inner)]
 
 
-def _block_names(sch) -> set[str]:
-    names, todo = set(), [sch.get_sblock("root")]
-    while todo:
-        for b in sch.get_child_blocks(todo.pop()):
-            todo.append(b)
-            names.add(sch.get(b).name_hint)
-    return names
-
-
 def _prune(trace, names: set[str]):
     """``trace`` without the instructions on blocks ``names`` lacks (an epilogue this task does
     not have) and everything that depends on them."""
@@ -125,7 +111,7 @@ def adapt(space, donor_workload, trace_json: str):
 
     try:
         sch = Schedule(space.mod)
-        donor = _prune(apply_trace(donor_workload, trace_json).trace, _block_names(sch))
+        donor = _prune(apply_trace(donor_workload, trace_json).trace, {b.name_hint for b in blocks(sch)})
 
         def provide(inst, inputs, attrs, decision):
             if inst.kind.name == "SamplePerfectTile" and decision is not None:

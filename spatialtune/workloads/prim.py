@@ -184,6 +184,16 @@ def prim_task(script: str, task_name: str) -> PrimTask:
                     n_outputs=n_out, flops=flops)
 
 
+def blocks(sch) -> list:
+    """Every block of ``sch``'s ``main`` below its root (the SBlock statements, any nesting)."""
+    out, todo = [], [sch.get_sblock("root")]
+    while todo:
+        for b in sch.get_child_blocks(todo.pop()):
+            todo.append(b)
+            out.append(sch.get(b))
+    return out
+
+
 def _written_params(mod) -> set[int]:
     """Indices of the parameters some block of ``main`` writes (its declared write regions)."""
     from tvm.s_tir import Schedule
@@ -191,12 +201,9 @@ def _written_params(mod) -> set[int]:
     sch = Schedule(mod)
     params = list(sch.mod["main"].params)
     hit: set[int] = set()
-    todo = [sch.get_sblock("root")]
-    while todo:
-        for b in sch.get_child_blocks(todo.pop()):
-            todo.append(b)
-            for region in sch.get(b).writes:
-                hit |= {i for i, p in enumerate(params) if region.source.same_as(p)}
+    for blk in blocks(sch):
+        for region in blk.writes:
+            hit |= {i for i, p in enumerate(params) if region.source.same_as(p)}
     return hit
 
 
