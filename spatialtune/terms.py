@@ -9,6 +9,9 @@
   ``compute``, ``memory``, ``tenant:WORKLOAD``); see :mod:`spatialtune.neighbours`.
 - **condition**: a share plus a neighbour, the thing a measurement is valid for
   (:class:`Condition`, written ``mps:25``, ``green:32sm``, ``cpu:50:memory``).
+- **batch**: the candidates ``tune`` builds and hands to its runner at once; every measured
+  batch, whichever runner measured it, goes through the same **after-batch steps** (record the
+  rows, retrain the share's cost model, report progress; ``tuning.after_batch``).
 - **regret**: a time ratio, :func:`regret`; >= 1 means the config from elsewhere is slower than
   the config tuned here.
 

@@ -74,12 +74,12 @@ def test_neighbour_first_then_quiet_with_a_kill_in_the_matrix(tmp_path, demo_spa
     real = job_mod._Job.measure
     calls = {"matrix": 0}
 
-    def killing(self, w, share, key, cands):
-        if cands and all(c.source == "matrix" for c in cands):
+    def killing(self, batch):
+        if batch.purpose == "matrix":
             calls["matrix"] += 1
             if calls["matrix"] == 2:
                 raise KeyboardInterrupt("killed in the winners matrix")
-        return real(self, w, share, key, cands)
+        return real(self, batch)
 
     monkeypatch.setattr(job_mod._Job, "measure", killing)
     with TuningDatabase(path) as db, pytest.raises(KeyboardInterrupt):

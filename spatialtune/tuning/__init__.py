@@ -1,8 +1,10 @@
 """The tuning driver: ``tune()`` searches, builds, measures, records and learns for every
-(workload, share) of a job; see :mod:`spatialtune.tuning.job`. Names load on first use, so the
-CLI can read the options without importing the database."""
+(workload, share) of a job; see :mod:`spatialtune.tuning.job`, and :mod:`.after_batch` for the
+steps after every measured batch. Names load on first use, so the CLI can read the options
+without importing the database."""
 
-_EXPORTS = {"tune": "job", "TuneOptions": "options", "ShareResult": "options", "TuneSummary": "options"}
+_EXPORTS = {"tune": "job", "TuneOptions": "options", "ShareResult": "options", "TuneSummary": "options",
+            "AfterBatch": "after_batch", "Batch": "after_batch"}
 
 
 def __getattr__(name):

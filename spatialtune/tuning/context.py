@@ -2,7 +2,8 @@
 
 :class:`Context`: everything one call shares: the device and partition measured on, the options,
 the builder and runner, the stage timings, the progress callback, the deadline, and the
-measurements a deferred runner has taken but not yet made. :class:`TuneContext`: what measuring
+measurements a deferred runner has taken but not yet made, and the steps after every measured
+batch (:mod:`.after_batch`). :class:`TuneContext`: what measuring
 for one tuning key needs (the database the results go to, the builder and the runner, the
 workload, the share held while measuring, the key its rows are recorded under and the target it
 is built for): steps that measure for a key outside the search (confirming its winners) take it
@@ -56,6 +57,8 @@ class Context:
     # key (KEY_FIELDS values) -> mod hashes handed to a deferred runner in this call: they count
     # toward the key's budget and are not handed out again, but they are not in the database
     pending: dict[tuple, set[str]] = field(default_factory=dict)
+    # the after-batch steps every batch goes through, whichever runner measures it (.after_batch)
+    after_batch: list = field(default_factory=list)
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline

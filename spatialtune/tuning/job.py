@@ -18,10 +18,12 @@ many across the tasks, batch by batch to where weight x measured time says they 
 
 The runner decides where and when the measurements happen (``measure.runner.Runner``): this
 machine's workers, measuring servers (:mod:`spatialtune.distributed`), or a GPU bundle measured
-later on another host (a deferred runner, :mod:`spatialtune.bundle.pack`). A deferred runner's
-results are pending: nothing is recorded for them, they count toward the key's budget within this
-call, and a key stops once its next batch would wait on them; ``bundle import`` records the
-measurements, and the same call made again goes on from the database, as after a kill.
+later on another host (a deferred runner, :mod:`spatialtune.bundle.pack`). Whichever it is, every
+batch goes through the same after-batch steps (:mod:`.after_batch`: record the rows, retrain the
+share's model, report progress, and what the caller adds). A deferred runner's results are
+pending: nothing is recorded for them, they count toward the key's budget within this call, and a
+key stops once its next batch would wait on them; ``bundle import`` records the measurements, and
+the same call made again goes on from the database, as after a kill.
 """
 
 from __future__ import annotations
@@ -35,15 +37,16 @@ from typing import Sequence
 from ..device import target_for
 from ..errors import ConfigError
 from ..measure.builder import BuildInput, Builder, LocalBuilder
-from ..measure.runner import LocalRunner, Runner, RunInput
+from ..measure.runner import LocalRunner, MeasureResult, Runner, RunInput
 from ..search.policy import KeyId, winner_origins
 from ..search.siblings import signature_or_none
 from ..search.space import Candidate, candidate_from_trace
-from ..store.database import Measurement, TuningDatabase
+from ..store.database import TuningDatabase
 from ..store.model_runs import vendor_floors
 from ..store.paths import artifact_dir
 from ..terms import Share, check_ratio, norm_ratio
 from ..workloads.spec import Workload
+from .after_batch import AfterBatch, Batch, default_after_batch
 from .baselines import measure_baselines
 from .confirm import confirm_best
 from .context import Context, TuneContext
@@ -59,14 +62,16 @@ log = logging.getLogger(__name__)
 
 def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatabase,
          options: TuneOptions | None = None, *, progress: ProgressFn | None = None,
-         runner: Runner | None = None, builder: Builder | None = None) -> TuneSummary:
+         runner: Runner | None = None, builder: Builder | None = None,
+         after_batch: Sequence[AfterBatch] = ()) -> TuneSummary:
     """Tune every workload at every ratio into ``db``; see the module docstring.
 
     ``runner`` replaces the local measuring runner (e.g. a ReplayRunner, a pool of measuring
     servers, whose device and partition then key the records, or a bundle); the caller owns it.
     A runner that measures several candidates at once (``parallel`` > 1) gets several workloads
     tuned at once, each in its own thread with its own database connection. ``builder`` replaces
-    the local builder in the same way (the caller owns it).
+    the local builder in the same way (the caller owns it). ``after_batch``: steps run after
+    every measured batch, after the default ones (:mod:`.after_batch`).
     """
     opt = options or TuneOptions()
     opt.validate()
@@ -86,7 +91,8 @@ def tune(workloads: Sequence[Workload], ratios: Sequence[float], db: TuningDatab
     if lanes > 1 and progress is not None:
         progress = serialised(progress)
     ctx = Context(device, partition, opt, builder, runner, progress,
-                  None if opt.time_budget_s is None else t_start + opt.time_budget_s)
+                  None if opt.time_budget_s is None else t_start + opt.time_budget_s,
+                  after_batch=default_after_batch() + list(after_batch))
     with partition, (builder if own_builder else contextlib.nullcontext(builder)), \
             (runner if own_runner else contextlib.nullcontext(runner)):
         results, stopped = _run_jobs(ctx, db, workloads, ratios, lanes)
@@ -170,7 +176,6 @@ class _Job:
         self.db, self.ctx = db, ctx
         self.device, self.partition, self.opt = ctx.device, ctx.partition, ctx.opt
         self.builder, self.runner, self.stage = ctx.builder, ctx.runner, ctx.stage
-        self.progress = ctx.progress
         self.models = ShareModels(db, ctx.device, ctx.partition.kind, ctx.opt, ctx.stage)
         self._signatures: list | None = None  # of a model's tasks, for their siblings
 
@@ -196,13 +201,12 @@ class _Job:
             measure_samples(self, w, share, key)
         before = self.db.count_measurements(**key)
         if self.count(key) < self.opt.trials and not self.out_of_time():
-            search = KeySearch(self, w, share, key)
+            search = KeySearch(self, w, share, key, position=position)
             try:
                 while not self.out_of_time():
                     want = self.opt.trials - self.count(key)  # other jobs may share the key
                     if want <= 0 or not search.step(want):
                         break
-                    self._report(w, share.key_ratio, share, key, position)
             finally:
                 search.close()
             self._confirm(w, share, key)
@@ -230,12 +234,10 @@ class _Job:
                 if i is None:
                     break
                 if i not in searches:
-                    searches[i] = KeySearch(self, ws[i], share, keys[i], self._siblings(ws, keys, i))
+                    searches[i] = KeySearch(self, ws[i], share, keys[i], self._siblings(ws, keys, i),
+                                            position=position, budget_keys=keys)
                 if not searches[i].step(left):
                     states[i].done = True
-                    continue
-                self._report(ws[i], share.key_ratio, share, keys[i], position,
-                             (sum(self.count(k) for k in keys), self.opt.trials))
         finally:
             for s in searches.values():
                 s.close()
@@ -270,7 +272,7 @@ class _Job:
             cands = [c for m in rows[: self.opt.confirm_top]
                      if (c := candidate_from_trace(w, m.trace, "best", m.features, m.mod_hash)) is not None]
             if cands:
-                self.measure(w, share, key, cands)
+                self.measure(Batch(w, share, key, cands, "best"))
         else:
             confirm_best(TuneContext(self.db, self.builder, self.runner, w, share, key, self.target(share)),
                          top=self.opt.confirm_top)
@@ -287,46 +289,35 @@ class _Job:
         return ShareResult(w.key, w.name, share.key_ratio, share.units, share.unit, best[0].median_s if best else None,
                            n, n - before, None, base.get("tvm-default"), base.get("numpy"))
 
-    def measure(self, w: Workload, share: Share, key: dict, cands: Sequence[Candidate]) -> list[float | None]:
-        """Build and measure ``cands`` under ``key``'s neighbour; each result is recorded the
-        moment it exists, except a pending one (a deferred runner), which is noted as pending."""
+    def measure(self, batch: Batch) -> list[MeasureResult]:
+        """Build and measure ``batch`` under its key's share and neighbour, and run the after-batch
+        steps on it: each result as it exists, then the whole batch (:mod:`.after_batch`)."""
+        steps, w = self.ctx.after_batch, batch.workload
         t0 = time.perf_counter()
-        built = self.builder.build([BuildInput.of(c, w.key, w.fast_math) for c in cands], self.target(share))
+        batch.built = self.builder.build([BuildInput.of(c, w.key, w.fast_math) for c in batch.candidates],
+                                         self.target(batch.share))
         self.stage.add("build", time.perf_counter() - t0)
-        self.stage.count("built", len(cands))
-        times: list[float | None] = [None] * len(cands)
+        self.stage.count("built", len(batch.candidates))
+        results: list = [None] * len(batch.candidates)
 
-        def row(i: int) -> Measurement:
-            c, b = cands[i], built[i]
-            return Measurement(**key, mod_hash=c.mod_hash, trace=c.trace, status="build_error", error=b.error,
-                               features=c.features, source=c.source, search_s=c.search_s, build_s=b.build_s,
-                               granted_units=share.units, granted_share=share.fraction)
+        def on_result(i: int, res: MeasureResult) -> None:
+            results[i] = res
+            for step in steps:
+                step.result(self, batch, i, res)
 
-        for i, b in enumerate(built):
+        for i, b in enumerate(batch.built):
             if not b.ok:
-                self.db.record(row(i))
-        ok = [i for i, b in enumerate(built) if b.ok]
-
-        def on_result(j: int, res) -> None:
-            i = ok[j]
-            if res.status == "pending":  # neither a time nor a failure: it is measured later
-                self.ctx.add_pending(key, cands[i].mod_hash)
-                return
-            m = row(i)
-            m.status, m.error, m.times, m.median_s = res.status, res.error, res.times, res.median_s
-            m.rel_err, m.run_s = res.rel_err, res.run_s
-            m.granted_units = res.granted_units or share.units
-            m.granted_share = m.granted_units / share.total
-            m.neighbour_throughput, m.neighbour_unit = res.neighbour_throughput, res.neighbour_unit
-            self.db.record(m)
-            times[i] = m.median_s if m.status == "ok" else None
-
+                on_result(i, MeasureResult(status="build_error", error=b.error))
+        ok = [i for i, b in enumerate(batch.built) if b.ok]
         t0 = time.perf_counter()
-        self.runner.run(share, key["interference"], [self._run_input(w, cands[i], built[i]) for i in ok],
-                        on_result=on_result)
+        self.runner.run(batch.share, batch.key["interference"],
+                        [self._run_input(w, batch.candidates[i], batch.built[i]) for i in ok],
+                        on_result=lambda j, res: on_result(ok[j], res))
         self.stage.add("run", time.perf_counter() - t0)
         self.stage.count("measured", len(ok))
-        return times
+        for step in steps:
+            step(self, batch, results)
+        return results
 
     def _run_input(self, w: Workload, c: Candidate, b) -> RunInput:
         about = None
@@ -337,16 +328,6 @@ class _Job:
 
     def target(self, share: Share) -> dict:
         return target_for(self.device, share.units)
-
-    def _report(self, w: Workload, r: float, share: Share, key: dict, position, spent: tuple | None = None) -> None:
-        """``spent``: (trials, budget) of a model's share when they are counted across its tasks."""
-        if self.progress is None:
-            return
-        best = self.db.best(**key)
-        trials, budget = spent or (self.count(key), self.opt.trials)
-        self.progress({"workload": w.name or w.key, "key": w.key, "ratio": r, "share": share.describe(),
-                       "trials": trials, "budget": budget, "best_s": best[0].median_s if best else None,
-                       "flops": w.flops, "position": position})
 
     def whole_device_time(self, wkey: str, r: float) -> float | None:
         """Time, at share r, of the config that is best at 100% (None if either is missing)."""

@@ -11,26 +11,31 @@ from ..device import target_for
 from ..search.policy import KeyId, SharePolicy
 from ..terms import Share
 from ..workloads.spec import Workload
+from .after_batch import Batch, times_of
 
 log = logging.getLogger(__name__)
 
 
 class KeySearch:
-    """One batch per :meth:`step`: built, measured and recorded, the share's model retrained.
+    """One batch per :meth:`step`: built and measured, then the after-batch steps (recorded, the
+    share's model retrained, the progress line), then the policy told the times.
 
     With a deferred runner a batch's times come later. The transfers are chosen from what other
     shares measured already, so a search batch still follows them in the same call; the batch
     after a search batch would be asked of a policy that has not heard of the last one, so the
     key stops there (the next ``tune`` call goes on from the database)."""
 
-    def __init__(self, job, w: Workload, share: Share, key: dict, siblings: Sequence[tuple] = ()):
+    def __init__(self, job, w: Workload, share: Share, key: dict, siblings: Sequence[tuple] = (), *,
+                 position: tuple | None = None, budget_keys: Sequence[dict] = ()):
+        """``position``, ``budget_keys``: the progress line's (:class:`.after_batch.Batch`)."""
         t0 = time.perf_counter()
         self.job, self.w, self.share, self.key = job, w, share, key
+        self.position, self.budget_keys = position, budget_keys
         r = share.key_ratio
         rows = job.db.measurements(workload_key=w.key, device_id=job.device.id, with_features=True)
-        self.model = job.models.model_for(r)
+        model = job.models.model_for(r)  # the share's, retrained after each batch (.after_batch.Retrain)
         self.policy = SharePolicy(w, target_for(job.device, share.units),
-                                  KeyId(job.partition.kind, r, job.opt.interference), rows, self.model,
+                                  KeyId(job.partition.kind, r, job.opt.interference), rows, model,
                                   share_units=(share.units, share.total), options=job.opt.policy(),
                                   run=job.opt.search_run())
         job.stage.add("setup", time.perf_counter() - t0)
@@ -51,12 +56,10 @@ class KeySearch:
         if not cands:
             log.info("%s @ %g%%: search space exhausted", self.w.key, self.share.key_ratio)
             return False
-        times = job.measure(self.w, self.share, self.key, cands)
-        pending = job.ctx.pending_at(self.key)
-        if any(c.mod_hash in pending for c in cands):
+        results = job.measure(Batch(self.w, self.share, self.key, cands, "search", self.position, self.budget_keys))
+        if any(r.status == "pending" for r in results):
             return transfers
-        self.policy.tell(cands, times)
-        job.models.learn(self.share.key_ratio, self.model, cands, times, self.w.key, self.share.units)
+        self.policy.tell(cands, times_of(results))
         return True
 
     def close(self) -> None:

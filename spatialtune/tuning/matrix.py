@@ -3,7 +3,8 @@ uniform samples.
 
 Both are reference measurements, read from the database each time (so a resumed job measures
 only what is missing) and made through the job's own build-and-measure step (``job.measure``),
-so every one passes the output check and is recorded the moment it exists.
+so every one passes the output check and the same after-batch steps (:mod:`.after_batch`)
+as a search batch: it is recorded the moment it exists.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ..search.policy import missing_winners
 from ..search.space import candidate_from_trace
 from ..terms import Share
 from ..workloads.spec import Workload
+from .after_batch import Batch
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def fill_matrix(job, w: Workload) -> None:
             if cands:
                 log.info("%s @ %g%% %s: measuring %d winners of other conditions", w.key, k.ratio,
                          k.interference, len(cands))
-                job.measure(w, share, key, cands)
+                job.measure(Batch(w, share, key, cands, "matrix"))
                 measured += len(cands)
         if not measured:
             return
@@ -62,7 +64,7 @@ def check_imported(job, w: Workload, share: Share, key: dict) -> None:
                                                            m.mod_hash)) is not None]
     if cands and not job.out_of_time():
         log.info("%s @ %g%%: checking %d imported configs", w.key, share.key_ratio, len(cands))
-        job.measure(w, share, key, cands)
+        job.measure(Batch(w, share, key, cands, "import"))
 
 
 def measure_samples(job, w: Workload, share: Share, key: dict) -> None:
@@ -80,4 +82,4 @@ def measure_samples(job, w: Workload, share: Share, key: dict) -> None:
         c.source = "uniform"
     log.info("%s @ %g%%: %d uniform samples of the design space", w.key, share.key_ratio, len(cands))
     if cands:
-        job.measure(w, share, key, cands)
+        job.measure(Batch(w, share, key, cands, "uniform"))
