@@ -7,8 +7,9 @@
   thread percentages, ``green`` contexts); see :mod:`spatialtune.partitions`.
 - **neighbour** (interference): what runs on the rest of the device meanwhile (``none``,
   ``compute``, ``memory``, ``tenant:WORKLOAD``); see :mod:`spatialtune.neighbours`.
-- **condition**: a share plus a neighbour, the thing a measurement is valid for
-  (:class:`Condition`, written ``mps:25``, ``green:32sm``, ``cpu:50:memory``).
+- **condition**: a share plus a neighbour, the thing a measurement is valid for, and a tuning
+  key less its workload and device (:class:`Condition`, written ``mps:25``, ``green:32sm``,
+  ``cpu:50:memory``).
 - **batch**: the candidates ``tune`` builds and hands to its runner at once; every measured
   batch, whichever runner measured it, goes through the same **after-batch steps** (record the
   rows, retrain the share's cost model, report progress; ``tuning.after_batch``).
@@ -94,17 +95,52 @@ class Share:
 
 @dataclass(frozen=True)
 class Condition:
-    """A share (by ratio, or by an exact SM count for green contexts) plus a neighbour."""
+    """A share plus a neighbour: what a measurement is valid for, and what a tuning key holds
+    besides the workload and the device.
+
+    The one type for it everywhere: the policy's keys, ``tune``'s key columns, a bundle manifest's
+    ``for`` and a database row's columns. There the share is the key ratio the database stores
+    (:attr:`Share.key_ratio`). Asked for by hand (``--condition green:64sm``) a green context may
+    instead be named by its SM count (``sms``), which the partition grants as a ratio.
+    """
 
     partition_kind: str  # mps | green | cpu
     ratio: float | None = None
-    sms: int | None = None
     interference: str = "none"
+    sms: int | None = None
 
     @property
     def label(self) -> str:
         amount = f"{self.sms}sm" if self.sms is not None else f"{self.ratio:g}%"
         return f"{self.partition_kind}:{amount}" + ("" if self.interference == "none" else f":{self.interference}")
+
+    @classmethod
+    def of(cls, row) -> "Condition":
+        """The condition of a database row: a measurement (or anything with its ``partition``,
+        ``ratio`` and ``interference``), or a dict with those keys (:meth:`to_dict`)."""
+        get = row.get if isinstance(row, dict) else (lambda k: getattr(row, k))
+        return cls(get("partition"), norm_ratio(get("ratio")), get("interference"))
+
+    from_dict = of
+
+    def to_dict(self) -> dict:
+        """The database's columns for it: ``partition``, ``ratio`` (the key ratio), ``interference``."""
+        if self.ratio is None:
+            raise ConfigError(f"condition {self.label}: no ratio yet (a share named by SMs is keyed once granted)")
+        return {"partition": self.partition_kind, "ratio": norm_ratio(self.ratio), "interference": self.interference}
+
+    def to_json(self) -> list:
+        """How a bundle manifest writes it (a candidate's ``for``): [partition, ratio, interference]."""
+        d = self.to_dict()
+        return [d["partition"], d["ratio"], d["interference"]]
+
+    @classmethod
+    def from_json(cls, value) -> "Condition":
+        """:meth:`to_json`'s list, as every manifest has written it (a dict of the columns too)."""
+        if isinstance(value, dict):
+            return cls.of(value)
+        partition, ratio, interference = value
+        return cls(partition, norm_ratio(ratio), interference)
 
 
 def parse_condition(text: str) -> Condition:

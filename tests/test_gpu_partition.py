@@ -280,11 +280,12 @@ def test_the_search_runs_on_the_hosts_cores_not_the_shares_sms():
 
     from spatialtune.device import detect_cpu, target_for
     from spatialtune.search.cost_model import create_cost_model
-    from spatialtune.search.policy import KeyId, SharePolicy
+    from spatialtune.search.policy import SharePolicy
+    from spatialtune.terms import Condition
     from spatialtune.workloads.spec import Workload
 
     w = Workload(op="dense", dtype="fp32", params={"M": 16, "N": 16, "K": 16})
-    policy = SharePolicy(w, target_for(detect_cpu()), KeyId("mps", 50.0, "none"), [], create_cost_model("random"),
+    policy = SharePolicy(w, target_for(detect_cpu()), Condition("mps", 50.0, "none"), [], create_cost_model("random"),
                          share_units=(66, 132))
     try:
         assert policy.search.space.ctx.num_threads == len(os.sched_getaffinity(0))

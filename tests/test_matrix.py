@@ -5,8 +5,9 @@ conditions were tuned in, and after a kill in the middle of the matrix and a res
 import pytest
 
 from spatialtune.measure.runner import RunSettings
-from spatialtune.search.policy import KeyId, best_by_key, missing_winners, winner_origins
+from spatialtune.search.policy import best_by_key, missing_winners, winner_origins
 from spatialtune.store.database import TuningDatabase
+from spatialtune.terms import Condition
 from spatialtune.tuning import TuneOptions, tune
 
 TOP = TuneOptions().matrix_top
@@ -21,7 +22,7 @@ def check_invariants(db: TuningDatabase, wkey: str) -> dict:
         for part in {m.partition for m in rows}:
             rs = [m for m in rows if m.partition == part]
             ok = best_by_key(rs)
-            stored = {KeyId.of(b): b for b in db.best(workload_key=wkey, device_id=dev, partition=part)}
+            stored = {Condition.of(b): b for b in db.best(workload_key=wkey, device_id=dev, partition=part)}
             assert set(stored) == set(ok)
             for k, ms in ok.items():  # a cell's best is never slower than any kernel measured in it
                 assert stored[k].median_s == ms[0].median_s and stored[k].mod_hash == ms[0].mod_hash
@@ -29,7 +30,7 @@ def check_invariants(db: TuningDatabase, wkey: str) -> dict:
                 for dst in ok:
                     if dst == src:
                         continue
-                    here = {m.mod_hash: m for m in rs if KeyId.of(m) == dst}
+                    here = {m.mod_hash: m for m in rs if Condition.of(m) == dst}
                     for m in ms[:TOP]:  # every winner was tried in every other cell...
                         assert m.mod_hash in here, f"{m.mod_hash} of {src} never measured at {dst}"
                         got = here[m.mod_hash]

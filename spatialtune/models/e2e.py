@@ -47,10 +47,10 @@ from ..device import DeviceInfo, detect_cpu, target_for
 from ..errors import ConfigError
 from ..measure.worker import Worker, WorkerError
 from ..partitions import create_partition
-from ..search.policy import KeyId, winner_origins
+from ..search.policy import winner_origins
 from ..store.database import TuningDatabase
 from ..store.model_runs import ModelRun, record_model_run
-from ..terms import check_ratio, norm_ratio
+from ..terms import Condition, check_ratio, norm_ratio
 from ..workloads.check import check_output
 from ..workloads.fastmath import approximable
 from ..workloads.schedule import apply_trace
@@ -130,7 +130,7 @@ def records_for(db: TuningDatabase, tasks: Sequence[Workload], device: DeviceInf
                         "trials": sum(m.source != "matrix" for m in here), "origin": None}
         if not best:
             continue
-        o = winner_origins(rows).get(KeyId(partition, norm_ratio(ratio), interference))
+        o = winner_origins(rows).get(Condition(partition, norm_ratio(ratio), interference))
         facts[w.key]["origin"] = o.label() if o else None
         try:
             sch = apply_trace(w, best[0].trace)

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..terms import WHOLE, geomean, norm_ratio, regret
+from ..terms import WHOLE, Condition, geomean, norm_ratio, regret
 
 BASELINES = {"cpu": ("numpy",), "cuda": ("cublas", "torch")}  # preferred first
 UNCHECKED = "unchecked"
@@ -115,7 +115,7 @@ class Tenancy:
 
 def deployment_cells(db, workload_key: str | None = None) -> Tenancy:
     """Every (workload, device, partition, share, neighbour) with a tuned best, as a cell."""
-    from ..search.policy import KeyId, winner_origins
+    from ..search.policy import winner_origins
 
     names = db.workload_names()
     kinds = {d["id"]: d["kind"] for d in db.devices()}
@@ -136,7 +136,7 @@ def deployment_cells(db, workload_key: str | None = None) -> Tenancy:
             new += _partition_cells(db, best, names.get(wk, ""), kinds.get(dev, ""), wk, dev, part,
                                     [m for m in rows if m.partition == part and m.status == "ok"])
         for c in new:
-            o = origins.get(KeyId(c.partition, c.ratio, c.condition))
+            o = origins.get(Condition(c.partition, c.ratio, c.condition))
             c.origin = o.label() if o else None
             times = unchecked.get((c.partition, c.ratio, c.condition), [])
             c.unchecked = len(times)

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..terms import WHOLE, norm_ratio
+from ..terms import WHOLE, Condition, norm_ratio
 from .cost_model import CostModel, with_share
 from .evolution import EvolutionarySearch, EvolutionConfig, SearchRun
 from .space import Candidate
@@ -55,19 +55,6 @@ class PolicyOptions:
     transfer_fade_rows: float = 32.0  # another share's rows weigh 1 / (1 + own rows / this)
     sibling_top: int = 2  # configs measured here from each sibling task under the same key (.siblings)
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
-
-
-@dataclass(frozen=True)
-class KeyId:
-    """A tuning key without the workload and device: what varies between a workload's rows."""
-
-    partition: str
-    ratio: float
-    interference: str
-
-    @classmethod
-    def of(cls, m) -> "KeyId":
-        return cls(m.partition, norm_ratio(m.ratio), m.interference)
 
 
 # ---------------------------------------------------------------- cost models
@@ -124,27 +111,27 @@ def fit_share_model(model: CostModel, data: TrainingSet, ratio: float,
 # ---------------------------------------------------------------- configs that belong measured everywhere
 
 
-def best_by_key(rows: Sequence) -> dict[KeyId, list]:
+def best_by_key(rows: Sequence) -> dict[Condition, list]:
     """The ok measurements of each key, fastest first (keys with none are left out)."""
-    out: dict[KeyId, list] = {}
+    out: dict[Condition, list] = {}
     for m in rows:
         if m.status == "ok":
-            out.setdefault(KeyId.of(m), []).append(m)
+            out.setdefault(Condition.of(m), []).append(m)
     return {k: sorted(v, key=lambda m: m.median_s) for k, v in out.items()}
 
 
-def comparison_configs(best_of: dict[KeyId, list], key: KeyId) -> list:
+def comparison_configs(best_of: dict[Condition, list], key: Condition) -> list:
     """The configs whose time under ``key`` the single- vs multi-tenant comparison needs: the one
     an ordinary tuner gives (best at 100 %, no neighbour), and for a neighbour condition the one
     tuned for the same share without it (see :mod:`spatialtune.report.tenancy`)."""
     out = []
-    for k in (KeyId(key.partition, WHOLE, "none"), KeyId(key.partition, key.ratio, "none")):
+    for k in (Condition(key.partition_kind, WHOLE, "none"), Condition(key.partition_kind, key.ratio, "none")):
         if k in best_of and k != key and all(m.mod_hash != best_of[k][0].mod_hash for m in out):
             out.append(best_of[k][0])
     return out
 
 
-def missing_winners(rows: Sequence, top: int) -> dict[KeyId, list]:
+def missing_winners(rows: Sequence, top: int) -> dict[Condition, list]:
     """The winners matrix still to measure: for every key measured in ``rows`` (one workload on
     one device), the ``top`` fastest kernels of every other key of the same partition that were
     never tried under it (the comparison configs are the top-1 of two of those keys, so they are
@@ -154,14 +141,14 @@ def missing_winners(rows: Sequence, top: int) -> dict[KeyId, list]:
     Measuring them can change a key's top (a kernel from elsewhere is faster there): call again
     until it returns nothing. That ends, since every kernel it proposes is measured everywhere."""
     best_of = best_by_key(rows)
-    seen: dict[KeyId, set[str]] = {}
+    seen: dict[Condition, set[str]] = {}
     for m in rows:
-        seen.setdefault(KeyId.of(m), set()).add(m.mod_hash)
+        seen.setdefault(Condition.of(m), set()).add(m.mod_hash)
     out = {}
     for k in seen:
         need: dict[str, object] = {}
         for src, ms in sorted(best_of.items(), key=lambda kv: (-kv[0].ratio, kv[0].interference)):
-            if src == k or src.partition != k.partition:
+            if src == k or src.partition_kind != k.partition_kind:
                 continue
             for m in ms[:max(1, top)]:
                 if m.mod_hash not in seen[k]:
@@ -178,7 +165,7 @@ class Origin:
     ``tune``, ``transfer``, ``matrix``, ``import``...)."""
 
     kind: str  # own | share | neighbour | share+neighbour
-    found_at: KeyId
+    found_at: Condition
     source: str
 
     def label(self) -> str:
@@ -195,7 +182,7 @@ class Origin:
         return f"from {k.ratio:g}% {where}"
 
 
-def winner_origins(rows: Sequence) -> dict[KeyId, Origin]:
+def winner_origins(rows: Sequence) -> dict[Condition, Origin]:
     """For every key with an ok measurement in ``rows`` (one workload on one device; any order),
     where its fastest kernel came from: the key under which that kernel was measured first."""
     first: dict[str, object] = {}
@@ -204,8 +191,8 @@ def winner_origins(rows: Sequence) -> dict[KeyId, Origin]:
     out = {}
     for k, ms in best_by_key(rows).items():
         f = first[ms[0].mod_hash]
-        at = KeyId.of(f)
-        if at == k or at.partition != k.partition:
+        at = Condition.of(f)
+        if at == k or at.partition_kind != k.partition_kind:
             kind = "own"
         elif at.interference == k.interference:
             kind = "share"
@@ -227,13 +214,13 @@ class SharePolicy:
     ``share_units``: (units granted, units of the device) for the cost model's share features.
     """
 
-    def __init__(self, workload, target: dict, key: KeyId, rows: Sequence, model: CostModel, *,
+    def __init__(self, workload, target: dict, key: Condition, rows: Sequence, model: CostModel, *,
                  share_units: tuple[int, int], options: PolicyOptions = PolicyOptions(), run: SearchRun = SearchRun()):
         self.workload, self.key, self.options = workload, key, options
-        self.here = [m for m in rows if KeyId.of(m) == key]
+        self.here = [m for m in rows if Condition.of(m) == key]
         self.best_of = {k: v for k, v in best_by_key(rows).items() if k != key}
         measured = [(m.trace, m.median_s if m.status == "ok" else None) for m in self.here]
-        rs = (run.seed * 7919 + len(self.here) * 31 + zlib.crc32(f"{key.partition}:{key.ratio:g}:{key.interference}"
+        rs = (run.seed * 7919 + len(self.here) * 31 + zlib.crc32(f"{key.partition_kind}:{key.ratio:g}:{key.interference}"
                                                                   .encode())) % (2**31 - 1)
         t0 = time.perf_counter()
         seeds = self._seeds()
@@ -248,7 +235,7 @@ class SharePolicy:
         scale = min(ok_here) if ok_here else 1.0
         out = []
         for k, ms in self.best_of.items():
-            if k.partition != self.key.partition:
+            if k.partition_kind != self.key.partition_kind:
                 continue
             best = ms[0].median_s
             out += [(m.trace, m.median_s / best * scale) for m in ms[: self.options.seeds_per_share]]
@@ -261,7 +248,7 @@ class SharePolicy:
         k, top = self.key, self.options.transfer_top
         out = [m.trace for m in comparison_configs(self.best_of, k)]
         for kk, ms in sorted(self.best_of.items(), key=lambda kv: (-kv[0].ratio, kv[0].interference)):
-            if kk.partition != k.partition:
+            if kk.partition_kind != k.partition_kind:
                 continue
             if kk.interference == k.interference:
                 out += [m.trace for m in ms[:top]]  # other shares, same neighbour

@@ -38,13 +38,13 @@ from ..device import target_for
 from ..errors import ConfigError
 from ..measure.builder import BuildInput, Builder, LocalBuilder
 from ..measure.runner import LocalRunner, MeasureResult, Runner, RunInput
-from ..search.policy import KeyId, winner_origins
+from ..search.policy import winner_origins
 from ..search.siblings import signature_or_none
 from ..search.space import Candidate, candidate_from_trace
 from ..store.database import TuningDatabase
 from ..store.model_runs import vendor_floors
 from ..store.paths import artifact_dir
-from ..terms import Share, check_ratio, norm_ratio
+from ..terms import WHOLE, Condition, Share, check_ratio, norm_ratio
 from ..workloads.spec import Workload
 from .after_batch import AfterBatch, Batch, default_after_batch
 from .baselines import measure_baselines
@@ -161,11 +161,10 @@ def _complete(job: "_Job", results: list[ShareResult]) -> None:
         if res.workload_key not in origins:
             origins[res.workload_key] = winner_origins(job.db.measurements(
                 workload_key=res.workload_key, device_id=job.device.id, partition=job.partition.kind))
-        o = origins[res.workload_key].get(KeyId(job.partition.kind, res.ratio, job.opt.interference))
+        o = origins[res.workload_key].get(job.condition(res.ratio))
         res.origin = o.label() if o else ""
         # the winners matrix ran after the share's result was taken: its best may be newer
-        best = job.db.best(workload_key=res.workload_key, device_id=job.device.id, partition=job.partition.kind,
-                           ratio=res.ratio, interference=job.opt.interference)
+        best = job.db.best(**job.key(res.workload_key, job.condition(res.ratio)))
         res.best_s = best[0].median_s if best else res.best_s
 
 
@@ -182,9 +181,13 @@ class _Job:
     def out_of_time(self) -> bool:
         return self.ctx.out_of_time()
 
-    def key(self, w: Workload, r: float) -> dict:
-        return dict(workload_key=w.key, device_id=self.device.id, partition=self.partition.kind, ratio=r,
-                    interference=self.opt.interference)
+    def condition(self, r: float) -> Condition:
+        """The job's condition at key ratio ``r``: its partition, next to its neighbour."""
+        return Condition(self.partition.kind, r, self.opt.interference)
+
+    def key(self, workload_key: str, cond: Condition) -> dict:
+        """A tuning key's columns, as the database takes them: the workload, this device, ``cond``."""
+        return dict(workload_key=workload_key, device_id=self.device.id, **cond.to_dict())
 
     def count(self, key: dict) -> int:
         """The key's trials: recorded, and handed to a deferred runner in this call."""
@@ -195,7 +198,7 @@ class _Job:
     def tune_share(self, w: Workload, r: float, position: tuple, first: bool = False) -> ShareResult:
         """``first``: the workload's first share in this call (its uniform samples go there)."""
         share = self.partition.grant(r)
-        key = self.key(w, share.key_ratio)
+        key = self.key(w.key, self.condition(share.key_ratio))
         check_imported(self, w, share, key)
         if first:
             measure_samples(self, w, share, key)
@@ -216,7 +219,7 @@ class _Job:
         """The tasks of a model at one share, ``opt.trials`` trials across them, each batch to the
         task furthest below its due share of weight x time (:mod:`.scheduler`)."""
         share = self.partition.grant(r)
-        keys = [self.key(w, share.key_ratio) for w in ws]
+        keys = [self.key(w.key, self.condition(share.key_ratio)) for w in ws]
         for w, k in zip(ws, keys):
             check_imported(self, w, share, k)
         before = [self.db.count_measurements(**k) for k in keys]
@@ -331,12 +334,10 @@ class _Job:
 
     def whole_device_time(self, wkey: str, r: float) -> float | None:
         """Time, at share r, of the config that is best at 100% (None if either is missing)."""
-        full = self.db.best(workload_key=wkey, device_id=self.device.id, partition=self.partition.kind, ratio=100.0,
-                            interference=self.opt.interference)
+        full = self.db.best(**self.key(wkey, self.condition(WHOLE)))
         if not full:
             return None
-        for m in self.db.measurements(workload_key=wkey, device_id=self.device.id, partition=self.partition.kind,
-                                      ratio=r, interference=self.opt.interference, status="ok"):
+        for m in self.db.measurements(**self.key(wkey, self.condition(r)), status="ok"):
             if m.mod_hash == full[0].mod_hash:
                 return m.median_s
         return None

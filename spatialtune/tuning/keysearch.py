@@ -8,7 +8,7 @@ import time
 from typing import Sequence
 
 from ..device import target_for
-from ..search.policy import KeyId, SharePolicy
+from ..search.policy import SharePolicy
 from ..terms import Share
 from ..workloads.spec import Workload
 from .after_batch import Batch, times_of
@@ -35,7 +35,7 @@ class KeySearch:
         rows = job.db.measurements(workload_key=w.key, device_id=job.device.id, with_features=True)
         model = job.models.model_for(r)  # the share's, retrained after each batch (.after_batch.Retrain)
         self.policy = SharePolicy(w, target_for(job.device, share.units),
-                                  KeyId(job.partition.kind, r, job.opt.interference), rows, model,
+                                  job.condition(r), rows, model,
                                   share_units=(share.units, share.total), options=job.opt.policy(),
                                   run=job.opt.search_run())
         job.stage.add("setup", time.perf_counter() - t0)

@@ -40,7 +40,7 @@ def fill_matrix(job, w: Workload) -> None:
                                  f"not measured (this partition cannot grant {k.ratio:g}% again exactly)")
                 log.info("%s", job.stage.gaps[-1])
                 continue
-            key = job.key(w, k.ratio) | {"interference": k.interference}
+            key = job.key(w.key, k)
             taken = job.ctx.pending_at(key)  # handed to a deferred runner already: not twice
             cands = [c for m in configs if m.mod_hash not in taken
                      and (c := candidate_from_trace(w, m.trace, "matrix", m.features, m.mod_hash)) is not None]
