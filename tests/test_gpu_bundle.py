@@ -176,6 +176,24 @@ def test_conditions():
             parse_condition(bad)
 
 
+def test_one_condition_for_keys_rows_and_manifests():
+    """A condition is one type: the policy's key, a database row's columns and a manifest's ``for``
+    (as every manifest has written it: [partition, ratio, interference]) all read back equal."""
+    from spatialtune.bundle.manifest import conditions_for
+    from spatialtune.bundle.pack import share_label
+    from spatialtune.store.database import Measurement
+
+    c = Condition("green", 24.2424, "compute")
+    row = Measurement(workload_key="w", device_id="d", **c.to_dict(), mod_hash="h", trace="t", status="ok")
+    assert Condition.of(row) == Condition.from_dict(c.to_dict()) == Condition.from_json(c.to_json()) == c
+    assert conditions_for({"for": [["green", 24.24240001, "compute"], ["green", 100.0, "none"]]}) == \
+        {c, Condition("green", 100.0)}
+    assert json.loads(json.dumps(c.to_json())) == ["green", 24.2424, "compute"]
+    assert share_label(c, 132) == "green:32sm:compute" and share_label(Condition("mps", 50.0), 132) == "mps:50%"
+    with pytest.raises(ConfigError, match="no ratio"):
+        parse_condition("green:64sm").to_dict()  # keyed only once a partition grants it
+
+
 @pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU path")
 def test_bundle_run_without_gpu_is_one_line(bundle, tmp_path):
     r = run_cli("bundle", "run", bundle, "--out", tmp_path / "r", timeout=120)

@@ -14,13 +14,14 @@ import numpy as np
 from ..device import DeviceInfo
 from ..errors import ConfigError
 from ..store.database import Measurement
+from ..terms import Condition
 from ..workloads.spec import Workload
 from .manifest import load_manifest, load_results
 
 
 def import_results(results_path: str, db) -> dict:
     """Record a bundle run in ``db`` (a TuningDatabase); returns counts, the device and the
-    (partition, ratio, interference) keys it touched (``keys``)."""
+    conditions it touched (``keys``, :class:`~spatialtune.terms.Condition`)."""
     res = load_results(results_path)
     rdir = Path(results_path) if Path(results_path).is_dir() else Path(results_path).parent
     man_p = rdir / "manifest.json"
@@ -40,9 +41,9 @@ def import_results(results_path: str, db) -> dict:
             raise ConfigError(f"{results_path}: measurement of unknown candidate {m['candidate']!r}")
         total = m.get("total_units") or dev.units
         units = m.get("granted_units") or m.get("planned_units")
+        cond = Condition.of(m)
         meas = Measurement(
-            workload_key=m["workload_key"], device_id=dev.id, partition=m["partition"], ratio=m["ratio"],
-            interference=m["interference"], mod_hash=c["mod_hash"], trace=c["trace"], status=m["status"],
+            workload_key=m["workload_key"], device_id=dev.id, **cond.to_dict(), mod_hash=c["mod_hash"], trace=c["trace"], status=m["status"],
             error=m.get("error", ""), times=m.get("times") or [], median_s=m.get("median_s"),
             rel_err=m.get("rel_err"), granted_units=units, granted_share=(units / total) if units else None,
             neighbour_throughput=m.get("neighbour_throughput"), neighbour_unit=m.get("neighbour_unit", ""),
@@ -53,7 +54,7 @@ def import_results(results_path: str, db) -> dict:
             skipped += 1
         else:
             added += 1
-        keys.add((m["partition"], m["ratio"], m["interference"]))
+        keys.add(cond)
     baselines = 0
     for b in res.get("baselines", []):  # the vendor baseline under the same share and neighbour
         if b.get("status") != "ok" or not b.get("median_s"):
@@ -64,4 +65,4 @@ def import_results(results_path: str, db) -> dict:
                            b.get("kind") or "cublas", b["median_s"], b.get("granted_units"))
         baselines += 1
     return {"device_id": dev.id, "device": dev.name, "units": dev.units, "added": added, "skipped": skipped,
-            "keys": sorted(keys), "baselines": baselines}
+            "keys": sorted(keys, key=lambda k: (k.partition_kind, k.ratio, k.interference)), "baselines": baselines}

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..terms import Condition
 from . import FORMAT
 
 
@@ -42,7 +43,7 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def condition_key(partition: str, key_ratio: float, interference: str) -> list:
-    """How a manifest names the condition a candidate is for (the database key, less workload and
-    device): the run measures a candidate under every condition it was proposed for."""
-    return [partition, round(float(key_ratio), 4), interference]
+def conditions_for(candidate: dict) -> set[Condition]:
+    """The conditions a manifest's candidate was proposed for (its ``for``, each written by
+    ``Condition.to_json``): the run measures it under every one of them."""
+    return {Condition.from_json(c) for c in candidate.get("for", [])}

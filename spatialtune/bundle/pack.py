@@ -23,10 +23,10 @@ from ..errors import ConfigError, DeviceError
 from ..measure.runner import MeasureResult, ResultFn, Runner, RunInput
 from ..partitions import Partition
 from ..partitions.remote import RemotePartition
-from ..terms import Share
+from ..terms import Condition, Share
 from ..workloads.spec import Workload
 from . import FORMAT
-from .manifest import condition_key, write_json
+from .manifest import write_json
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,14 @@ class BundleRunner(Runner):
         for i, item in enumerate(inputs):
             if item.candidate is None:  # nothing to record the result with when it comes back
                 raise ConfigError("a bundle packs candidates with their trace and features (RunInput.candidate)")
-            self._pack(item, condition_key(share.partition_kind, share.key_ratio, str(interference)))
+            self._pack(item, Condition(share.partition_kind, share.key_ratio, str(interference)))
             out.append(MeasureResult(status="pending"))
             if on_result is not None:
                 on_result(i, out[-1])
         self._save()
         return out
 
-    def _pack(self, item: RunInput, cond: list) -> None:
+    def _pack(self, item: RunInput, cond: Condition) -> None:
         wkey = self._workload(item.workload)
         entry = self._entries.get((wkey, item.mod_hash))
         if entry is None:
@@ -94,9 +94,9 @@ class BundleRunner(Runner):
             self.manifest["candidates"].append(entry)
         elif _RANK.get(item.candidate["source"], 2) < _RANK.get(entry["source"], 2):
             entry["source"] = item.candidate["source"]
-        if cond not in entry["for"]:
-            entry["for"].append(cond)
-            entry["shares"].append(share_label(*cond, self.device.units))
+        if cond.to_json() not in entry["for"]:
+            entry["for"].append(cond.to_json())
+            entry["shares"].append(share_label(cond, self.device.units))
 
     def _workload(self, spec: dict) -> str:
         w = Workload.from_dict(spec)
@@ -131,14 +131,14 @@ class BundleRunner(Runner):
         self._closed = True
 
 
-def share_label(partition: str, ratio: float, interference: str, units: int) -> str:
-    """A condition as ``bundle run --condition`` takes it (green shares in SMs)."""
-    if partition == "green" and units > 1 and ratio < 100:
+def share_label(cond: Condition, units: int) -> str:
+    """A condition as ``bundle run --condition`` takes it (green shares in SMs, of ``units``)."""
+    ratio = cond.ratio
+    if cond.partition_kind == "green" and units > 1 and ratio < 100:
         sms = ratio * units / 100.0
-        amount = f"{round(sms)}sm" if abs(sms - round(sms)) < 0.01 else f"{ratio:g}%"
-    else:
-        amount = f"{ratio:g}%"
-    return f"{partition}:{amount}" + ("" if interference == "none" else f":{interference}")
+        if abs(sms - round(sms)) < 0.01:
+            cond = Condition(cond.partition_kind, interference=cond.interference, sms=round(sms))
+    return cond.label
 
 
 def bundle_device(target: str, arch: str | None, dev: dict | None) -> DeviceInfo:

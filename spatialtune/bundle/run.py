@@ -20,7 +20,7 @@ from typing import Sequence
 from ..errors import ConfigError, DeviceError
 from ..terms import Condition
 from . import FORMAT
-from .manifest import condition_key, load_manifest, write_json
+from .manifest import conditions_for, load_manifest, write_json
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +113,16 @@ class _Run:
         from ..measure.runner import RunInput
 
         share = part.grant_sms(cond.sms) if cond.sms is not None else part.grant(cond.ratio)
-        ckey = condition_key(cond.partition_kind, share.key_ratio, cond.interference)
-        todo = [c for c in self.cands if c["status"] == "ok" and (c["id"] in self.pool or ckey in c.get("for", []))]
+        granted = Condition(cond.partition_kind, share.key_ratio, cond.interference)
+        todo = [c for c in self.cands if c["status"] == "ok" and (c["id"] in self.pool or granted in conditions_for(c))]
         inputs = [RunInput(_workload(self.man, c["workload_key"], self.root), str(self.root / c["artifact"]),
                            str(self.root / c["cubin"]) if c.get("cubin") else None) for c in todo]
         t0 = time.perf_counter()
         if cond.interference.startswith("tenant:") and self.register_tenant is not None:
             _register_tenants(self.results, self.man, self.root, self.register_tenant)
         res = runner.run(share, cond.interference, inputs)
-        base_row = {"partition": cond.partition_kind, "ratio": share.key_ratio, "planned_units": share.units,
-                    "total_units": share.total, "interference": cond.interference, "condition": cond.label}
+        base_row = granted.to_dict() | {"planned_units": share.units, "total_units": share.total,
+                                        "condition": cond.label}
         rows = [_row(c) | base_row | r.to_dict() for c, r in zip(todo, res)]
         if self.first:
             rows += [_row(c) | base_row | {"status": "build_error", "error": c.get("error", "")}

@@ -10,6 +10,7 @@ from typing import Iterable
 from ..search.cost_model import CostModel, create_cost_model
 from ..search.policy import TrainingSet, fit_share_model
 from ..store.database import TuningDatabase
+from ..terms import Condition
 
 
 class ShareModels:
@@ -59,12 +60,12 @@ class ShareModels:
         self.fit(r, model)
 
 
-def retrain(db: TuningDatabase, device_id: str, units: int, keys: Iterable[tuple], cost_model: str = "xgb") -> int:
-    """Retrain and save the model of every (partition, ratio, interference) in ``keys`` from the
-    device's measurements (after an import brought new ones); returns how many were saved."""
+def retrain(db: TuningDatabase, device_id: str, units: int, keys: Iterable[Condition], cost_model: str = "xgb") -> int:
+    """Retrain and save the model of every condition in ``keys`` from the device's measurements
+    (after an import brought new ones); returns how many were saved."""
     trained = 0
     data: dict[tuple, TrainingSet] = {}
-    for partition, ratio, interference in sorted(set(keys)):
+    for partition, ratio, interference in sorted({(k.partition_kind, k.ratio, k.interference) for k in keys}):
         if (partition, interference) not in data:  # every share of a condition learns from all of them
             data[partition, interference] = TrainingSet(units)
             data[partition, interference].add_rows(db.measurements(device_id=device_id, partition=partition,
