@@ -3,6 +3,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from spatialtune.search.cost_model import RandomModel, XGBModel, relative_throughput, spearman, with_share
 from spatialtune.search.policy import TrainingSet, fit_share_model
@@ -239,3 +240,38 @@ def test_a_batch_is_picked_for_new_knob_values_not_only_the_best_predictions():
     ks = [decisions(c) for c in got]
     assert len(got) == 4 and all(any(k[0] == "SamplePerfectTile" for k in d) for d in ks), ks
     assert len({tuple(sorted(d.items())) for d in ks}) == 4
+
+
+@pytest.mark.parametrize("kind", ["evolution", "uniform"])
+def test_both_searches_keep_one_ask_tell_contract(kind):
+    """The evolutionary search and uniform sampling are both a ``Search``: one driver runs either.
+    From a kernel measured already, each ask brings only kernels never measured nor proposed, and
+    each one told joins ``measured``."""
+    from spatialtune.device import detect_cpu, target_for
+    from spatialtune.search.cost_model import create_cost_model
+    from spatialtune.search.evolution import EvolutionarySearch, EvolutionConfig, SearchRun
+    from spatialtune.search.space import Search
+    from spatialtune.search.uniform import UniformSampler
+    from spatialtune.workloads.spec import load_space
+
+    w = load_space("demo").select(["dense_small"])[0]
+    target = target_for(detect_cpu(), 1)
+    (start,) = UniformSampler(w, target, seed=11).ask(1)
+    if kind == "evolution":
+        search = EvolutionarySearch(w, target, create_cost_model("random", seed=0), measured=[(start.trace, 1e-3)],
+                                    run=SearchRun(batch=4, threads=1),
+                                    config=EvolutionConfig(population=16, genetic_iters=1, tile_seeds=0))
+    else:
+        search = UniformSampler(w, target, seed=11, exclude={start.mod_hash})
+    assert isinstance(search, Search) and search.measured == {start.mod_hash}
+    seen = {start.mod_hash}
+    try:
+        for step in range(3):
+            got = search.ask(4)
+            hashes = {c.mod_hash for c in got}
+            assert len(got) == len(hashes) == 4 and not hashes & seen, (step, len(got))
+            search.tell(got, [1e-3 * (i + 2) for i in range(4)])
+            seen |= hashes
+            assert seen == search.measured
+    finally:
+        search.close()

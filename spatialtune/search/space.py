@@ -36,14 +36,21 @@ class Candidate:
 
 class Search(ABC):
     """Ask/tell contract: ``ask(n)`` returns at most n new candidates (an empty list means the
-    space is exhausted); each must be passed back once through ``tell`` with its time in seconds
-    (None for a failure) before the next ``ask``."""
+    space is exhausted), never one measured or proposed before; each must be passed back once
+    through ``tell`` with its time in seconds (None for a failure) before the next ``ask``.
+    ``measured`` holds the mod hashes of the kernels it was told of or started from, and
+    ``close`` frees what the search holds (MetaSchedule's strategy state)."""
+
+    measured: set[str]
 
     @abstractmethod
     def ask(self, n: int) -> list[Candidate]: ...
 
     @abstractmethod
     def tell(self, candidates: Sequence[Candidate], times: Sequence[float | None]) -> None: ...
+
+    def close(self) -> None:
+        pass
 
 
 class DesignSpace:

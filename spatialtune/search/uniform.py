@@ -2,33 +2,50 @@
 
 The exploration part of every search batch, the extra samples of a GPU round, and the baseline
 the search is benchmarked against all come from here (MetaSchedule's ``ReplayTrace`` strategy).
+:class:`UniformSampler` is a :class:`~.space.Search` like the evolutionary search, so a benchmark
+or a driver can run either through the same ask/tell loop; the evolutionary search draws its
+uniform fraction through :meth:`UniformSampler.sample`, with its own exclusions each time.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Collection
+from typing import Collection, Sequence
 
 from ..workloads.schedule import mod_hash
-from .space import Candidate, DesignSpace, stamp
+from .space import Candidate, DesignSpace, Search, stamp
 
 log = logging.getLogger(__name__)
 
 
-class UniformSampler:
+class UniformSampler(Search):
     """Draws candidates uniformly from a workload's design space, never one in ``exclude`` and
-    never the same one twice."""
+    never the same one twice.
 
-    def __init__(self, workload, target: dict, *, seed: int = 0, chunk: int = 64, pack_panels: bool = True):
+    As a :class:`~.space.Search`: ``measured`` (mod hashes: the kernels measured already, given as
+    ``exclude`` and told since) are never proposed, and ``tell`` teaches it nothing else, since no
+    draw depends on a time."""
+
+    def __init__(self, workload, target: dict, *, seed: int = 0, chunk: int = 64, pack_panels: bool = True,
+                 exclude: Collection[str] = ()):
         from tvm.s_tir import meta_schedule as ms
 
         self.space = DesignSpace(workload, target, rand_state=(seed * 7919 + 17) % (2**31 - 1), pack_panels=pack_panels,
                                  strategy=ms.search_strategy.ReplayTrace(max_fail_count=2000))
         self.chunk = chunk
-        self.seen: set[str] = set()
+        self.seen: set[str] = set()  # every kernel proposed
+        self.measured: set[str] = set(exclude)
         self._buffer: list = []
         self._dry = 0
+
+    def ask(self, n: int) -> list[Candidate]:
+        """Up to ``n`` candidates neither proposed nor measured before; empty once the space seems
+        exhausted."""
+        return self.sample(n, exclude=self.measured)
+
+    def tell(self, candidates: Sequence[Candidate], times: Sequence[float | None]) -> None:
+        self.measured.update(c.mod_hash for c in candidates)
 
     def _refill(self) -> None:
         strat = self.space.ctx.search_strategy

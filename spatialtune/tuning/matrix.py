@@ -77,7 +77,7 @@ def measure_samples(job, w: Workload, share: Share, key: dict) -> None:
 
     seen = {m.mod_hash for m in job.db.measurements(workload_key=w.key, device_id=job.device.id)}
     seen |= job.ctx.pending_at(key)
-    cands = UniformSampler(w, job.target(share), seed=job.opt.seed).sample(n, exclude=seen)
+    cands = UniformSampler(w, job.target(share), seed=job.opt.seed, exclude=seen).ask(n)
     for c in cands:
         c.source = "uniform"
     log.info("%s @ %g%%: %d uniform samples of the design space", w.key, share.key_ratio, len(cands))
