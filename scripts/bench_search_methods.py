@@ -67,24 +67,27 @@ def rows_from_db(db, workload_key: str, ratio: float, repeat: int, t0: float) ->
 
 
 def run_uniform(w, share, trials: int, seed: int, art: Path, runner: LocalRunner) -> dict:
+    """Uniform sampling through the ask/tell contract every search keeps (search.space.Search),
+    16 candidates a batch."""
     from spatialtune.search.uniform import UniformSampler
 
     t0 = time.time()
     target = target_for(detect_cpu(), share.units)
-    cands = UniformSampler(w, target, seed=seed).sample(trials)
+    search = UniformSampler(w, target, seed=seed)
     out = []
     with LocalBuilder(art) as b:
-        for i in range(0, len(cands), 16):
-            chunk = cands[i:i + 16]
+        while len(out) < trials:
+            chunk = search.ask(min(16, trials - len(out)))
+            if not chunk:
+                break
             built = b.build([BuildInput.of(c, w.key) for c in chunk], target)
             ok = [j for j, x in enumerate(built) if x.ok]
-            res = runner.run(share, "none", [RunInput(w.to_dict(), built[j].artifact) for j in ok])
-            times = dict(zip(ok, res))
+            res = dict(zip(ok, runner.run(share, "none", [RunInput(w.to_dict(), built[j].artifact) for j in ok])))
+            times = [res[j].median_s if j in res and res[j].status == "ok" else None for j in range(len(chunk))]
+            search.tell(chunk, times)
             at = time.time() - t0
-            for j, c in enumerate(chunk):
-                r = times.get(j)
-                out.append({"trace": c.trace, "t": r.median_s if r is not None and r.status == "ok" else None,
-                            "at_s": at, "source": "uniform"})
+            out += [{"trace": c.trace, "t": t, "at_s": at, "source": "uniform"} for c, t in zip(chunk, times)]
+    search.close()
     return {"rows": out}
 
 
