@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import ConfigError, SpecError
 from ..workloads.prim import PrimTask, prim_task
 from .layout import AUTO, layout_name, parse_layout, resolve
+from .onnx_fold import fold_batch_norms
 from ..workloads.spec import Workload
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def load_onnx(path: str | Path, shapes: Mapping[str, Sequence[int]] | None = Non
 
     path = Path(path)
     model, digest = _read(path)
+    fold_batch_norms(model)  # as ONNX Runtime's optimizer does (the file's digest stays the model's identity)
     shapes = {k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()}
     inits = {i.name for i in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in inits]
