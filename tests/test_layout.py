@@ -125,3 +125,29 @@ def test_a_blocked_model_is_tuned_run_and_matches_onnx_runtime(tmp_path):
     assert all(r.status == "ok" for r in rows.values()), [(r.variant, r.status, r.error) for r in rows.values()]
     st = rows["share-tuned"]
     assert st.tuned_tasks == st.n_tasks == len(ws) and st.rel_err < 1e-4
+
+
+def test_a_hard_swish_follows_the_blocked_layout_and_the_model_still_matches_onnx_runtime(tmp_path):
+    """HardSigmoid imports as a Relax clip, which has no layout rule: rewritten as a maximum and a
+    minimum it stays in the blocked layout, fused after the depthwise convolution."""
+    import onnxruntime as ort
+
+    from spatialtune.models.e2e import random_feeds
+    from test_onnx_fold import _run
+
+    lanes = host_lanes()
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("Conv", ["x", "wd"], ["d"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=lanes),
+             helper.make_node("HardSigmoid", ["d"], ["h"]), helper.make_node("Mul", ["d", "h"], ["s"]),
+             helper.make_node("Conv", ["s", "wp"], ["y"], kernel_shape=[1, 1])]
+    g = helper.make_graph(nodes, "hs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, lanes, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, lanes, 6, 6])],
+                          [_w(rng, "wd", (lanes, 1, 3, 3), 2.0), _w(rng, "wp", (lanes, lanes, 1, 1))])
+    save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "hs.onnx")
+    model = load_onnx(tmp_path / "hs.onnx")
+    names = [w.name for w in extract_workloads(model)]
+    assert model.layout == f"NCHW{lanes}c" and sum("layout_transform" in n for n in names) == 2, names
+    assert any(n.startswith("fused_depthwise_conv2d_NCHWc") and "maximum_minimum" in n for n in names), names
+    feeds = random_feeds(model, 0)
+    want = ort.InferenceSession(str(tmp_path / "hs.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
+    np.testing.assert_allclose(_run(model, feeds)[0], want[0], rtol=1e-4, atol=1e-5)

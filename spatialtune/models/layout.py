@@ -157,6 +157,8 @@ def lift_scalar_elementwise(mod):
     class _Lift(relax.PyExprMutator):
         def visit_call_(self, call):
             call = super().visit_call_(call)
+            if getattr(call.op, "name", "") == "relax.clip":
+                return _clip_as_bounds(call)
             if getattr(call.op, "name", "") != "relax.call_tir" or not isinstance(call.args[0], tvm.ir.GlobalVar):
                 return call
             op = _scalar_elementwise(mod[call.args[0]], ops) if call.args[0] in mod.functions else None
@@ -170,6 +172,20 @@ def lift_scalar_elementwise(mod):
         if isinstance(fn, relax.Function):
             out[gv] = _Lift().visit_expr(fn)
     return relax.transform.DeadCodeElimination()(out)
+
+
+def _clip_as_bounds(call):
+    """``clip(x, lo, hi)`` (a HardSigmoid or HardSwish imports as one) as ``minimum(maximum(x, lo),
+    hi)`` with 0-d constant bounds: Relax's clip has no layout rule, maximum and minimum do."""
+    from tvm import relax
+
+    try:
+        dtype = call.args[0].ty.dtype
+        # a bound is an IntImm/FloatImm in this TVM, a PrimValue around one in others
+        lo, hi = (float(getattr(b.value, "value", b.value)) for b in call.args[1:3])
+    except (AttributeError, TypeError, ValueError):  # bounds that are not constants: leave it
+        return call
+    return relax.op.minimum(relax.op.maximum(call.args[0], relax.const(lo, dtype)), relax.const(hi, dtype))
 
 
 def _scalar_elementwise(func, ops: dict):
