@@ -167,7 +167,7 @@ def lift_scalar_elementwise(mod):
                 return call
             return op(*args)
 
-    out = mod
+    out = mod.clone()  # the caller's module stays as it was
     for gv, fn in mod.functions.items():
         if isinstance(fn, relax.Function):
             out[gv] = _Lift().visit_expr(fn)
