@@ -151,3 +151,17 @@ def test_a_hard_swish_follows_the_blocked_layout_and_the_model_still_matches_onn
     feeds = random_feeds(model, 0)
     want = ort.InferenceSession(str(tmp_path / "hs.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     np.testing.assert_allclose(_run(model, feeds)[0], want[0], rtol=1e-4, atol=1e-5)
+
+
+def test_auto_takes_the_vector_width_else_half_of_it_and_ignores_single_pixel_convolutions():
+    from spatialtune.models.layout import auto_block
+
+    resnet = [(64, 64, 1, 3136), (64, 256, 1, 3136)]
+    mobile = [(24, 144, 1, 3136), (144, 144, 1, 3136), (144, 24, 1, 3136)]  # 24 and 144: 8 divides, 16 not
+    squeeze = [(144, 6, 1, 1), (6, 144, 1, 1)]  # a squeeze-and-excitation's convolutions: one pixel each
+    assert auto_block(resnet, 16) == 16 and auto_block(mobile, 16) == 8 and auto_block(mobile + squeeze, 16) == 8
+    assert auto_block(resnet + squeeze, 16) == 16 and auto_block(mobile, 8) == 8
+    assert auto_block([(12, 20, 1, 100)], 16) is None and auto_block([(12, 20, 1, 100)], 8) == 4
+    assert auto_block(resnet + [(64, 64, 2, 3136)], 16) is None  # two groups, no blocked kernel: NCHW
+    assert auto_block(resnet + [(64, 64, 0, 0)], 16) is None  # a convolution of unknown shape
+    assert auto_block([], 16) is None and auto_block([(6, 10, 1, 100)], 4) is None  # no block under 4

@@ -16,9 +16,9 @@ and around a convolution left in NCHW): those are tasks of the model like any ot
 time is in its latency.
 
 ``auto`` (the default) blocks by this CPU's fp32 vector width (16 with AVX-512, 8 with AVX, else
-4) when every convolution of the model can take that layout, and keeps NCHW otherwise: a
-convolution left in NCHW in a blocked graph costs two layout transforms of its activations. An
-explicit ``NCHW<b>c`` blocks what it can. Which is faster depends on the shapes, the CPU and the
+4) when every convolution of the model can take that layout, else by half of it when that can
+(:func:`auto_block`), and keeps NCHW otherwise: a convolution left in NCHW in a blocked graph
+costs two layout transforms of its activations. An explicit ``NCHW<b>c`` blocks what it can. Which is faster depends on the shapes, the CPU and the
 share, so ``scripts/bench-model --layouts`` measures both.
 """
 
@@ -65,10 +65,24 @@ def resolve(mod, text: str | None) -> tuple[object, int | None]:
     if block is None:
         return mod, None
     if (text or "").strip().lower() == AUTO:
-        convs = _convolutions(mod)
-        if not convs or any(g != 1 or c % block or o % block for c, o, g in convs):
+        block = auto_block(_convolutions(mod), block)
+        if block is None:
             return mod, None
     return to_blocked(mod, block), block
+
+
+def auto_block(convs: list[tuple[int, int, int, int]], lanes: int) -> int | None:
+    """The block ``auto`` gives a model whose convolutions are ``convs`` ((input channels, output
+    channels, groups, output pixels), groups 1 for a depthwise one that blocks): the vector width
+    ``lanes`` if it divides every convolution, else half of it (a half-width vector, still whole
+    registers: MobileNet's 24 and 144 channels take 8, not 16), else None (NCHW). A convolution with
+    a single output pixel (a squeeze-and-excitation's, a classifier's) does not count: left in
+    NCHW, its layout transforms move a few hundred values."""
+    for b in (lanes, lanes // 2):
+        if b >= 4 and convs and all(px == 1 and g > 0 or (g == 1 and c % b == 0 and o % b == 0)
+                                    for c, o, g, px in convs):
+            return b
+    return None
 
 
 def to_blocked(mod, block: int):
@@ -241,10 +255,10 @@ def _op_names(mod) -> set[str]:
     return {c.op.name for c in _calls(mod)}
 
 
-def _convolutions(mod) -> list[tuple[int, int, int]]:
-    """(input channels, output channels, groups) of every conv2d of ``mod``, groups 1 for a
-    depthwise one that blocks (:func:`_blockable`); one that is not a static NCHW/OIHW convolution
-    counts with groups 0, so ``auto`` leaves the model NCHW."""
+def _convolutions(mod) -> list[tuple[int, int, int, int]]:
+    """(input channels, output channels, groups, output pixels) of every conv2d of ``mod``, groups
+    1 for a depthwise one that blocks (:func:`_blockable`); one that is not a static NCHW/OIHW
+    convolution counts with groups 0, so ``auto`` leaves the model NCHW."""
     out = []
     for c in _calls(mod):
         if c.op.name != "relax.nn.conv2d":
@@ -252,10 +266,11 @@ def _convolutions(mod) -> list[tuple[int, int, int]]:
         try:
             data = [int(d) for d in c.args[0].ty.shape.values]
             weight = [int(d) for d in c.args[1].ty.shape.values]
+            result = [int(d) for d in c.ty.shape.values]
             ok = c.attrs.data_layout == "NCHW" and c.attrs.kernel_layout == "OIHW"
             g = int(c.attrs.groups)
             depthwise = g != 1 and g == data[1] == weight[0] and weight[1] == 1
-            out.append((data[1], weight[0], 1 if depthwise else g) if ok else (1, 1, 0))
+            out.append((data[1], weight[0], 1 if depthwise else g, result[2] * result[3]) if ok else (1, 1, 0, 0))
         except (TypeError, ValueError, AttributeError):
-            out.append((1, 1, 0))  # a dynamic or unknown shape: not something to block blindly
+            out.append((1, 1, 0, 0))  # a dynamic or unknown shape: not something to block blindly
     return out
