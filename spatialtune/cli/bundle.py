@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
+from .bundle_models import add_bundle_models
 from .common import Parser, db_arg, open_db
 
 
@@ -61,6 +62,7 @@ def add_bundle(sub) -> None:
     i.add_argument("--cost-model", default="xgb")
     db_arg(i)
     i.set_defaults(func=_cmd_bundle_import)
+    add_bundle_models(bs)
 
 
 def _cmd_bundle_build(a) -> int:
