@@ -18,6 +18,7 @@ and this package holds what is particular to bundles only:
 - :mod:`.importer` (CPU host): records everything in the tuning database, so the same round
   made again (``bundle build --db``) continues from these measurements; model runs become
   ``model_runs`` rows.
+- :mod:`.estimate`: the device time a run will take, per part, before it starts.
 
 A bundle can also be built for this host's cores (``target="cpu"``, conditions ``cpu:RATIO``):
 the same round, run and import, without a GPU (what the round-trip tests use).

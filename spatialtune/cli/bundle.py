@@ -67,6 +67,17 @@ def add_bundle(sub) -> None:
     db_arg(i)
     i.set_defaults(func=_cmd_bundle_import)
     add_bundle_models(bs)
+    e = bs.add_parser("estimate", help="the device time a bundle run will take, per part, from the manifest's "
+                      "counts; exit 2 when its measuring run exceeds --budget")
+    e.add_argument("bundle")
+    e.add_argument("--conditions", type=int, required=True, help="how many conditions the run measures")
+    e.add_argument("--top", type=int, default=None, help="as bundle run's")
+    e.add_argument("--no-vendor", dest="vendor", action="store_false")
+    e.add_argument("--no-models", dest="models", action="store_false")
+    e.add_argument("--model-rounds", type=int, default=3)
+    e.add_argument("--model-min-repeat-ms", type=int, default=50)
+    e.add_argument("--budget", type=float, default=None, help="seconds the measuring run may take")
+    e.set_defaults(func=_cmd_bundle_estimate)
 
 
 def _cmd_bundle_build(a) -> int:
@@ -117,6 +128,23 @@ def _cmd_bundle_run(a) -> int:
     if res.get("model_runs") or res.get("onnxruntime"):
         print()
         print(format_models(res))
+    return 0
+
+
+def _cmd_bundle_estimate(a) -> int:
+    from ..bundle.estimate import RunPlan, estimate, format_estimate
+    from ..bundle.manifest import load_manifest
+
+    if a.conditions < 1 or a.model_rounds < 1:
+        raise ConfigError(f"--conditions and --model-rounds must be positive, got {a.conditions}, {a.model_rounds}")
+    parts = estimate(load_manifest(a.bundle), RunPlan(a.conditions, top=a.top, vendor=a.vendor, models=a.models,
+                                                      model_rounds=a.model_rounds,
+                                                      model_min_repeat_ms=a.model_min_repeat_ms))
+    print(format_estimate(parts, a.budget))
+    if a.budget is not None and parts["run"] > a.budget:
+        raise ConfigError(f"the estimated measuring run ({parts['run']:.0f} s) exceeds the budget ({a.budget:.0f} s): "
+                          f"refused, nothing measured (fewer conditions, a lower TOP, NEIGHBOURS=0, MODELS=0 or "
+                          f"VENDOR=0 shorten it; GPU_CHECK_BUDGET_S raises the budget)")
     return 0
 
 
