@@ -104,12 +104,13 @@ def compile_model(model: ImportedModel, target: dict, msdb=None, out: str | None
     fast = _fast_functions(mod, tasks) if target.get("kind") == "llvm" else set()
     applied = 0
     if msdb is not None:
+        before = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
         with tgt, msdb, tvm.transform.PassContext(opt_level=3):
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         done = _scheduled(mod)
         applied = len(done)
-        if report is not None:
-            report["tuned"] = sorted(_hash(f) for f in done.values())
+        if report is not None:  # as the tasks are keyed: the functions before their schedules
+            report["tuned"] = sorted(_hash(before[name]) for name in done if name in before)
     if fast:  # after the database: the records match the exact functions the tasks were extracted as
         mod = rewrite(mod, skip=lambda name, _: name not in fast)[0]
     if gpu:
