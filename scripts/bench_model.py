@@ -162,7 +162,19 @@ def main() -> int:
                          "95 %% of the model's kernel time without transfer)")
     ap.add_argument("--table-only", action="store_true",
                     help="print the tables from the results saved under --out (MODEL-result.json); measure nothing")
+    ap.add_argument("--write-onnx", metavar="DIR", default=None,
+                    help="only write the models' ONNX files (toy-sized with --quick) into DIR and exit: what "
+                         "scripts/gpu-bundle compiles per GPU share")
     a = ap.parse_args()
+    if a.write_onnx:
+        unknown = [m for m in a.models.split(",") if m not in MODELS]
+        if unknown:
+            print(f"bench-model: --models {unknown[0]}: no such model (known: {', '.join(MODELS)})", file=sys.stderr)
+            return 2
+        for m in a.models.split(","):
+            build, full, toy = MODELS[m]
+            print(build(Path(a.write_onnx) / f"{m}.onnx", **(toy if a.quick else full)))
+        return 0
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(a.out)
     layouts = [x.strip() for x in (a.layouts or ("nchw,NCHW8c" if a.quick else "auto")).split(",") if x.strip()]
