@@ -144,6 +144,18 @@ def fmt(s: float | None) -> str:
     return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
 
 
+def write_onnx(out: Path, names: list[str], quick: bool) -> int:
+    """The models' ONNX files into ``out`` (toy-sized when ``quick``), one path per line."""
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        print(f"bench-model: --models {unknown[0]}: no such model (known: {', '.join(MODELS)})", file=sys.stderr)
+        return 2
+    for m in names:
+        build, full, toy = MODELS[m]
+        print(build(out / f"{m}.onnx", **(toy if quick else full)))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", default=bool(os.environ.get("SPATIALTUNE_QUICK")))
@@ -167,14 +179,7 @@ def main() -> int:
                          "scripts/gpu-bundle compiles per GPU share")
     a = ap.parse_args()
     if a.write_onnx:
-        unknown = [m for m in a.models.split(",") if m not in MODELS]
-        if unknown:
-            print(f"bench-model: --models {unknown[0]}: no such model (known: {', '.join(MODELS)})", file=sys.stderr)
-            return 2
-        for m in a.models.split(","):
-            build, full, toy = MODELS[m]
-            print(build(Path(a.write_onnx) / f"{m}.onnx", **(toy if a.quick else full)))
-        return 0
+        return write_onnx(Path(a.write_onnx), a.models.split(","), a.quick)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(a.out)
     layouts = [x.strip() for x in (a.layouts or ("nchw,NCHW8c" if a.quick else "auto")).split(",") if x.strip()]

@@ -67,6 +67,10 @@ def add_bundle(sub) -> None:
     db_arg(i)
     i.set_defaults(func=_cmd_bundle_import)
     add_bundle_models(bs)
+    _add_estimate(bs)
+
+
+def _add_estimate(bs) -> None:
     e = bs.add_parser("estimate", help="the device time a bundle run will take, per part, from the manifest's "
                       "counts; exit 2 when its measuring run exceeds --budget")
     e.add_argument("bundle")
