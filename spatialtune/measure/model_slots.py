@@ -67,6 +67,10 @@ def _ready(name: str, call: Callable[[], Any], outputs: list[np.ndarray], spec: 
     from .in_worker import granted_units
 
     load_s = time.perf_counter() - t0
+    if spec.get("device") == "cuda":  # the variant ran in this worker's share, not a context of its own
+        from ..cuda.green import check_green_current
+
+        check_green_current()
     err, wrong = _check(outputs, spec)
     res = {"load_s": load_s, "rel_err": err, "granted_units": granted_units()}
     if wrong:
@@ -118,7 +122,7 @@ def load_onnxruntime(name: str, skeleton: str, spec: dict, settings: dict) -> di
     if spec.get("threads"):
         so.intra_op_num_threads = int(spec["threads"])
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    names = [p["name"] for p in spec["params"]]
+    names = [p.get("onnx", p["name"]) for p in spec["params"]]  # as the ONNX file names them
     if names:
         values = [ort.OrtValue.ortvalue_from_numpy(w) for w in drawn_weights(spec["params"], spec["seed"])]
         so.add_external_initializers(names, values)
@@ -126,6 +130,7 @@ def load_onnxruntime(name: str, skeleton: str, spec: dict, settings: dict) -> di
     feeds = dict(zip([i["name"] for i in spec["inputs"]], random_inputs(spec["inputs"], spec["seed"])))
     if spec["provider"] not in sess.get_providers():
         return {"status": "unavailable", "error": f"{spec['provider']} did not take the session"}
+    spec = spec | {"device": "cpu" if spec["provider"] == "CPUExecutionProvider" else "cuda"}
     if spec["provider"] == "CPUExecutionProvider":
         outputs = [np.asarray(o) for o in sess.run(None, feeds)]
         return _ready(name, lambda: sess.run(None, feeds), outputs, spec, settings, t0) | {"version": ort.__version__}
