@@ -141,6 +141,68 @@ def cuda_bundle(tuned):
     return b
 
 
+H200 = {"kind": "cuda", "name": "NVIDIA H200", "units": 132, "unit": "SM", "driver": "580.159.04", "arch": "sm_90",
+        "tvm_version": "", "uuid": "GPU-models-test"}
+
+
+@pytest.fixture(scope="module")
+def cuda_records(tuned):
+    """A database with CUDA records of the MLP's tasks, as a GPU round leaves it: kernels built
+    here by a bundle round, their times imported as an H200's (both tasks at MPS 100 %, the
+    heaviest also at 50 %)."""
+    _cuda_compiler()
+    d, tasks = tuned
+    r = run_cli("bundle", "build", "--space", d / "mlp.toml", "--target", "cuda", "--arch", "sm_90", "--candidates",
+                "2", "--build-workers", "2", "--out", d / "round", timeout=900)
+    assert r.returncode == 0, r.stderr
+    man = json.loads((d / "round" / "manifest.json").read_text())
+    ok: dict[str, list] = {}
+    for c in man["candidates"]:
+        if c["status"] == "ok":
+            ok.setdefault(c["workload_key"], []).append(c)
+    assert set(ok) == {w.key for w in tasks}
+    # at 100 % each task's first kernel; at 50 % the heaviest task's last (another, where two built)
+    picks = [(100.0, 132, k, cs[0]) for k, cs in ok.items()] + [(50.0, 66, tasks[0].key, ok[tasks[0].key][-1])]
+    rows = [{"candidate": c["id"], "workload_key": k, "mod_hash": c["mod_hash"], "partition": "mps", "ratio": ratio,
+             "planned_units": units, "total_units": 132, "interference": "none", "condition": f"mps:{ratio:g}%",
+             "status": "ok", "times": [1e-5] * 3, "median_s": 1e-5, "rel_err": 1e-7, "granted_units": units}
+            for ratio, units, k, c in picks]
+    (d / "round-results").mkdir()
+    (d / "round-results" / "manifest.json").write_text(json.dumps(man))
+    (d / "round-results" / "results.json").write_text(json.dumps({
+        "format": 1, "device": H200, "bundle": str(d / "round"), "conditions": [], "measurements": rows}))
+    r = run_cli("bundle", "import", d / "round-results", "--db", d / "cuda.sqlite", timeout=300)
+    assert r.returncode == 0, r.stderr
+    return d / "cuda.sqlite", len(ok[tasks[0].key]) > 1
+
+
+def test_a_gpu_share_compiles_its_records_with_cubins(tuned, cuda_records):
+    """The CUDA records replay on the model's functions (weights lifted out), the rest of a
+    share falls back to the whole device's record, a partition never tuned gets the default
+    schedule, and every library holds cubins."""
+    from spatialtune.cuda.embed import library_formats
+
+    d, tasks = tuned
+    db_path, own_kernel_at_50 = cuda_records
+    b = empty_bundle(d / "cuda-tuned", {"kind": "cuda", "arch": "sm_90"}, "sm_90")
+    r = run_cli("bundle", "models", b, d / "mlp.onnx", "--db", db_path, "--params-from", "256", timeout=900)
+    assert r.returncode == 0, r.stderr
+    (m,) = json.loads((b / "manifest.json").read_text())["models"]
+    by_id = {v["id"]: v for v in m["variants"]}
+    assert set(by_id) == {"mlp/mps:100%", "mlp/green:100%", "mlp/mps:50%"}
+    whole, half, green = by_id["mlp/mps:100%"], by_id["mlp/mps:50%"], by_id["mlp/green:100%"]
+    assert whole["tuned_tasks"] == half["tuned_tasks"] == 2 and green["tuned_tasks"] == 0
+    assert {t["schedule"] for t in whole["tasks"].values()} == {"tuned at mps:100%"}
+    assert half["tasks"][tasks[0].key]["schedule"] == "tuned at mps:50%"
+    assert half["tasks"][tasks[1].key]["schedule"] == "tuned at mps:100% (fallback)"
+    assert {t["schedule"] for t in green["tasks"].values()} == {"default GPU schedule (dlight)"}
+    assert green["file"] != whole["file"]
+    # the same kernel for every task is one library, whichever share's record chose it
+    assert (half["file"] != whole["file"]) == own_kernel_at_50 and ("same_as" in half) != own_kernel_at_50
+    for v in (whole, half, green):
+        assert library_formats(str(b / v["file"])) == ["cubin"]
+
+
 def test_the_cuda_model_library_holds_cubins_and_no_source(cuda_bundle):
     from spatialtune.cuda.embed import library_formats, split_cuda_payload
 

@@ -100,7 +100,7 @@ class _Build:
     device: DeviceInfo
     out: Path
     bundle: Path
-    libs: dict = field(default_factory=dict)  # (units, each task's kernel) -> the variant compiled
+    libs: dict = field(default_factory=dict)  # (CPU cores, each task's kernel) -> (variant compiled, tuned)
 
     def variant(self, part: str, ratio: float) -> dict:
         """One share's library (or the one it shares kernels with) and per task which schedule it got."""
@@ -111,22 +111,25 @@ class _Build:
                                       fallback_ratio=None if ratio == 100.0 else 100.0)
         else:
             msdb, facts = None, {}
-        ident = (units, tuple(facts.get(w.key, {}).get("mod_hash") for w in tasks))
+        # the same kernel for every task is the same library (on a CPU also the same cores: the
+        # thread pool is compiled in); each variant still says where its own records came from
+        ident = (units if device.kind == "cpu" else None, tuple(facts.get(w.key, {}).get("mod_hash") for w in tasks))
         v = {"id": f"{name}/{part}:{ratio:g}%", "variant": "whole-tuned" if ratio == 100.0 else "share-tuned",
              "partition": part, "ratio": ratio, "units": units}
         if ident in self.libs:
-            same = self.libs[ident]
-            return v | {k: same[k] for k in ("file", "tuned_tasks", "tasks", "default_functions")} | \
-                {"same_as": same["id"]}
-        report: dict = {}
-        file = self.out / f"{name}-{part}-{ratio:g}pct.so"
-        target = target_for(device, units) if device.kind == "cpu" else target_for(device)
-        compile_model(self.model, target, msdb, str(file), tasks if device.kind == "cpu" else (), report)
-        per_task = _schedules(tasks, facts, set(report.get("tuned", ())), part, ratio, device.kind)
-        v |= {"file": os.path.relpath(file, self.bundle), "default_functions": len(report.get("default", ())),
-              "tuned_tasks": sum(t["mod_hash"] is not None for t in per_task.values()), "tasks": per_task,
-              "cuda": report.get("cuda", [])}
-        self.libs[ident] = v
+            same, tuned = self.libs[ident]
+            v |= {k: same[k] for k in ("file", "default_functions", "cuda")} | {"same_as": same["id"]}
+        else:
+            report: dict = {}
+            file = self.out / f"{name}-{part}-{ratio:g}pct.so"
+            target = target_for(device, units) if device.kind == "cpu" else target_for(device)
+            compile_model(self.model, target, msdb, str(file), tasks if device.kind == "cpu" else (), report)
+            tuned = set(report.get("tuned", ()))
+            v |= {"file": os.path.relpath(file, self.bundle), "default_functions": len(report.get("default", ())),
+                  "cuda": report.get("cuda", [])}
+            self.libs[ident] = (v, tuned)
+        v["tasks"] = _schedules(tasks, facts, tuned, part, ratio, device.kind)
+        v["tuned_tasks"] = sum(t["mod_hash"] is not None for t in v["tasks"].values())
         return v
 
 
