@@ -46,6 +46,8 @@ def test_script_quick_mode(name, tmp_path):
     assert EXPECT[name] in out, f"{name} did not print {EXPECT[name]!r}:\n{out[-4000:]}"
     if name == "demo":  # it wrote where it was told, not into the repository's database
         assert (tmp_path / "db.sqlite").exists() and (tmp_path / "report" / "report.html").exists()
+    if name == "gpu-bundle":  # the carry holds the two models, their libraries as cubins only
+        assert "2 models in 2 libraries" in out and "CUDA modules as cubin" in out
     if name == "gpu-check":  # the whole path on this host's cores: the estimate, kernels, then the models
         import json
 
