@@ -177,6 +177,18 @@ def _die(msg: str):
     raise SystemExit(2)
 
 
+def write_onnx(out: Path, names: list[str], quick: bool) -> int:
+    """The models' ONNX files into ``out`` (toy-sized when ``quick``), one path per line."""
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        print(f"bench-model: --models {unknown[0]}: no such model (known: {', '.join(MODELS)})", file=sys.stderr)
+        return 2
+    for m in names:
+        build, full, toy = MODELS[m]
+        print(build(out / f"{m}.onnx", **(toy if quick else full)))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", default=bool(os.environ.get("SPATIALTUNE_QUICK")))
@@ -199,7 +211,12 @@ def main() -> int:
                          "95 %% of the model's kernel time without transfer)")
     ap.add_argument("--table-only", action="store_true",
                     help="print the tables from the results saved under --out (MODEL-result.json); measure nothing")
+    ap.add_argument("--write-onnx", metavar="DIR", default=None,
+                    help="only write the models' ONNX files (toy-sized with --quick) into DIR and exit: what "
+                         "scripts/gpu-bundle compiles per GPU share")
     a = ap.parse_args()
+    if a.write_onnx:
+        return write_onnx(Path(a.write_onnx), [m for m in a.models.split(",") if m.strip()], a.quick)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(a.out)
     layouts = [x.strip() for x in (a.layouts or ("nchw,NCHW8c" if a.quick else "auto")).split(",") if x.strip()]

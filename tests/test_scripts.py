@@ -46,6 +46,18 @@ def test_script_quick_mode(name, tmp_path):
     assert EXPECT[name] in out, f"{name} did not print {EXPECT[name]!r}:\n{out[-4000:]}"
     if name == "demo":  # it wrote where it was told, not into the repository's database
         assert (tmp_path / "db.sqlite").exists() and (tmp_path / "report" / "report.html").exists()
+    if name == "gpu-bundle":  # the carry holds the two models, their libraries as cubins only
+        assert "2 models in 2 libraries" in out and "CUDA modules as cubin" in out
+    if name == "gpu-check":  # the whole path on this host's cores: the estimate, kernels, then the models
+        import json
+
+        assert "device-time estimate: load" in out
+        res = json.loads((tmp_path / "out" / "results.json").read_text())
+        runs = {(r["model"], r["condition"], r["variant"]): r for r in res["model_runs"]}
+        assert set(runs) == {(m, c, v) for m in ("bert_layer", "resnet_stage") for c in ("cpu:100%", "cpu:50%")
+                             for v in ("whole-tuned", "share-tuned", "onnxruntime")}
+        assert all(r["status"] == "ok" and r["rel_err"] < 1e-3 for r in runs.values()), runs
+        assert "ONNX Runtime on this device: onnxruntime" in out
 
 
 def test_bench_search_takes_each_ratio_to_the_vendor_within_one_round():
