@@ -10,6 +10,10 @@ and the task that costs most. Tuning resumes from the database (--db), so a seco
 channels (spatialtune.models.layout), as separate tasks tuned and timed the same way; the default
 is the CLI's, auto.
 
+--onnx FILE (repeatable, with --shape NAME=D1,D2,... where an input's shape is not static) runs a
+model of your own the same way, beside the two or, with --models "", instead of them: the same
+tuning, compiles, interleaved timing and tables, nothing keyed to a model's name or shapes.
+
 SPATIALTUNE_QUICK=1 (or --quick): toy-sized models at 100 % only, one trial per task, a smoke test.
 """
 from __future__ import annotations
@@ -144,13 +148,58 @@ def fmt(s: float | None) -> str:
     return f"{s * 1e3:.2f} ms" if s >= 1e-3 else f"{s * 1e6:.1f} us"
 
 
+def pick_models(a) -> tuple[dict, dict]:
+    """{name: a function of the output folder giving the model's ONNX file} for the built-in models
+    asked for and the --onnx files, and the --shape dict; SystemExit(2) with one line for a bad one."""
+    from spatialtune.errors import SpatialtuneError
+    from spatialtune.models.importer import parse_shapes
+
+    models: dict = {}
+    for m in (x.strip() for x in a.models.split(",") if x.strip()):
+        if m not in MODELS:
+            _die(f"--models {m!r}: not a built-in model ({', '.join(MODELS)}); give a file with --onnx")
+        build, full, toy = MODELS[m]
+        models[m] = lambda out, build=build, kw=(toy if a.quick else full), m=m: build(out / f"{m}.onnx", **kw)
+    for f in a.onnx:
+        if not Path(f).is_file():
+            _die(f"--onnx {f}: no such file")
+        models[Path(f).stem] = lambda out, f=f: Path(f)
+    if not models:
+        _die("no models: give --models or --onnx")
+    try:
+        return models, parse_shapes(a.shape)
+    except SpatialtuneError as e:
+        _die(str(e))
+
+
+def _die(msg: str):
+    print(f"bench-model: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def write_onnx(out: Path, names: list[str], quick: bool) -> int:
+    """The models' ONNX files into ``out`` (toy-sized when ``quick``), one path per line."""
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        print(f"bench-model: --models {unknown[0]}: no such model (known: {', '.join(MODELS)})", file=sys.stderr)
+        return 2
+    for m in names:
+        build, full, toy = MODELS[m]
+        print(build(out / f"{m}.onnx", **(toy if quick else full)))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", default=bool(os.environ.get("SPATIALTUNE_QUICK")))
     ap.add_argument("--trials", type=int, default=None, help="trials per share per model (default 256; quick: one "
                                                              "per task)")
     ap.add_argument("--ratios", default=None, help="shares, percent, tuned in this order (default 100,50)")
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(MODELS), help="built-in models (%(default)s); \"\" for none")
+    ap.add_argument("--onnx", action="append", default=[], metavar="FILE",
+                    help="also run this ONNX model (repeatable); its name is the file's stem")
+    ap.add_argument("--shape", action="append", default=[], metavar="NAME=D1,D2,...",
+                    help="static shape of an input of an --onnx model (as workloads --from-onnx takes it)")
     ap.add_argument("--layouts", default=None,
                     help="convolution layouts to compile each model in, e.g. nchw,NCHW16c (models.layout; default "
                          "auto, as the CLI; quick: nchw,NCHW8c; a layout that resolves to one already measured, "
@@ -162,17 +211,24 @@ def main() -> int:
                          "95 %% of the model's kernel time without transfer)")
     ap.add_argument("--table-only", action="store_true",
                     help="print the tables from the results saved under --out (MODEL-result.json); measure nothing")
+    ap.add_argument("--write-onnx", metavar="DIR", default=None,
+                    help="only write the models' ONNX files (toy-sized with --quick) into DIR and exit: what "
+                         "scripts/gpu-bundle compiles per GPU share")
     a = ap.parse_args()
+    if a.write_onnx:
+        return write_onnx(Path(a.write_onnx), [m for m in a.models.split(",") if m.strip()], a.quick)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(a.out)
     layouts = [x.strip() for x in (a.layouts or ("nchw,NCHW8c" if a.quick else "auto")).split(",") if x.strip()]
     for x in layouts:
         parse_layout(x)  # a bad name is one line before anything runs
     if a.table_only:  # every layout saved for these models
-        return print_saved(out, [f.name[: -len("-result.json")] for m in a.models.split(",")
+        names = [m for m in a.models.split(",") if m.strip()] + [Path(f).stem for f in a.onnx]
+        return print_saved(out, [f.name[: -len("-result.json")] for m in names
                                  for f in sorted(out.glob(f"{m}*-result.json"))
                                  if f.name == f"{m}-result.json" or f.name.startswith(f"{m}-NCHW")])
     out.mkdir(parents=True, exist_ok=True)
+    models, shapes = pick_models(a)
     db_path = Path(a.db or (os.environ.get("SPATIALTUNE_DB") if a.quick else None) or out / "bench.sqlite")
     ratios = [float(r) for r in (a.ratios or "100,50").split(",")]
     import onnxruntime
@@ -181,10 +237,9 @@ def main() -> int:
     print(f"machine: {where}; {'quick' if a.quick else 'full'} mode; database {db_path}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     results, done = [], set()
-    for name, layout in ((m, x) for m in a.models.split(",") for x in layouts):
-        build, full, toy = MODELS[name]
-        onnx_path = build(out / f"{name}.onnx", **(toy if a.quick else full))
-        text, tasks = space_from_onnx([onnx_path], layout=layout)
+    for name, layout in ((m, x) for m in models for x in layouts):
+        onnx_path = models[name](out)
+        text, tasks = space_from_onnx([onnx_path], shapes, layout=layout)
         if tasks[0].model in done:  # the layout resolved to one measured already (auto, or no convolution)
             print(f"\n{name}: --layout {layout} is {tasks[0].model}, measured above")
             continue
@@ -209,7 +264,7 @@ def main() -> int:
                         shares[f"{r:g}"]["scratch"] = {"tune_s": time.perf_counter() - t0,
                                                        **reach(fresh, tasks, r, shares[f"{r:g}"]["final_s"])}
             mopts = ModelOptions(rounds=2, min_repeat_ms=5, warmup_ms=5) if a.quick else ModelOptions()
-            res = measure_model(onnx_path, ratios, db, options=dataclasses.replace(mopts, layout=layout))
+            res = measure_model(onnx_path, ratios, db, shapes=shapes, options=dataclasses.replace(mopts, layout=layout))
         tune_s = sum(v["tune_s"] for v in shares.values())
         head = f"{name}: {len(tasks)} tasks, {trials} trials per share"
         print(f"\n{head} ({new} measured now, tuning {tune_s:.0f} s)")

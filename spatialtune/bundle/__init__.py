@@ -12,8 +12,13 @@ and this package holds what is particular to bundles only:
 - :mod:`.run` (GPU host): measures the candidates under a list of conditions with the same
   runner and workers as ``tune`` (outputs checked against the references there) and writes
   ``results.json`` after each condition. Imports no database, xgboost or full TVM.
+- :mod:`.models` (GPU host): the whole models a bundle carries (``bundle models``, compiled per
+  share on the CPU host by :mod:`spatialtune.models.share_export`), end to end under each
+  condition in the same worker, variants timed in interleaved rounds.
 - :mod:`.importer` (CPU host): records everything in the tuning database, so the same round
-  made again (``bundle build --db``) continues from these measurements.
+  made again (``bundle build --db``) continues from these measurements; model runs become
+  ``model_runs`` rows.
+- :mod:`.estimate`: the device time a run will take, per part, before it starts.
 
 A bundle can also be built for this host's cores (``target="cpu"``, conditions ``cpu:RATIO``):
 the same round, run and import, without a GPU (what the round-trip tests use).

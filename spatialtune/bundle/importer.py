@@ -1,5 +1,5 @@
-"""Import a bundle run (CPU host): every measurement into the tuning database and the vendor
-baselines beside them. The outputs were checked on the GPU host: a wrong kernel comes back as
+"""Import a bundle run (CPU host): every measurement into the tuning database, the vendor
+baselines beside them, and the whole models' end-to-end runs as ``model_runs``. The outputs were checked on the GPU host: a wrong kernel comes back as
 ``wrong_result`` and is recorded as such, never as a time. The next ``tune`` (a next round)
 retrains the cost models from these rows; ``spatialtune bundle import`` retrains the touched
 shares' models at once (:func:`spatialtune.tuning.models.retrain`)."""
@@ -65,4 +65,26 @@ def import_results(results_path: str, db) -> dict:
                            b.get("kind") or "cublas", b["median_s"], b.get("granted_units"))
         baselines += 1
     return {"device_id": dev.id, "device": dev.name, "units": dev.units, "added": added, "skipped": skipped,
-            "keys": sorted(keys, key=lambda k: (k.partition_kind, k.ratio, k.interference)), "baselines": baselines}
+            "keys": sorted(keys, key=lambda k: (k.partition_kind, k.ratio, k.interference)),
+            "baselines": baselines, "model_runs": _model_runs(res, dev, db)}
+
+
+def _model_runs(res: dict, dev: DeviceInfo, db) -> int:
+    """The whole models' rows as ``model_runs`` of this device, once: a run already imported (its
+    id is the results' start time) is not recorded again."""
+    from ..store.model_runs import VARIANTS, ModelRun, model_runs, record_model_run
+
+    rows = res.get("model_runs") or []
+    run = f"bundle-{res.get('started', '')}-{dev.id}"
+    if not rows or any(r.run == run for r in model_runs(db)):
+        return 0
+    for r in rows:
+        if r.get("variant") not in VARIANTS:
+            raise ConfigError(f"model run of unknown variant {r.get('variant')!r} (known: {', '.join(VARIANTS)})")
+        record_model_run(db, ModelRun(
+            run=run, model=r["model"], model_hash=r["model_hash"], device_id=dev.id, partition=r["partition"],
+            ratio=r["ratio"], variant=r["variant"], status=r["status"], granted_units=r.get("granted_units"),
+            error=r.get("error", ""), latency_s=r.get("latency_s"), times=r.get("times") or [],
+            rel_err=r.get("rel_err"), tuned_tasks=r.get("tuned_tasks"), n_tasks=r.get("n_tasks"),
+            detail=r.get("detail") or {}))
+    return len(rows)

@@ -21,6 +21,7 @@ from ..errors import ConfigError, DeviceError
 from ..terms import Condition
 from . import FORMAT
 from .manifest import conditions_for, load_manifest, write_json
+from .models import measure_models
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,11 @@ class RunOptions:
     top: int | None = None
     seed: int = 0
     vendor: bool = True
+    models: bool = True  # the bundle's whole models under each condition (bundle.models)
+    model_rounds: int = 3  # interleaved rounds per condition; a variant's latency is the median
+    model_min_repeat_ms: int = 50  # a variant's slot in a round runs the model at least this long
+    model_warmup_ms: int = 100  # untimed runs of each variant after its check
+    model_timeout: float = 120.0  # per call into the worker: a variant's load and check, one slot
 
 
 def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], options: RunOptions | None = None) -> dict:
@@ -56,6 +62,9 @@ def run_bundle(bundle: str, out: str, conditions: Sequence[Condition], options: 
     matmul/dense/batch_matmul workload, under the same share and neighbour
     (:func:`measure_vendor`), into ``results["baselines"]``. Optional: a GPU host without torch
     gives one log line and no baseline rows.
+
+    ``options.models``: after those, every model the bundle carries runs end to end under the
+    condition (:mod:`.models`) into ``results["model_runs"]``.
     """
     from ..measure.runner import LocalRunner
     from ..partitions import create_partition
@@ -100,7 +109,8 @@ class _Run:
         dev = self.device.to_dict() | {"tvm_version": self.man.get("tvm_version", "")}
         self.results = {"format": FORMAT, "device": dev, "bundle": str(self.root),
                         "settings": vars(self.settings) | {"top": opt.top}, "conditions": [], "measurements": [],
-                        "baselines": [], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                        "baselines": [], "model_runs": [], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.opt, self.model_state = opt, {}
         self.cands = self.man["candidates"]
         self.pool = {c["id"] for c in self.cands}
         self.keep = {c["id"] for c in self.cands if c.get("source") in ("transfer", "best")}
@@ -130,6 +140,10 @@ class _Run:
         self.results["measurements"] += rows
         base = measure_vendor(runner, share, cond, self.man, self.vendor)
         self.results["baselines"] += base
+        self.results["model_runs"] += measure_models(runner, share, cond, self.man, self.root, self.opt,
+                                                     self.model_state)
+        if self.man.get("models") and self.opt.models:
+            self.results["onnxruntime"] = self.model_state.get("onnxruntime")
         summary = _condition_summary(cond, share, rows, time.perf_counter() - t0, base)
         self.results["conditions"].append(summary)
         log.info("%s", json.dumps(summary))

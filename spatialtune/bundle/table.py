@@ -135,3 +135,27 @@ def _us(s) -> str:
 
 def _x(v) -> str:
     return f"{v:.2f}" if v else "-"
+
+
+def format_models(results: dict) -> str:
+    """The models' table: per model and condition each variant's latency, against the whole-tuned
+    compile and ONNX Runtime there; and whether ONNX Runtime ran at all."""
+    rows = results.get("model_runs", [])
+    hdr = (f"{'model':<22} {'condition':<22} {'variant':<12} {'status':<13} {'latency ms':>10} {'vs whole':>8} "
+           f"{'vs ORT':>7} {'rel err':>8} {'tuned':>7}  note")
+    lines = [hdr, "-" * len(hdr)]
+    for (model, cond) in dict.fromkeys((r["model"], r["condition"]) for r in rows):
+        here = {r["variant"]: r for r in rows if r["model"] == model and r["condition"] == cond}
+        whole = (here.get("whole-tuned") or {}).get("latency_s")
+        ort = (here.get("onnxruntime") or {}).get("latency_s")
+        for name, r in here.items():
+            lat = r.get("latency_s")
+            d = r.get("detail") or {}
+            note = f"same kernels as {d['same_as']}" if d.get("same_as") else (r.get("error") or "")[:60]
+            tuned = f"{r['tuned_tasks']}/{r['n_tasks']}" if r.get("tuned_tasks") is not None else "-"
+            lines.append(f"{_short(model):<22} {cond:<22} {name:<12} {r['status']:<13} "
+                         f"{lat * 1e3 if lat else 0:>10.3f} {_x(lat / whole if lat and whole else None):>8} "
+                         f"{_x(lat / ort if lat and ort else None):>7} "
+                         f"{r['rel_err'] if r.get('rel_err') is not None else float('nan'):>8.1e} {tuned:>7}  {note}")
+    lines.append(f"ONNX Runtime on this device: {results.get('onnxruntime') or 'not asked for'}")
+    return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
+from .bundle_models import add_bundle_models
 from .common import Parser, db_arg, open_db
 
 
@@ -55,12 +56,32 @@ def add_bundle(sub) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-vendor", dest="vendor", action="store_false",
                    help="leave out the cuBLAS baseline (torch's matmul in the same worker, when torch is there)")
+    r.add_argument("--no-models", dest="models", action="store_false",
+                   help="leave out the bundle's whole models (bundle models)")
+    r.add_argument("--model-rounds", type=int, default=3, help="interleaved rounds per model and condition")
+    r.add_argument("--model-min-repeat-ms", type=int, default=50, help="each variant's slot in a round lasts this long")
     r.set_defaults(func=_cmd_bundle_run)
     i = bs.add_parser("import", help="record bundle results in the database and retrain the cost models")
     i.add_argument("results", help="results directory or results.json")
     i.add_argument("--cost-model", default="xgb")
     db_arg(i)
     i.set_defaults(func=_cmd_bundle_import)
+    add_bundle_models(bs)
+    _add_estimate(bs)
+
+
+def _add_estimate(bs) -> None:
+    e = bs.add_parser("estimate", help="the device time a bundle run will take, per part, from the manifest's "
+                      "counts; exit 2 when its measuring run exceeds --budget")
+    e.add_argument("bundle")
+    e.add_argument("--conditions", type=int, required=True, help="how many conditions the run measures")
+    e.add_argument("--top", type=int, default=None, help="as bundle run's")
+    e.add_argument("--no-vendor", dest="vendor", action="store_false")
+    e.add_argument("--no-models", dest="models", action="store_false")
+    e.add_argument("--model-rounds", type=int, default=3)
+    e.add_argument("--model-min-repeat-ms", type=int, default=50)
+    e.add_argument("--budget", type=float, default=None, help="seconds the measuring run may take")
+    e.set_defaults(func=_cmd_bundle_estimate)
 
 
 def _cmd_bundle_build(a) -> int:
@@ -93,7 +114,7 @@ def _counts(opt: str, items) -> dict[str, int]:
 
 def _cmd_bundle_run(a) -> int:
     from ..bundle.run import RunOptions, conditions_from, run_bundle
-    from ..bundle.table import format_table
+    from ..bundle.table import format_models, format_table
     from ..terms import parse_condition
     from ..terms import parse_ratios
 
@@ -101,9 +122,33 @@ def _cmd_bundle_run(a) -> int:
         conds = [parse_condition(c) for c in a.condition]
     else:
         conds = conditions_from(a.partition, parse_ratios(a.ratios), [s.strip() for s in a.interference.split(",")])
+    if a.model_rounds < 1 or a.model_min_repeat_ms < 0:
+        raise ConfigError("--model-rounds must be at least 1 and --model-min-repeat-ms not negative")
     res = run_bundle(a.bundle, a.out, conds, RunOptions(repeat=a.repeat, min_repeat_ms=a.min_repeat_ms,
-                                                        timeout=a.timeout, top=a.top, seed=a.seed, vendor=a.vendor))
+                                                        timeout=a.timeout, top=a.top, seed=a.seed, vendor=a.vendor,
+                                                        models=a.models, model_rounds=a.model_rounds,
+                                                        model_min_repeat_ms=a.model_min_repeat_ms))
     print(format_table(res))
+    if res.get("model_runs") or res.get("onnxruntime"):
+        print()
+        print(format_models(res))
+    return 0
+
+
+def _cmd_bundle_estimate(a) -> int:
+    from ..bundle.estimate import RunPlan, estimate, format_estimate
+    from ..bundle.manifest import load_manifest
+
+    if a.conditions < 1 or a.model_rounds < 1:
+        raise ConfigError(f"--conditions and --model-rounds must be positive, got {a.conditions}, {a.model_rounds}")
+    parts = estimate(load_manifest(a.bundle), RunPlan(a.conditions, top=a.top, vendor=a.vendor, models=a.models,
+                                                      model_rounds=a.model_rounds,
+                                                      model_min_repeat_ms=a.model_min_repeat_ms))
+    print(format_estimate(parts, a.budget))
+    if a.budget is not None and parts["run"] > a.budget:
+        raise ConfigError(f"the estimated measuring run ({parts['run']:.0f} s) exceeds the budget ({a.budget:.0f} s): "
+                          f"refused, nothing measured (fewer conditions, a lower TOP, NEIGHBOURS=0, MODELS=0 or "
+                          f"VENDOR=0 shorten it; GPU_CHECK_BUDGET_S raises the budget)")
     return 0
 
 
@@ -116,5 +161,5 @@ def _cmd_bundle_import(a) -> int:
         trained = retrain(db, s["device_id"], s["units"], s["keys"], a.cost_model)
     print(f"imported {s['added']} measurements ({s['skipped']} already there) for {s['device']} [{s['device_id']}] "
           f"into {a.db or 'the default database'}; retrained {trained} cost models; "
-          f"{s['baselines']} cuBLAS baselines")
+          f"{s['baselines']} cuBLAS baselines; {s['model_runs']} model runs")
     return 0

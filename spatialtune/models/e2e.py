@@ -20,15 +20,12 @@ no task has a config) are compiled and timed once; the other's row repeats the n
 ``same_as`` in its ``detail``. With ``profile``, ONNX Runtime's profiler then runs under the share
 and :mod:`.profile` breaks the share-tuned latency down per task next to it (``detail["profile"]``).
 
-Compilation is ``compile_relax``'s pipeline spelled out: legalize and fuse (:func:`.importer.fuse`,
-the passes the tasks were extracted with, so the database's workloads match structurally),
-``MetaScheduleApplyDatabase`` with a MetaSchedule database holding the chosen configs, then only
-Relax's lowering and finalization (running the whole default pipeline again would fuse the tuned
-functions into new ones). The functions the database scheduled are counted, not assumed.
+Compilation (:func:`.compile.compile_model`, with each task's record from
+:func:`.compile.records_for`) is described in :mod:`.compile`.
 
 Runs happen in a measuring worker (:class:`spatialtune.measure.worker.Worker`) that holds the
-share through the partition (CPU core sets here; a GPU share would need the model built into a
-bundle, which this module does not do).
+share through the partition (CPU core sets here; a GPU share runs the models a bundle carries,
+:mod:`.share_export`).
 """
 
 from __future__ import annotations
@@ -47,15 +44,14 @@ from ..device import DeviceInfo, detect_cpu, target_for
 from ..errors import ConfigError
 from ..measure.worker import Worker, WorkerError
 from ..partitions import create_partition
-from ..search.policy import winner_origins
 from ..store.database import TuningDatabase
 from ..store.model_runs import ModelRun, record_model_run
-from ..terms import Condition, check_ratio, norm_ratio
+from ..terms import check_ratio, norm_ratio
 from ..workloads.check import check_output
 from ..workloads.fastmath import approximable
-from ..workloads.schedule import apply_trace
 from ..workloads.spec import Workload
-from .importer import ImportedModel, extract_workloads, fuse, load_onnx
+from .compile import compile_model, records_for
+from .importer import ImportedModel, extract_workloads, load_onnx
 from .profile import Breakdown, breakdown, call_order
 
 log = logging.getLogger(__name__)
@@ -98,103 +94,12 @@ class ModelResult:
         return sorted({r.ratio for r in self.rows}, reverse=True)
 
 
+
 def random_feeds(model: ImportedModel, seed: int) -> dict[str, np.ndarray]:
     """Floats uniform in [-1, 1], integer inputs zero (token ids, indices: always in range)."""
     rng = np.random.default_rng(seed)
     return {n: rng.uniform(-1, 1, size=s).astype(dt) if np.dtype(dt).kind == "f" else np.zeros(s, dtype=dt)
             for n, s, dt in model.inputs}
-
-
-def records_for(db: TuningDatabase, tasks: Sequence[Workload], device: DeviceInfo, partition: str, ratio: float,
-                interference: str = "none"):
-    """A MetaSchedule MemoryDatabase with each task's best config under (device, partition, ratio,
-    interference), and the per-task facts: {key: {name, weight, time_s, mod_hash, trials, origin}}
-    (``trials``: the budget spent at this share, the winners matrix's measurements left out;
-    ``origin``: where the best kernel was found, :class:`~spatialtune.search.policy.Origin`).
-
-    The best config is the fastest kernel measured at this share, its own search's or another
-    share's winner measured here by the matrix, so a share-tuned model is never built from a
-    kernel slower at this share than the 100 % winners measured there."""
-    import tvm
-    from tvm.s_tir import meta_schedule as ms
-
-    msdb = ms.database.MemoryDatabase()
-    target = tvm.target.Target(target_for(device))
-    facts = {}
-    for w in tasks:
-        key = dict(workload_key=w.key, device_id=device.id, partition=partition, ratio=ratio, interference=interference)
-        best = db.best(**key)
-        rows = db.measurements(workload_key=w.key, device_id=device.id, partition=partition)
-        here = [m for m in rows if norm_ratio(m.ratio) == norm_ratio(ratio) and m.interference == interference]
-        facts[w.key] = {"name": w.name, "weight": w.weight, "time_s": None, "mod_hash": None,
-                        "trials": sum(m.source != "matrix" for m in here), "origin": None}
-        if not best:
-            continue
-        o = winner_origins(rows).get(Condition(partition, norm_ratio(ratio), interference))
-        facts[w.key]["origin"] = o.label() if o else None
-        try:
-            sch = apply_trace(w, best[0].trace)
-        except Exception as e:  # a record of another TVM: the task runs untuned, and says so
-            log.warning("%s: best config at %g%% does not replay (%s); untuned in this variant", w.key, ratio, e)
-            continue
-        mod = w.ir_module()
-        msdb.commit_tuning_record(ms.database.TuningRecord(
-            sch.trace, msdb.commit_workload(mod), run_secs=[float(best[0].median_s)], target=target,
-            args_info=ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
-        facts[w.key] |= {"time_s": best[0].median_s, "mod_hash": best[0].mod_hash}
-    return msdb, facts
-
-
-def compile_model(model: ImportedModel, target: dict, msdb=None, out: str | None = None,
-                  tasks: Sequence[Workload] = ()) -> tuple[object, int]:
-    """(the Relax executable, how many functions the database scheduled); exported to ``out``.
-
-    On a CPU target the functions that are ``tasks`` using fast math (:attr:`Workload.fast_math`)
-    are built with it, as their tuned candidates were (:mod:`spatialtune.workloads.fastmath`);
-    the rest, and every function when ``tasks`` is empty (TVM's own build), keep exact math."""
-    import tvm
-    from tvm import relax
-    from tvm.relax import pipeline
-
-    from ..workloads.fastmath import rewrite
-
-    tgt = tvm.target.Target(target)
-    mod = fuse(model.relax_mod, target)
-    fast = _fast_functions(mod, tasks) if target.get("kind") == "llvm" else set()
-    applied = 0
-    if msdb is not None:
-        with tgt, msdb, tvm.transform.PassContext(opt_level=3):
-            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
-        applied = sum(1 for f in mod.functions.values()
-                      if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "tirx.is_scheduled" in f.attrs)
-    if fast:  # after the database: the records match the exact functions the tasks were extracted as
-        mod = rewrite(mod, skip=lambda name, _: name not in fast)[0]
-    try:
-        passes = [*pipeline.dataflow_lower_passes(tgt), *pipeline.finalize_passes(tgt)]
-    except (AttributeError, ValueError):  # the 0.27 wheel's CPU backend does not export them: the same list
-        from tvm.relax.backend.cpu_generic import pipeline as cpu
-
-        passes = [*cpu.dataflow_lower_passes(tgt), *cpu.finalize_passes(tgt)]
-    lower = tvm.transform.Sequential(passes)
-    with tgt, tvm.transform.PassContext(opt_level=3):
-        ex = relax.build(mod, target=tgt, relax_pipeline=lower)
-    if out is not None:
-        ex.export_library(out)
-    return ex, applied
-
-
-def _fast_functions(mod, tasks: Sequence[Workload]) -> set[str]:
-    """Names of the fused module's PrimFuncs that are a task with fast math, found by the
-    structural hash the task was keyed by (its function as extraction names it, ``main``)."""
-    import tvm
-
-    from ..workloads.schedule import mod_hash
-
-    want = {w.prim.hash for w in tasks if w.fast_math}
-    if not want:
-        return set()
-    return {gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
-            and mod_hash(tvm.IRModule({"main": f.with_attr("global_symbol", "main")})) in want}
 
 
 def measure_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase, *,

@@ -2,8 +2,8 @@
 
 A scheduler that resizes a tenant needs the model compiled for the share it grants, ready before
 it grants it: compiling a model takes seconds, the swap must not. :func:`export_model` compiles
-the model once per share with each task's best config at that share (:func:`.e2e.records_for`,
-:func:`.e2e.compile_model`, the same build ``spatialtune model`` times) and writes
+the model once per share with each task's best config at that share (:func:`.compile.records_for`,
+:func:`.compile.compile_model`, the same build ``spatialtune model`` times) and writes
 
 - one shared library per share (the Relax VM executable, ``export_library``), and
 - ``manifest.json``: the model (name, sha256, inputs), the device it was compiled for (its id:
@@ -33,7 +33,7 @@ from ..store.database import TuningDatabase
 from ..store.exports import FORMAT, MANIFEST, VERSION
 from ..store.model_runs import model_runs
 from ..terms import check_interference, check_ratio, norm_ratio
-from .e2e import compile_model, records_for
+from .compile import compile_model, records_for
 from .importer import extract_workloads, load_onnx
 
 

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import ConfigError, SpecError
 from ..workloads.prim import PrimTask, prim_task
 from .layout import AUTO, layout_name, parse_layout, resolve
+from .onnx_fold import fold_batch_norms
 from ..workloads.spec import Workload
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ class ImportedModel:
     outputs: list[str]
     relax_mod: Any = field(repr=False)  # tvm.IRModule from from_onnx, weights as constants
     layout: str = "nchw"  # of its convolutions (models.layout); another layout is another name
+    # with weights as inputs (load_onnx's params_from): (name, value) of each weight ``main`` takes
+    # after the inputs, in order; ``main_transform_params`` turns them into what ``main`` runs on
+    params: list[tuple[str, Any]] = field(default_factory=list, repr=False)
 
 
 def parse_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -74,16 +78,21 @@ def _read(path: Path):
 
 
 def load_onnx(path: str | Path, shapes: Mapping[str, Sequence[int]] | None = None,
-              layout: str | None = AUTO) -> ImportedModel:
+              layout: str | None = AUTO, *, params_from: int | None = None) -> ImportedModel:
     """Import ``path`` through ``tvm.relax.frontend.onnx.from_onnx``. ``shapes`` gives (or
     overrides) input shapes by input name; every dimension must end up static. ``layout``:
     ``auto`` (the default), ``nchw`` or ``NCHW<b>c`` for blocked convolutions (:mod:`.layout`; a
     blocked model's name ends in ``-NCHW<b>c``, its tasks are others). SpecError for a file that is not ONNX,
-    a dynamic dimension left, or what the importer cannot take."""
+    a dynamic dimension left, or what the importer cannot take.
+
+    ``params_from``: weights of at least that many elements stay inputs of ``main`` instead of
+    constants compiled into the module (:func:`lift_params`), so that variants compiled from the
+    same model share one copy of them."""
     from onnx import helper
 
     path = Path(path)
     model, digest = _read(path)
+    fold_batch_norms(model)  # as ONNX Runtime's optimizer does (the file's digest stays the model's identity)
     shapes = {k: tuple(int(d) for d in v) for k, v in (shapes or {}).items()}
     inits = {i.name for i in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in inits]
@@ -109,7 +118,7 @@ def load_onnx(path: str | Path, shapes: Mapping[str, Sequence[int]] | None = Non
 
     try:
         mod = from_onnx(model, shape_dict={n: list(s) for n, s, _ in inputs} or None,
-                        dtype_dict={n: dt for n, _, dt in inputs} or "float32", keep_params_in_input=False)
+                        dtype_dict={n: dt for n, _, dt in inputs} or "float32", keep_params_in_input=params_from is not None)
     except Exception as e:
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         raise SpecError(f"{path}: TVM's ONNX importer failed: {lines[-1][:300] if lines else type(e).__name__}") \
@@ -121,13 +130,36 @@ def load_onnx(path: str | Path, shapes: Mapping[str, Sequence[int]] | None = Non
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         raise SpecError(f"{path}: the {layout} layout does not apply: "
                         f"{lines[-1][:300] if lines else type(e).__name__}") from None
+    params = []
+    if params_from is not None:
+        mod, params = lift_params(mod, params_from)
     return ImportedModel(name=path.stem if block is None else f"{path.stem}-{layout_name(block)}", path=str(path),
                          hash=digest, inputs=inputs, outputs=[o.name for o in model.graph.output], relax_mod=mod,
-                         layout=layout_name(block))
+                         layout=layout_name(block), params=params)
 
 
 def _dims(t) -> str:
     return "x".join(d.dim_param or str(d.dim_value) if d.dim_param or d.dim_value else "?" for d in t.shape.dim)
+
+
+def lift_params(mod, min_elements: int) -> tuple[object, list[tuple[str, Any]]]:
+    """``mod`` (imported with its weights as inputs) with the weights under ``min_elements``
+    elements bound as constants again, and the computations on the others alone (layout and shape
+    transforms, which constants would fold at compile time) lifted into ``main_transform_params``
+    (Relax's ``LiftTransformParams``). Scalars and small tensors stay constants because the fused
+    functions then keep them inline, as the tasks were extracted: the remaining PrimFuncs are
+    structurally those of the constant model, and the tuning records still apply. Returns the
+    module and the (name, value) of each weight left an input, in ``main``'s order."""
+    import numpy as np
+    from tvm import relax
+
+    f = mod["main"]
+    n_in = int(f.attrs["num_input"])
+    named = list(zip([v.name for v in f.params][n_in:], f.attrs["params"]))
+    small = {n: v for n, v in named if int(np.prod(v.shape)) < min_elements}
+    mod = relax.transform.BindParams("main", small)(mod)
+    mod = relax.transform.LiftTransformParams()(mod)
+    return mod, [(n, v) for n, v in named if n not in small]
 
 
 def fuse(mod, target: dict | None = None):

@@ -144,7 +144,7 @@ class Breakdown:
 def breakdown(ratio: float, calls: Sequence[str], facts: dict[str, dict], tvm_total_s: float,
               ort: dict) -> Breakdown:
     """``calls``: the task keys in call order; ``facts``: per task key its name, weight and tuned
-    kernel time at the share (from :func:`spatialtune.models.e2e.records_for`); ``ort``: what
+    kernel time at the share (from :func:`spatialtune.models.compile.records_for`); ``ort``: what
     :func:`~spatialtune.models.in_worker.profile_onnxruntime` returned."""
     nodes = ort["nodes"]
     where = match_nodes([nd["op"] for nd in nodes], [facts[k]["name"] for k in calls])

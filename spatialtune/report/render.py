@@ -183,18 +183,20 @@ def _model_blocks(d: ReportData) -> list[tuple]:
                    "share-tuned latency / ONNX Runtime's (< 1: faster). Every variant's outputs are checked against "
                    "ONNX Runtime's."))
     groups: dict[tuple, dict[str, object]] = {}
-    for m in d.models:
-        groups.setdefault((m.model, m.device_id, m.partition, m.ratio), {})[m.variant] = m
+    for m in d.models:  # a bundle run also times each model next to a neighbour: another row
+        groups.setdefault((m.model, m.device_id, m.partition, m.ratio, m.detail.get("interference", "none")),
+                          {})[m.variant] = m
     # Two tables, latencies then how they were got: one of 15 columns does not fit a laptop's width.
     rows, how = [], []
-    for (model, dev, part, ratio), v in sorted(groups.items(), key=lambda kv: (kv[0][:3], -kv[0][3])):
+    for (model, dev, part, ratio, near), v in sorted(groups.items(),
+                                                     key=lambda kv: (kv[0][:3], -kv[0][3], kv[0][4])):
         st, ort = v.get("share-tuned"), v.get("onnxruntime")
         lat = lambda k: _us(v[k].vendor_s) if k in v and v[k].vendor_s else "–"  # noqa: E731
         vs = f"{st.latency_s / ort.vendor_s:.2f}x" if st and ort and st.latency_s and ort.vendor_s else "–"
         bad = [f"{k}: {m.status}" for k, m in v.items() if m.status != "ok"]
         tasks = [t for t in (st.detail.get("tasks", {}).values() if st else []) if t.get("time_s")]
         top = max(tasks, key=lambda t: t["weight"] * t["time_s"], default=None)
-        share = f"{part} {ratio:.4g}%"
+        share = f"{part} {ratio:.4g}%" + ("" if near == "none" else f" next to {near}")
         rows.append([model, device_cell(d.device_names, dev), share, str(next(iter(v.values())).granted_units or ""),
                      lat("share-tuned"), lat("whole-tuned"), lat("untuned"), lat("onnxruntime"), vs])
         how.append([model, share, f"{st.tuned_tasks}/{st.n_tasks}" if st else "–",

@@ -14,7 +14,7 @@ database matches it when the model is compiled, and the float64 reference (:mod:
 same module with every float32 widened) computes the exact function in float64, not the polynomial
 (whose error the output check then could not see). The rewrite is applied to the *scheduled*
 module just before ``tvm.compile``: by the builder to every candidate of a task that uses fast
-math (:mod:`spatialtune.measure.builder`) and by :func:`spatialtune.models.e2e.compile_model` to
+math (:mod:`spatialtune.measure.builder`) and by :func:`spatialtune.models.compile.compile_model` to
 the same functions of the model, so what is timed is what is deployed. Rewriting in Relax
 (``relax.transform.FastMathTransform``) before extraction would change the tasks themselves:
 their reference would compute the polynomial in float64 and prove nothing about its error.
