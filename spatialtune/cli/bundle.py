@@ -41,6 +41,17 @@ def add_bundle(sub) -> None:
     b.add_argument("--cost-model", default="xgb", help="as tune's: a share's saved model of this kind is reused "
                    "while nothing was measured since it was fit, else one is fit on the device's measurements")
     b.set_defaults(func=_cmd_bundle_build)
+    _add_run(bs)
+    i = bs.add_parser("import", help="record bundle results in the database and retrain the cost models")
+    i.add_argument("results", help="results directory or results.json")
+    i.add_argument("--cost-model", default="xgb")
+    db_arg(i)
+    i.set_defaults(func=_cmd_bundle_import)
+    add_bundle_models(bs)
+    _add_estimate(bs)
+
+
+def _add_run(bs) -> None:
     r = bs.add_parser("run", help="measure a bundle on this GPU (runtime-only TVM, numpy, cuda-bindings)")
     r.add_argument("bundle")
     r.add_argument("--out", required=True, help="results directory")
@@ -61,13 +72,6 @@ def add_bundle(sub) -> None:
     r.add_argument("--model-rounds", type=int, default=3, help="interleaved rounds per model and condition")
     r.add_argument("--model-min-repeat-ms", type=int, default=50, help="each variant's slot in a round lasts this long")
     r.set_defaults(func=_cmd_bundle_run)
-    i = bs.add_parser("import", help="record bundle results in the database and retrain the cost models")
-    i.add_argument("results", help="results directory or results.json")
-    i.add_argument("--cost-model", default="xgb")
-    db_arg(i)
-    i.set_defaults(func=_cmd_bundle_import)
-    add_bundle_models(bs)
-    _add_estimate(bs)
 
 
 def _add_estimate(bs) -> None:
