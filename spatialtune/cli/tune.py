@@ -256,7 +256,7 @@ def best_notes(db, rows) -> tuple[dict, dict]:
         ms = db.measurements(workload_key=wk, device_id=dev)
         for part in {m.partition for m in ms}:
             for k, o in winner_origins([m for m in ms if m.partition == part]).items():
-                origin[(wk, dev, k.partition, k.ratio, k.interference)] = o.label()
+                origin[(wk, dev, k.partition_kind, k.ratio, k.interference)] = o.label()
         for m in ms:
             if m.status == "unchecked":
                 key = (wk, dev, m.partition, m.ratio, m.interference)
