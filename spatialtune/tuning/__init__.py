@@ -3,7 +3,7 @@
 steps after every measured batch. Names load on first use, so the CLI can read the options
 without importing the database."""
 
-_EXPORTS = {"tune": "job", "TuneOptions": "options", "ShareResult": "options", "TuneSummary": "options",
+_EXPORTS = {"tune": "job", "TuneOptions": "options", "ShareResult": "results", "TuneSummary": "results",
             "AfterBatch": "after_batch", "Batch": "after_batch"}
 
 

@@ -54,7 +54,8 @@ from .keysearch import KeySearch
 from .lanes import ProgressFn, device_and_partition, in_threads, serialised
 from .matrix import check_imported, fill_matrix, measure_samples
 from .models import ShareModels
-from .options import ShareResult, TuneOptions, TuneSummary
+from .options import TuneOptions
+from .results import ShareResult, TuneSummary
 from .scheduler import TaskState, pick_task
 
 log = logging.getLogger(__name__)

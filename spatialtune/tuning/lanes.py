@@ -14,7 +14,8 @@ from ..errors import ConfigError
 from ..measure.runner import Runner
 from ..partitions import Partition, create_partition
 from ..store.database import TuningDatabase
-from .options import ShareResult, TuneOptions
+from .options import TuneOptions
+from .results import ShareResult
 
 ProgressFn = Callable[[dict], None]
 

@@ -1,17 +1,16 @@
-"""What a tuning job is asked to do, and what it reports back."""
+"""What a tuning job is asked to do (what it reports back is :mod:`.results`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..device import DeviceInfo
 from ..errors import ConfigError
 from ..measure.runner import RunSettings
 from ..partitions import Partition
 from ..search.cost_model import create_cost_model
 from ..search.evolution import EvolutionConfig, SearchRun
 from ..search.policy import PolicyOptions
-from ..terms import check_interference, regret
+from ..terms import check_interference
 
 
 @dataclass
@@ -102,40 +101,3 @@ class TuneOptions:
 
     def search_run(self) -> SearchRun:
         return SearchRun(batch=self.batch, seed=self.seed, threads=self.search_threads)
-
-
-@dataclass
-class ShareResult:
-    workload_key: str
-    workload_name: str
-    ratio: float  # the key's ratio (what the share granted, see spatialtune.terms)
-    granted_units: int
-    unit: str
-    best_s: float | None
-    n_trials: int
-    new_trials: int
-    whole_device_config_s: float | None  # the 100%-best config measured at this share
-    default_s: float | None  # TVM's untuned default at this share
-    numpy_s: float | None
-    origin: str = ""  # where the best kernel was first measured (search.policy.Origin.label)
-
-    @property
-    def regret(self) -> float | None:
-        return regret(self.whole_device_config_s, self.best_s)
-
-    @property
-    def vendor_faster(self) -> bool:
-        return self.numpy_s is not None and self.best_s is not None and self.numpy_s < self.best_s
-
-
-@dataclass
-class TuneSummary:
-    device: DeviceInfo
-    partition: str
-    interference: str
-    results: list[ShareResult]
-    elapsed_s: float
-    timings: dict[str, float]  # seconds spent in search, build, run, train
-    stopped_early: bool = False
-    matrix_gaps: list[str] = field(default_factory=list)  # winners-matrix cells left unmeasured, and why
-    pending: int = 0  # measurements a deferred runner took to make later (a GPU bundle)
