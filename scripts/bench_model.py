@@ -209,6 +209,8 @@ def main() -> int:
     ap.add_argument("--no-scratch", dest="scratch", action="store_false",
                     help="do not tune each share after the first again from an empty database (the trials to "
                          "95 %% of the model's kernel time without transfer)")
+    ap.add_argument("--rerank-cold", type=int, default=0, metavar="K",
+                    help="share-tuned: each task's fastest of its K fastest kernels out of cache (model --rerank-cold)")
     ap.add_argument("--table-only", action="store_true",
                     help="print the tables from the results saved under --out (MODEL-result.json); measure nothing")
     ap.add_argument("--write-onnx", metavar="DIR", default=None,
@@ -264,7 +266,8 @@ def main() -> int:
                         shares[f"{r:g}"]["scratch"] = {"tune_s": time.perf_counter() - t0,
                                                        **reach(fresh, tasks, r, shares[f"{r:g}"]["final_s"])}
             mopts = ModelOptions(rounds=2, min_repeat_ms=5, warmup_ms=5) if a.quick else ModelOptions()
-            res = measure_model(onnx_path, ratios, db, shapes=shapes, options=dataclasses.replace(mopts, layout=layout))
+            res = measure_model(onnx_path, ratios, db, shapes=shapes,
+                                options=dataclasses.replace(mopts, layout=layout, rerank_cold=a.rerank_cold))
         tune_s = sum(v["tune_s"] for v in shares.values())
         head = f"{name}: {len(tasks)} tasks, {trials} trials per share"
         print(f"\n{head} ({new} measured now, tuning {tune_s:.0f} s)")

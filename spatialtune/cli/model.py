@@ -34,6 +34,9 @@ def add_model(sub) -> None:
     p.add_argument("--layout", default="auto",
                    help="convolutions in this layout: auto (default: blocked by this CPU's fp32 vector width when every "
                         "convolution takes it), nchw or NCHW<b>c; as the tasks were extracted (docs/models.md)")
+    p.add_argument("--rerank-cold", type=int, default=0, metavar="K",
+                   help="share-tuned: of each task's K fastest kernels at the share, compile the one fastest with its "
+                        "data out of the caches, as inside the model (docs/models.md; default 0: the fastest)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON array instead of tables")
     db_arg(p)
     p.set_defaults(func=_cmd_model)
@@ -45,10 +48,11 @@ def _cmd_model(a) -> int:
     from ..terms import parse_ratios
 
     ratios = parse_ratios(a.ratios)
-    if a.rounds < 1 or a.timeout <= 0 or a.min_repeat_ms < 0:
-        raise ConfigError("--rounds must be at least 1, --timeout positive, --min-repeat-ms not negative")
+    if a.rounds < 1 or a.timeout <= 0 or a.min_repeat_ms < 0 or a.rerank_cold < 0:
+        raise ConfigError("--rounds must be at least 1, --timeout positive, --min-repeat-ms and --rerank-cold not "
+                          "negative")
     opts = ModelOptions(rounds=a.rounds, min_repeat_ms=a.min_repeat_ms, timeout=a.timeout, seed=a.seed, mcpu=a.mcpu,
-                        profile=a.profile, fast_math=not a.exact_math, layout=a.layout)
+                        profile=a.profile, fast_math=not a.exact_math, layout=a.layout, rerank_cold=a.rerank_cold)
     shapes = parse_shapes(a.shape)
     with open_db(a.db, create=True) as db:
         res = measure_model(a.model, ratios, db, shapes=shapes, options=opts,

@@ -36,6 +36,10 @@ class RunSettings:
     timeout: float = 30.0  # per candidate, load + check + timing
     seed: int = 0
     warmup_ms: int = 60  # untimed runs first: thread pool, caches and clocks settle
+    # Each timed run alone, right after other data filled the caches (measure.in_worker.evict): how
+    # a model's task runs, the layers before it having evicted its weights. Off for a kernel
+    # timed on its own, as its vendor baseline is.
+    cold: bool = False
 
 
 @dataclass

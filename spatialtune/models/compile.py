@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def records_for(db: TuningDatabase, tasks: Sequence[Workload], device: DeviceInfo, partition: str, ratio: float,
-                interference: str = "none", *, fallback_ratio: float | None = None):
+                interference: str = "none", *, fallback_ratio: float | None = None, pick=None):
     """A MetaSchedule MemoryDatabase with each task's best config under (device, partition, ratio,
     interference), and the per-task facts: {key: {name, weight, time_s, mod_hash, trials, origin,
     tuned_ratio}} (``trials``: the budget spent at this share, the winners matrix's measurements
@@ -45,7 +45,9 @@ def records_for(db: TuningDatabase, tasks: Sequence[Workload], device: DeviceInf
     share's winner measured here by the matrix, so a share-tuned model is never built from a
     kernel slower at this share than the 100 % winners measured there. ``fallback_ratio``: a task
     with no record at this share takes its best at that share instead (the whole device's, where
-    the share was never tuned), and its facts say so."""
+    the share was never tuned), and its facts say so. ``pick(workload, rows)``, if given, chooses
+    among a task's ok measurements at this share instead (:class:`.cold.ColdPicker`), returning
+    (the measurement, facts to add) or None to keep the fastest."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
@@ -66,8 +68,14 @@ def records_for(db: TuningDatabase, tasks: Sequence[Workload], device: DeviceInf
                 break
         if not best:
             continue
+        chosen = pick(w, [m for m in here if m.status == "ok"]) if pick is not None and used == ratio else None
+        if chosen is not None:
+            best = [chosen[0]]
+            facts[w.key] |= chosen[1]
         o = winner_origins(rows).get(Condition(partition, norm_ratio(used), interference))
         facts[w.key]["origin"] = o.label() if o else None
+        if chosen is not None:  # the best's origin is not the pick's
+            facts[w.key]["origin"] = f"out of cache: {chosen[1]['rank']} of the tuner's fastest"
         try:
             sch = apply_trace(w, best[0].trace)
         except Exception as e:  # a record of another TVM: the task runs untuned, and says so

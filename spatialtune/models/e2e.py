@@ -51,6 +51,7 @@ from ..workloads.check import check_output
 from ..workloads.fastmath import approximable
 from ..workloads.spec import Workload
 from .compile import compile_model, records_for
+from .cold import ColdPicker
 from .importer import ImportedModel, extract_workloads, load_onnx
 from .profile import Breakdown, breakdown, call_order
 
@@ -71,6 +72,7 @@ class ModelOptions:
     fast_math: bool = True  # tasks build with vectorisable erf/exp/tanh where that passes the check
     profile: bool = False  # also break the share-tuned latency down per task next to ONNX Runtime's profile
     layout: str = "auto"  # of the convolutions, as the tasks were extracted (models.layout)
+    rerank_cold: int = 0  # share-tuned: of each task's this many fastest kernels, the fastest out of cache (.cold)
 
     def settings(self) -> dict:
         return {"rounds": self.rounds, "min_repeat_ms": self.min_repeat_ms, "warmup_ms": self.warmup_ms}
@@ -111,8 +113,8 @@ def measure_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase,
     ratios = sorted({norm_ratio(check_ratio(r)) for r in ratios}, reverse=True)
     if not ratios:
         raise ConfigError("no shares to run the model at")
-    if opt.rounds < 1 or opt.min_repeat_ms < 0 or opt.timeout <= 0:
-        raise ConfigError("rounds must be at least 1, min_repeat_ms not negative, timeout positive")
+    if opt.rounds < 1 or opt.min_repeat_ms < 0 or opt.timeout <= 0 or opt.rerank_cold < 0:
+        raise ConfigError("rounds must be at least 1, min_repeat_ms and rerank_cold not negative, timeout positive")
     model = load_onnx(path, shapes, opt.layout)
     device = detect_cpu(opt.mcpu)
     partition = create_partition("cpu")
@@ -128,7 +130,7 @@ def measure_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase,
         # untuned is TVM's own build, exact
         run.fast = [w for w in tasks if w.fast_math and approximable(w.ir_module())]
         for share, plan in plans:
-            run.measure_share(share, plan)
+            run.measure_share(share, run.rerank(share, plan) if opt.rerank_cold > 0 else plan)
     return result
 
 
@@ -161,6 +163,17 @@ class _ModelRun:
                               f"{r.device.id} ({kind}, interference {opt.interference}): tune it first "
                               f"(spatialtune workloads --from-onnx, then spatialtune tune)")
         return share, plan
+
+    def rerank(self, share, plan: dict) -> dict:
+        """``plan`` with its share-tuned records chosen out of cache (:mod:`.cold`)."""
+        r, opt = self.result, self.opt
+        picker = ColdPicker(r.device, share, dict(os.environ) | self.partition.worker_env(share), self.tmp,
+                            opt.rerank_cold, say=self.say)
+        try:
+            return plan | {"share-tuned": records_for(self.db, r.tasks, r.device, self.partition.kind, share.key_ratio,
+                                                      opt.interference, pick=picker)}
+        finally:
+            picker.close()
 
     def measure_share(self, share, plan: dict) -> None:
         """Every variant of ``plan`` compiled, timed next to ONNX Runtime under ``share``, and recorded."""
