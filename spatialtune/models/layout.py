@@ -159,8 +159,10 @@ def _blockable(call, block: int) -> bool:
 def lift_scalar_elementwise(mod):
     """``mod`` with each ``call_tir`` of an element-wise PrimFunc of one tensor and a 0-d operand
     (``max(x, lo)``: TVM's ONNX importer writes a Clip, ReLU6 included, as two of them) written as
-    the Relax operator it computes. ConvertLayout carries Relax operators in any layout but not a
-    ``call_tir``: left as it is, every ReLU6 of a blocked graph cost two layout transforms."""
+    the Relax operator it computes, and each float Relax ``clip`` with constant bounds (a
+    HardSigmoid imports as one) as a maximum and a minimum. ConvertLayout carries those operators
+    in any layout but neither a ``call_tir`` nor a clip: left as they are, every ReLU6 or HardSwish
+    of a blocked graph cost two layout transforms and split the convolution's fused epilogue."""
     import tvm
     from tvm import relax
 
@@ -194,17 +196,19 @@ def _clip_as_bounds(call):
     from tvm import relax
 
     try:
-        dtype = call.args[0].ty.dtype
+        dtype = str(call.args[0].ty.dtype)
         # a bound is an IntImm/FloatImm in this TVM, a PrimValue around one in others
         lo, hi = (float(getattr(b.value, "value", b.value)) for b in call.args[1:3])
     except (AttributeError, TypeError, ValueError):  # bounds that are not constants: leave it
+        return call
+    if not dtype.startswith(("float", "bfloat")):  # an integer clip has no layout to follow
         return call
     return relax.op.minimum(relax.op.maximum(call.args[0], relax.const(lo, dtype)), relax.const(hi, dtype))
 
 
 def _scalar_elementwise(func, ops: dict):
     """The Relax operator of ``ops`` that ``func`` computes when it is ``out[i] = op(a[i], s[()])``
-    (or ``op(s[()], a[i])`` with the operands in that order) over all of ``a``'s shape, else None."""
+    over all of ``a``'s shape, the tensor first as the call passes it, else None."""
     import tvm
     from tvm.s_tir import Schedule
 
