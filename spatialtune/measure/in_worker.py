@@ -48,6 +48,20 @@ def warm_up(call, ms: float) -> None:
         call()
 
 
+def slot_time(call, min_repeat_ms: float) -> float:
+    """Time per call of ``call`` over one slot of an interleaved round: one untimed call (the
+    variant before it evicted this one's data from the caches), then whole calls for at least
+    ``min_repeat_ms`` (at least one). A compiled model's and ONNX Runtime's slots alike."""
+    call()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        call()
+        n += 1
+        el = time.perf_counter() - t0
+        if el * 1e3 >= min_repeat_ms:
+            return el / n
+
+
 def share_cores() -> tuple[int, ...] | None:
     """The cores of this worker's CPU share (None outside a CPU share). The calling thread itself is
     bound to the first of them (see CpuPartition.enter), so a library that starts its own threads

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .in_worker import slot_time, warm_up
 from .model_inputs import drawn_weights, random_inputs, sample
 
 _loaded: dict[str, Callable[[], Any]] = {}
@@ -76,9 +77,7 @@ def _ready(name: str, call: Callable[[], Any], outputs: list[np.ndarray], spec: 
     if wrong:
         return res | {"status": "wrong_result", "error": wrong}
     _loaded[name] = call
-    end = time.perf_counter() + settings.get("warmup_ms", 100) / 1e3
-    while time.perf_counter() < end:
-        call()
+    warm_up(call, settings.get("warmup_ms", 100))
     return res | {"status": "ok"}
 
 
@@ -161,15 +160,7 @@ def onnxruntime_providers() -> dict:
 
 def time_slot(name: str, settings: dict) -> dict:
     """One round's time per call of the loaded variant ``name`` (see the module doc)."""
-    fn = _loaded[name]
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        el = time.perf_counter() - t0
-        if el * 1e3 >= settings.get("min_repeat_ms", 50):
-            return {"time_s": el / n}
+    return {"time_s": slot_time(_loaded[name], settings.get("min_repeat_ms", 50))}
 
 
 def unload(name: str | None = None) -> None:

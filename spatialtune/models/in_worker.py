@@ -36,9 +36,9 @@ def _as_list(out) -> list[np.ndarray]:
 
 
 def _warm(fn: Callable[[], Any], settings: dict) -> None:
-    t_end = time.perf_counter() + settings.get("warmup_ms", 100) / 1e3
-    while time.perf_counter() < t_end:
-        fn()
+    from ..measure.in_worker import warm_up
+
+    warm_up(fn, settings.get("warmup_ms", 100))
 
 
 def load_compiled(name: str, library: str, inputs: list[np.ndarray], settings: dict) -> dict:
@@ -119,15 +119,9 @@ def load_onnxruntime(name: str, model_path: str, feeds: dict[str, np.ndarray], s
 
 def time_slot(name: str, settings: dict) -> dict:
     """One round's time per call of the loaded variant ``name`` (see the module doc): ``time_s``."""
-    fn = _loaded[name]
-    fn()
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        el = time.perf_counter() - t0
-        if el * 1e3 >= settings.get("min_repeat_ms", 50):
-            return {"time_s": el / n}
+    from ..measure.in_worker import slot_time
+
+    return {"time_s": slot_time(_loaded[name], settings.get("min_repeat_ms", 50))}
 
 
 def unload(name: str) -> None:
