@@ -354,8 +354,11 @@ def convergence(shares: dict) -> str:
 
 
 def verdicts(results) -> None:
-    print("\nend-to-end latency vs ONNX Runtime (share-tuned / ORT, the faster of its run interleaved with the "
-          "variants and its default, threads spinning, timed alone; < 1 is faster):")
+    orts = [res.row(r, "onnxruntime") for _, res in results for r in res.ratios]
+    how = ("ORT as users run it, threads spinning, in a process of its own, interleaved with the variants"
+           if all(o and o.detail.get("spinning") for o in orts) else
+           "the faster of its run interleaved with the variants and its default, threads spinning, timed alone")
+    print(f"\nend-to-end latency vs ONNX Runtime (share-tuned / ORT, {how}; < 1 is faster):")
     for name, res in results:
         for r in res.ratios:
             st, ort = res.row(r, "share-tuned"), res.row(r, "onnxruntime")

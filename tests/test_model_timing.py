@@ -43,6 +43,9 @@ def test_variants_are_timed_interleaved_in_rounds_and_identical_ones_once(tuned,
         return real_call(w, opt, fn, *args)
 
     monkeypatch.setattr(e2e, "_call", spy)
+    pauses = []
+    real_settle = e2e._settle
+    monkeypatch.setattr(e2e, "_settle", lambda: (pauses.append(len(slots)), real_settle()))
     with TuningDatabase(db_path) as db:
         res = e2e.measure_model(model, [50, 100], db, options=e2e.ModelOptions(rounds=3, **FAST))
     for row in res.rows:
@@ -60,6 +63,12 @@ def test_variants_are_timed_interleaved_in_rounds_and_identical_ones_once(tuned,
     assert res.row(50, "whole-tuned").tuned_tasks == len(tasks)
     # round-robin, three variants timed per share, each once per round: A B C, A B C, A B C
     assert slots == ["onnxruntime", "share-tuned", "untuned"] * 3 + ["onnxruntime", "share-tuned", "whole-tuned"] * 3
+    # ONNX Runtime runs in a process of its own: a pause before each slot that changes process
+    # (ORT -> TVM and TVM -> ORT), never between two TVM variants
+    changes = [i for i in range(1, 9) if (slots[i] == "onnxruntime") != (slots[i - 1] == "onnxruntime")]
+    assert pauses == [0, *changes, 9, *(9 + c for c in changes)]
+    ort = res.row(100, "onnxruntime")
+    assert ort.detail["spinning"] and ort.vendor_s == ort.latency_s
     from spatialtune.cli.model import format_model
 
     assert "ok (same kernels as share-tuned: timed once)" in format_model(res)

@@ -262,9 +262,8 @@ def test_a_model_tuned_at_two_shares_runs_end_to_end_and_matches_onnx_runtime(tm
                 assert row.rel_err is not None and row.rel_err < 1e-4
             else:  # ONNX Runtime's own threads may use the whole share, and no more
                 assert row.detail["cores"] == row.granted_units, row.detail
-                # its default (threads spinning) timed alone too; a variant is compared with the faster
-                assert row.detail["spinning_s"] > 0
-                assert row.vendor_s == min(row.latency_s, row.detail["spinning_s"])
+                # as users run it: threads spinning (in a process of its own), what a variant is compared with
+                assert row.detail["spinning"] and row.vendor_s == row.latency_s
         st = res.row(50, "share-tuned")
         assert st.tuned_tasks == st.n_tasks == len(tasks)  # every task had its own 50 % config, applied
         assert res.row(50, "untuned").tuned_tasks == 0

@@ -79,7 +79,8 @@ def format_model(res) -> str:
             vs = f"{x.latency_s / ort.vendor_s:.2f}x" if ort and x.latency_s else "-"
             tuned = "-" if x.tuned_tasks is None else f"{x.tuned_tasks}/{x.n_tasks}"
             spin = (x.detail or {}).get("spinning_s") if x.variant == "onnxruntime" else None
-            table.append([x.variant + (f" (alone, threads spinning: {fmt_time(spin)})" if spin else ""),
+            table.append([x.variant + (f" (alone, threads spinning: {fmt_time(spin)})" if spin else
+                                       " (threads spinning, own process)" if (x.detail or {}).get("spinning") else ""),
                           fmt_time(x.latency_s), vs, "-" if x.rel_err is None else f"{x.rel_err:.1e}",
                           tuned, "-" if x.trials is None else str(x.trials),
                           _status(x)])

@@ -11,10 +11,12 @@ threads confined to them). Every variant's outputs are checked against ONNX Runt
 random inputs. A task with no config for a variant runs untuned in it (``tuned_tasks`` says how
 many had one). Each variant's latency is a row of ``model_runs`` (:mod:`spatialtune.store.model_runs`).
 
-Timing holds against a drifting host: per share, every variant (ONNX Runtime included) is loaded
-once in the same worker, then all are timed in ``rounds`` interleaved rounds (A B C D, A B C D, ...,
-see :mod:`.in_worker`); a variant's latency is the median of its rounds, ``times`` keeps each
-round's. Variants that are the same kernels (every task's chosen record the same: share-tuned and
+Timing holds against a drifting host: per share, every compiled variant is loaded once in one
+worker and ONNX Runtime, as users run it (pool threads spinning while it runs), in a second worker
+holding the same cores; then all are timed in ``rounds`` interleaved rounds (A B C D, A B C D, ...,
+see :mod:`.in_worker`), a pause of :data:`SETTLE_S` before a slot that follows the other worker's,
+so that neither's idle threads still spin on the cores the other is being timed on. A variant's
+latency is the median of its rounds, ``times`` keeps each round's. Variants that are the same kernels (every task's chosen record the same: share-tuned and
 whole-tuned at 100 %, or at a share where every pick is the 100 % one; share-tuned and untuned where
 no task has a config) are compiled and timed once; the other's row repeats the numbers and says
 ``same_as`` in its ``detail``. With ``profile``, ONNX Runtime's profiler then runs under the share
@@ -56,6 +58,11 @@ from .importer import ImportedModel, extract_workloads, load_onnx
 from .profile import Breakdown, breakdown, call_order
 
 log = logging.getLogger(__name__)
+
+SETTLE_S = 0.25
+"""Idle time before a slot in the other worker than the slot before: TVM's pool threads spin
+(``sched_yield``) for about 0.15 s after their last parallel job before they sleep, and would take
+the cores from ONNX Runtime's threads (measured: ONNX Runtime at one core's speed on two)."""
 
 CHECK_DTYPES = {"float32": "fp32", "float16": "fp16", "float64": "fp64"}
 
@@ -182,16 +189,16 @@ class _ModelRun:
         base = dict(run=r.run, model=r.model.name, model_hash=r.model.hash, device_id=r.device.id,
                     partition=self.partition.kind, ratio=share.key_ratio, granted_units=share.units,
                     n_tasks=len(r.tasks))
-        loads = [("onnxruntime", "load_onnxruntime", (r.model.path, self.feeds, opt.settings()))]
+        loads = [("onnxruntime", "load_onnxruntime", (r.model.path, self.feeds, opt.settings() | {"spinning": True}),
+                  "ort")]
         loads += [(v, "load_compiled", (self.libs[idents[v]][0], [self.feeds[n] for n, _, _ in r.model.inputs],
-                                        opt.settings())) for v in plan if same_as[v] == v]
-        res, prof, spin = self._time(share, loads)
+                                        opt.settings()), "tvm") for v in plan if same_as[v] == v]
+        res, prof = self._time(share, loads)
         ort = res["onnxruntime"]
         rows = {"onnxruntime": ModelRun(**base, variant="onnxruntime", status=ort["status"],
                                         error=ort.get("error", ""), latency_s=ort.get("median_s"),
                                         times=ort["times"], detail={"version": ort.get("version"),
-                                                                    "cores": ort.get("cores"), "spinning": False,
-                                                                    "spinning_s": spin.get("median_s")})}
+                                                                    "cores": ort.get("cores"), "spinning": True})}
         for v, (_, facts) in plan.items():
             src = res[same_as[v]]
             row = rows[v] = ModelRun(**base, variant=v, status=src["status"], error=src.get("error", ""),
@@ -221,24 +228,17 @@ class _ModelRun:
                                             r.tasks if ident[2] else (), self.say)
         return same_as, idents
 
-    def _time(self, share, loads: list[tuple[str, str, tuple]]) -> tuple[dict[str, dict], dict | None, dict]:
-        """The variants' interleaved rounds and ONNX Runtime's profile in one worker holding the
-        share, then ONNX Runtime with spinning threads in another."""
+    def _time(self, share, loads: list[tuple]) -> tuple[dict[str, dict], dict | None]:
+        """The variants' interleaved rounds, the compiled ones in one worker holding the share and
+        ONNX Runtime in another, then ONNX Runtime's profile (with ``--profile``)."""
         model, opt = self.result.model, self.opt
         env = dict(os.environ) | self.partition.worker_env(share)
-        with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"),
-                    env=env, name=f"model-{share.units}core") as w:
-            res = _interleave(w, opt, loads, self.say)
+        init = dict(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"), env=env)
+        with Worker(**init, name=f"model-{share.units}core") as w, Worker(**init, name=f"ort-{share.units}core") as o:
+            res = _interleave({"tvm": w, "ort": o}, opt, loads, self.say)
             prof = _call(w, opt, f"{_W}:profile_onnxruntime", model.path, self.feeds, opt.settings(),
                          os.path.join(self.tmp, f"ort-{share.units}")) if opt.profile else None
-        # ONNX Runtime as users run it: threads spinning between runs, in a process of its own
-        # holding the same share, after the rounds (spinning threads in the rounds would slow
-        # the variants timed after them, and TVM's pool would share the cores with it)
-        with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"),
-                    env=env, name=f"ort-{share.units}core") as w:
-            spin = _call(w, opt, f"{_W}:run_onnxruntime", model.path, self.feeds,
-                         opt.settings() | {"spinning": True, "repeat": opt.rounds})
-        return res, prof, spin
+        return res, prof
 
     def _attach_profile(self, share, plan: dict, st: ModelRun, prof: dict | None) -> None:
         """With --profile: the share-tuned latency broken down per task, or why it could not be."""
@@ -270,32 +270,38 @@ def _compile(model, device, units: int, msdb, tmp: str, variant: str, fast_tasks
     return out, applied
 
 
-def _interleave(w: Worker, opt: ModelOptions, loads: list[tuple[str, str, tuple]], say) -> dict[str, dict]:
-    """Load every variant of ``loads`` ((name, loader in in_worker, its arguments)) in the worker,
-    then time them in ``opt.rounds`` round-robin rounds; per variant its load's answer (status,
-    outputs, ...) with ``times`` (one per round) and ``median_s``. A call that kills the worker
-    fails its variant; the others are loaded again into the fresh one and go on."""
+def _interleave(workers: dict[str, Worker], opt: ModelOptions, loads: list[tuple], say) -> dict[str, dict]:
+    """Load every variant of ``loads`` ((name, loader in in_worker, its arguments, key of the worker
+    in ``workers``)) in its worker, then time them in ``opt.rounds`` round-robin rounds, pausing
+    :data:`SETTLE_S` before a slot in another worker than the slot before; per variant its load's
+    answer (status, outputs, ...) with ``times`` (one per round) and ``median_s``. A call that kills
+    a worker fails its variant; the others loaded in it are loaded again into the fresh one and go on."""
     out: dict[str, dict] = {}
+    last = [None]
 
-    def call(name: str, fn: str, *args) -> dict:
+    def call(name: str, key: str, fn: str, *args) -> dict:
+        w = workers[key]
+        if fn == "time_slot" and last[0] not in (None, key):
+            _settle()
+        last[0] = key
         pid = w.pid
         res = _call(w, opt, f"{_W}:{fn}", *args)
         if w.pid != pid:  # a fresh process: the variants loaded in the old one are gone
-            for n, loader, a in loads:
-                if n != name and out.get(n, {}).get("status") == "ok":
+            for n, loader, a, k in loads:
+                if k == key and n != name and out.get(n, {}).get("status") == "ok":
                     again = _call(w, opt, f"{_W}:{loader}", n, *a)
                     if again["status"] != "ok":
                         out[n] |= {"status": "error", "error": f"loading again after {name} failed: {again['error']}"}
         return res
 
-    for name, loader, args in loads:
-        out[name] = call(name, loader, name, *args) | {"times": []}
+    for name, loader, args, key in loads:
+        out[name] = call(name, key, loader, name, *args) | {"times": []}
         if out[name]["status"] != "ok":
             say(f"{name}: {out[name]['error']}")
     for k in range(opt.rounds):
-        for name, _, _ in loads:
+        for name, _, _, key in loads:
             if out[name]["status"] == "ok":
-                res = call(name, "time_slot", name, opt.settings())
+                res = call(name, key, "time_slot", name, opt.settings())
                 if res["status"] == "ok":
                     out[name]["times"].append(res["time_s"])
                 else:
@@ -304,6 +310,10 @@ def _interleave(w: Worker, opt: ModelOptions, loads: list[tuple[str, str, tuple]
         if r["status"] == "ok":
             r["median_s"] = float(np.median(r["times"]))
     return out
+
+
+def _settle() -> None:
+    time.sleep(SETTLE_S)
 
 
 def _call(w: Worker, opt: ModelOptions, fn: str, *args) -> dict:

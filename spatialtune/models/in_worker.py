@@ -63,11 +63,11 @@ def _session(model_path: str, profile_prefix: str | None = None, spinning: bool 
     share that the calling thread (bound to one core of it, and the pool's first thread) is not on;
     returns (session, how many cores those threads may run on).
 
-    Its pool threads do not spin waiting for work: interleaved with TVM's variants in this process,
-    spinning threads kept the share's cores busy during the next variant's slot and made TVM's pool,
-    one thread per core, many times slower. Waking blocked threads costs ONNX Runtime a little on
-    each parallel section, the price of timing every variant on the same quiet cores; ``spinning``
-    gives ONNX Runtime's own default, timed on its own after the interleaved rounds."""
+    ``spinning``: its pool threads spin waiting for work while a run goes on, ONNX Runtime's default
+    and a few percent faster on two cores, and stop when the run returns
+    (``session.force_spinning_stop``), so that a variant timed next in another process gets quiet
+    cores. Without it they block between parallel sections (the profile, and a process that also
+    runs TVM's pool, whose spinning threads would share the cores with them)."""
     import onnxruntime as ort
 
     from ..measure.in_worker import share_cores
@@ -79,6 +79,8 @@ def _session(model_path: str, profile_prefix: str | None = None, spinning: bool 
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if spinning:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     # Setting intra_op_num_threads turns off ONNX Runtime's own pinning: pin its pool threads (the
     # calling thread is the pool's first) one per core of the share, as TVM's pool is, on the cores
     # this thread is not bound to. ONNX Runtime numbers processors from 1.

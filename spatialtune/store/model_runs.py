@@ -47,9 +47,11 @@ class ModelRun:
 
     @property
     def vendor_s(self) -> float | None:
-        """ONNX Runtime's row: the faster of its latency in the interleaved rounds (threads not
-        spinning) and its own default, threads spinning, timed on its own after the rounds
-        (``detail["spinning_s"]``); what a variant is compared with. Other rows: their latency."""
+        """What a variant is compared with. ONNX Runtime's row: its latency in the interleaved
+        rounds, run as users run it (``detail["spinning"]``: threads spinning, in a process of its
+        own); rows written before that timed it with threads blocking in the variants' process and
+        again alone after the rounds (``detail["spinning_s"]``), and take the faster. Other rows:
+        their latency."""
         if self.variant != "onnxruntime":
             return self.latency_s
         return min((t for t in (self.latency_s, self.detail.get("spinning_s")) if t), default=None)
