@@ -1,4 +1,5 @@
-"""spatialtune's own schedule rules: the packed-panel design space on a CPU target, for real."""
+"""spatialtune's own schedule rules on a CPU target, for real: the packed-panel design space, and the
+transposed-tile spaces of a layout transform."""
 import pytest
 
 from spatialtune.device import detect_cpu, target_for
@@ -51,3 +52,78 @@ def test_a_packed_kernel_replays_builds_and_matches_numpy(tmp_path):
     with LocalRunner(part, settings=RunSettings(repeat=2, min_repeat_ms=1, timeout=60)) as r:
         res = r.run(part.grant(100), "none", [RunInput(DENSE.to_dict(), x.artifact) for x in built])
     assert all(x.status == "ok" and x.rel_err < 1e-5 for x in res), [(x.status, x.error) for x in res]
+
+
+def _transform(name: str, src: tuple[int, ...], dst: tuple[int, ...], read: str, write: str) -> Workload:
+    """A layout transform as Relax legalizes one in a model (a loop per axis of the source, the
+    destination indexed by them), ``read``/``write``: the two buffers' indices in ``v0``, ``v1``, ..."""
+    from spatialtune.workloads.prim import prim_task
+
+    dims = lambda shape: ", ".join(f"T.int64({d})" for d in shape)  # noqa: E731
+    v = ", ".join(f"v{i}" for i in range(len(src)))
+    i = ", ".join(f"i{i}" for i in range(len(src)))
+    script = f"""
+# from tvm.script import ir as I
+# from tvm.script import tirx as T
+
+@I.ir_module
+class Module:
+    @T.prim_func(s_tir=True)
+    def main(x: T.Buffer(({dims(src)}), "float32"), y: T.Buffer(({dims(dst)}), "float32")):
+        T.func_attr({{"op_pattern": 8, "tirx.noalias": True}})
+        for {i} in T.grid({dims(src)}):
+            with T.sblock("te_layout_transform"):
+                {v} = T.axis.remap("{"S" * len(src)}", [{i}])
+                T.reads(x[{read}])
+                T.writes(y[{write}])
+                y[{write}] = x[{read}]
+"""
+    return Workload.from_prim(prim_task(script, name), name=name)
+
+
+# NCHW -> NCHW8c and back, as a model blocked by 8 channels starts and ends
+TO_BLOCKED = _transform("to_blocked", (1, 16, 6, 12), (1, 2, 6, 12, 8), "v0, v1, v2, v3",
+                        "v0, v1 // T.int64(8), v2, v3, v1 % T.int64(8)")
+FROM_BLOCKED = _transform("from_blocked", (1, 2, 6, 12, 8), (1, 16, 6, 12), "v0, v1, v2, v3, v4",
+                          "v0, v1 * T.int64(8) + v4, v2, v3")
+
+
+def _transposed(space):
+    return [s for s in space.spaces if "sch.unroll(" in str(s.trace) and "sch.vectorize(" in str(s.trace)]
+
+
+@pytest.mark.parametrize("w,loops", [(TO_BLOCKED, (3, 1)), (FROM_BLOCKED, (4, 3))], ids=["to-blocked", "from-blocked"])
+def test_a_layout_transform_gets_two_transposed_tile_spaces(w, loops):
+    import tvm
+
+    from spatialtune.search.rules import transpose_loops
+
+    space = DesignSpace(w, TARGET)
+    assert len(space.spaces) == 3 and len(_transposed(space)) == 2
+    # (the loop of the read's innermost axis, the write's): to blocked W and C, back c and W
+    sch = tvm.s_tir.Schedule(w.ir_module())
+    (block,) = sch.get_child_blocks(sch.get_sblock("root"))
+    assert transpose_loops(sch, block) == loops
+
+
+@pytest.mark.parametrize("w", [
+    Workload(op="conv2d", dtype="fp32", params=dict(N=1, C=4, H=9, W=9, K=32, R=3, S=3, stride=1, pad=1), name="c"),
+    _transform("copy", (1, 2, 6, 12), (1, 2, 6, 12), "v0, v1, v2, v3", "v0, v1, v2, v3"),  # nothing transposed
+    _transform("one_pixel", (1, 16, 6, 1), (1, 6, 1, 16), "v0, v1, v2, v3", "v0, v2, v3, v1"),  # W of one pixel
+], ids=["conv2d", "copy", "single-pixel"])
+def test_blocks_that_transpose_nothing_get_no_tile_space(w):
+    assert not _transposed(DesignSpace(w, TARGET))
+
+
+@pytest.mark.parametrize("w", [TO_BLOCKED, FROM_BLOCKED], ids=["to-blocked", "from-blocked"])
+def test_transposed_tile_kernels_replay_build_and_match_numpy(w, tmp_path):
+    cands = [c for c in UniformSampler(w, TARGET, seed=1).sample(16) if "Unroll" in c.trace]
+    assert cands, "no transposed-tile kernel in 16 uniform samples of a space that is two thirds of them"
+    assert all(candidate_from_trace(w, c.trace, "best", expect_hash=c.mod_hash) for c in cands[:3])
+    with LocalBuilder(tmp_path, workers=2) as b:
+        built = b.build([BuildInput(c.mod_json, c.mod_hash) for c in cands[:3]], TARGET)
+    assert all(x.ok for x in built), [x.error for x in built]
+    part = CpuPartition()
+    with LocalRunner(part, settings=RunSettings(repeat=2, min_repeat_ms=1, timeout=60)) as r:
+        res = r.run(part.grant(100), "none", [RunInput(w.to_dict(), x.artifact) for x in built])
+    assert all(x.status == "ok" and x.rel_err == 0 for x in res), [(x.status, x.error, x.rel_err) for x in res]

@@ -8,6 +8,15 @@ before the loops): the innermost vectorised loop then loads contiguous vectors i
 gathering one element per column. It is what BLAS libraries do (pack B), inside the kernel, so
 the kernel still takes the operator's own arrays and its time includes the copy. The unpacked
 space stays, so the search can keep either.
+
+:class:`TransposeTiles` (CPU targets): for a block that only copies one buffer into another with
+the two buffers' innermost (contiguous) axes on different loops, a layout transform such as
+``NCHW`` <-> ``NCHW16c``, two more design spaces that tile both loops and put the tiles innermost,
+one tile vectorised and the other unrolled around it, so that a tile is read and written in
+whole vectors and cache lines, as hand-written reorder kernels do. MetaSchedule's own space for
+such a block only fuses, parallelises and vectorises its loops in their given order, which reads
+or writes one element per cache line; in a model blocked by 16 channels its two transforms took
+3-5x the time of ONNX Runtime's reorders.
 """
 
 from __future__ import annotations
@@ -68,3 +77,69 @@ class PackPanels(PyScheduleRule):
 
     def clone(self):
         return PackPanels()
+
+
+def transpose_loops(sch, block) -> tuple[int, int] | None:
+    """(index of the loop that indexes the read's innermost dimension, index of the one that
+    indexes the write's) among ``block``'s loops, for a block that stores one buffer's element
+    into another buffer, every axis spatial, with each loop binding one block axis in order (as
+    before any schedule) and those two loops different; else None."""
+    from tvm import ir, tirx
+    from tvm.tirx.analysis import undefined_vars
+
+    b = sch.get(block)
+    loops = sch.get_loops(block)
+    if (len(b.reads) != 1 or len(b.writes) != 1 or b.reads[0].source.same_as(b.writes[0].source)
+            or len(loops) != len(b.iter_vars)
+            or any(iv.iter_type != tirx.IterVar.DataPar for iv in b.iter_vars)):
+        return None
+    store = b.body
+    if not isinstance(store, tirx.BufferStore) or not isinstance(store.value, ir.TensorLoad):
+        return None
+    axes = [iv.var for iv in b.iter_vars]
+    for lp, iv in zip(loops, b.iter_vars):
+        loop = sch.get(lp)
+        if not (isinstance(loop.extent, tirx.IntImm) and isinstance(iv.dom.extent, tirx.IntImm)
+                and int(loop.extent) == int(iv.dom.extent)):
+            return None
+
+    def axis_of(index) -> int | None:
+        used = {i for v in undefined_vars(index) for i, a in enumerate(axes) if v.same_as(a)}
+        return used.pop() if len(used) == 1 else None
+
+    r, w = axis_of(store.value.indices[-1]), axis_of(store.indices[-1])
+    if r is None or w is None or r == w or int(sch.get(loops[r]).extent) < 2 or int(sch.get(loops[w]).extent) < 2:
+        return None
+    return r, w
+
+
+@derived_object
+class TransposeTiles(PyScheduleRule):
+    def __init__(self, lanes: int = 16) -> None:
+        self.lanes = lanes
+
+    def _initialize_with_tune_context(self, context) -> None:
+        pass
+
+    def apply(self, sch, block):
+        found = transpose_loops(sch, block)
+        if found is None:
+            return [sch]
+        out = [sch]
+        for vector_side in (0, 1):  # the read's innermost axis in vectors, or the write's
+            t = sch.copy()
+            loops = t.get_loops(block)
+            tiles = []
+            for i in found:
+                outer, inner = t.split(loops[i], t.sample_perfect_tile(loops[i], n=2, max_innermost_factor=self.lanes))
+                tiles.append((outer, inner))
+            rest = [lp for k, lp in enumerate(loops) if k not in found]
+            vec, unr = tiles[vector_side][1], tiles[1 - vector_side][1]
+            t.reorder(*rest, tiles[0][0], tiles[1][0], unr, vec)
+            t.vectorize(vec)
+            t.unroll(unr)
+            out.append(t)
+        return out
+
+    def clone(self):
+        return TransposeTiles(self.lanes)

@@ -123,19 +123,23 @@ def space_generator(mod, target, pack_panels: bool = True):
     """MetaSchedule's post-order-apply generator with the target's own rules; for an fp16
     workload on a CUDA target of sm_80 or newer the tensor-core space of
     :mod:`~spatialtune.search.tensorcore` (both kinds of MMA kernel, which MetaSchedule's own
-    rule list does not offer); on a CPU target :class:`~spatialtune.search.rules.PackPanels`
-    after the target's rules (``pack_panels``)."""
+    rule list does not offer); on a CPU target, after the target's rules,
+    :class:`~spatialtune.search.rules.PackPanels` (``pack_panels``) and
+    :class:`~spatialtune.search.rules.TransposeTiles`."""
     from tvm.s_tir import meta_schedule as ms
 
     if uses_tensor_cores(mod, target):
         return tensor_core_generator(mod, target)
-    if target.kind.name != "llvm" or not pack_panels:
+    if target.kind.name != "llvm":
         return "post-order-apply"
-    from .rules import PackPanels
+    from .rules import PackPanels, TransposeTiles
+    from .seeds import vector_unit
 
     # The target's rules as MetaSchedule picks them (x86 ones with AVX-512 or VNNI, else llvm's)
     own = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply", task_name="rules")
-    return ms.space_generator.PostOrderApply(sch_rules=[*own.space_generator.sch_rules, PackPanels()])
+    ours = [PackPanels()] if pack_panels else []
+    return ms.space_generator.PostOrderApply(sch_rules=[*own.space_generator.sch_rules, *ours,
+                                                        TransposeTiles(vector_unit(target).lanes(32))])
 
 
 def candidate_from_trace(workload, trace: str, source: str, features: np.ndarray | None = None,
