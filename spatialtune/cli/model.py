@@ -18,9 +18,9 @@ def add_model(sub) -> None:
     p.add_argument("--ratios", default="100", help="shares to run at, percent, e.g. 25,50,100")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=D1,D2,...",
                    help="static shape of a model input (as given to workloads --from-onnx)")
-    p.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=5,
+    p.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=10,
                    help="interleaved timing rounds per share, every variant once per round (its median counts)")
-    p.add_argument("--min-repeat-ms", type=int, default=50, help="a variant's slot in a round runs at least this long")
+    p.add_argument("--min-repeat-ms", type=int, default=100, help="a variant's slot in a round runs at least this long")
     p.add_argument("--timeout", type=float, default=900.0,
                    help="seconds per call into the measuring worker (a variant's load, one slot, the profile)")
     p.add_argument("--profile", action="store_true",

@@ -69,8 +69,8 @@ CHECK_DTYPES = {"float32": "fp32", "float16": "fp16", "float64": "fp64"}
 
 @dataclass
 class ModelOptions:
-    rounds: int = 5  # interleaved rounds per share; each variant's median round counts
-    min_repeat_ms: int = 50  # a variant's slot in a round runs the model at least this long (at least once)
+    rounds: int = 10  # interleaved rounds per share; each variant's median round counts
+    min_repeat_ms: int = 100  # a variant's slot in a round runs the model at least this long (at least once)
     warmup_ms: int = 100  # untimed runs of each variant when it is loaded
     timeout: float = 900.0  # per call into the worker: a variant's load, one round's slot, the profile
     seed: int = 0  # the random inputs
@@ -236,8 +236,12 @@ class _ModelRun:
         init = dict(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"), env=env)
         with Worker(**init, name=f"model-{share.units}core") as w, Worker(**init, name=f"ort-{share.units}core") as o:
             res = _interleave({"tvm": w, "ort": o}, opt, loads, self.say)
-            prof = _call(w, opt, f"{_W}:profile_onnxruntime", model.path, self.feeds, opt.settings(),
-                         os.path.join(self.tmp, f"ort-{share.units}")) if opt.profile else None
+            if opt.profile:  # where no TVM pool thread is left spinning
+                _settle()
+                prof = _call(o, opt, f"{_W}:profile_onnxruntime", model.path, self.feeds, opt.settings(),
+                             os.path.join(self.tmp, f"ort-{share.units}"))
+            else:
+                prof = None
         return res, prof
 
     def _attach_profile(self, share, plan: dict, st: ModelRun, prof: dict | None) -> None:
