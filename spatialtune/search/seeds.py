@@ -20,47 +20,17 @@ the evolution takes the fast ones as parents.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from ..workloads.prim import blocks
 from ..workloads.schedule import mod_hash
 from .rules import PANEL_WIDTH
 from .space import Candidate
+from .vector import VectorUnit, vector_unit
 
 SPATIAL_LEVELS = 4  # SSRSRS: a spatial loop is split in four, a reduction loop in two
 REDUCTION_LEVELS = 2
 INNER_REDUCTION = (16, 64)  # the inner reduction tile: the longest divisor in this range
-
-
-@dataclass(frozen=True)
-class VectorUnit:
-    bits: int  # vector register width
-    registers: int  # vector registers
-
-    def lanes(self, dtype_bits: int) -> int:
-        return max(1, self.bits // dtype_bits)
-
-
-def vector_unit(target) -> VectorUnit | None:
-    """The vector unit of an LLVM target (None for other targets)."""
-    import tvm
-    from tvm.target import codegen
-
-    t = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    if t.kind.name != "llvm":
-        return None
-    try:
-        if codegen.llvm_cpu_has_features("avx512f", t):
-            return VectorUnit(512, 32)
-        if codegen.llvm_cpu_has_features("avx", t):
-            return VectorUnit(256, 16)
-        if codegen.llvm_cpu_has_features("neon", t):
-            return VectorUnit(128, 32)
-    except Exception:  # an LLVM without that query: assume SSE
-        pass
-    return VectorUnit(128, 16)
 
 
 def register_tiles(unit: VectorUnit, dtype_bits: int, cols: int, rows: int) -> list[tuple[int, int]]:

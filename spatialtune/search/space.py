@@ -133,7 +133,7 @@ def space_generator(mod, target, pack_panels: bool = True):
     if target.kind.name != "llvm":
         return "post-order-apply"
     from .rules import PackPanels, TransposeTiles
-    from .seeds import vector_unit
+    from .vector import vector_unit
 
     # The target's rules as MetaSchedule picks them (x86 ones with AVX-512 or VNNI, else llvm's)
     own = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply", task_name="rules")
