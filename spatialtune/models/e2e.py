@@ -16,9 +16,10 @@ worker and ONNX Runtime, as users run it (pool threads spinning while it runs), 
 holding the same cores; then all are timed in ``rounds`` interleaved rounds (A B C D, A B C D, ...,
 see :mod:`.in_worker`), a pause of :data:`SETTLE_S` before a slot that follows the other worker's,
 so that neither's idle threads still spin on the cores the other is being timed on. A variant's
-latency is the median of its rounds, ``times`` keeps each round's. Variants that are the same kernels (every task's chosen record the same: share-tuned and
-whole-tuned at 100 %, or at a share where every pick is the 100 % one; share-tuned and untuned where
-no task has a config) are compiled and timed once; the other's row repeats the numbers and says
+latency is the median of its rounds, ``times`` keeps each round's. Variants that are the same
+kernels (every task's chosen record the same: share-tuned and whole-tuned at 100 %, or at a share
+where every pick is the 100 % one; share-tuned and untuned where no task has a config) are
+compiled and timed once; the other's row repeats the numbers and says
 ``same_as`` in its ``detail``. With ``profile``, ONNX Runtime's profiler then runs under the share
 and :mod:`.profile` breaks the share-tuned latency down per task next to it (``detail["profile"]``).
 
