@@ -45,13 +45,18 @@ def test_a_packed_kernel_replays_builds_and_matches_numpy(tmp_path):
     assert cands, "no packed kernel in 12 uniform samples of a space that is half packed"
     again = [candidate_from_trace(DENSE, c.trace, "best", expect_hash=c.mod_hash) for c in cands[:3]]
     assert all(a is not None for a in again)
+    res = _build_and_run(DENSE, cands[:3], tmp_path)
+    assert all(x.status == "ok" and x.rel_err < 1e-5 for x in res), [(x.status, x.error) for x in res]
+
+
+def _build_and_run(w: Workload, cands, tmp_path):
+    """``cands`` built (each must build) and run at 100 %: the runner's results, output checked."""
     with LocalBuilder(tmp_path, workers=2) as b:
-        built = b.build([BuildInput(c.mod_json, c.mod_hash) for c in cands[:3]], TARGET)
+        built = b.build([BuildInput(c.mod_json, c.mod_hash) for c in cands], TARGET)
     assert all(x.ok for x in built), [x.error for x in built]
     part = CpuPartition()
     with LocalRunner(part, settings=RunSettings(repeat=2, min_repeat_ms=1, timeout=60)) as r:
-        res = r.run(part.grant(100), "none", [RunInput(DENSE.to_dict(), x.artifact) for x in built])
-    assert all(x.status == "ok" and x.rel_err < 1e-5 for x in res), [(x.status, x.error) for x in res]
+        return r.run(part.grant(100), "none", [RunInput(w.to_dict(), x.artifact) for x in built])
 
 
 def _transform(name: str, src: tuple[int, ...], dst: tuple[int, ...], read: str, write: str) -> Workload:
@@ -120,10 +125,5 @@ def test_transposed_tile_kernels_replay_build_and_match_numpy(w, tmp_path):
     cands = [c for c in UniformSampler(w, TARGET, seed=1).sample(16) if "Unroll" in c.trace]
     assert cands, "no transposed-tile kernel in 16 uniform samples of a space that is two thirds of them"
     assert all(candidate_from_trace(w, c.trace, "best", expect_hash=c.mod_hash) for c in cands[:3])
-    with LocalBuilder(tmp_path, workers=2) as b:
-        built = b.build([BuildInput(c.mod_json, c.mod_hash) for c in cands[:3]], TARGET)
-    assert all(x.ok for x in built), [x.error for x in built]
-    part = CpuPartition()
-    with LocalRunner(part, settings=RunSettings(repeat=2, min_repeat_ms=1, timeout=60)) as r:
-        res = r.run(part.grant(100), "none", [RunInput(w.to_dict(), x.artifact) for x in built])
+    res = _build_and_run(w, cands[:3], tmp_path)
     assert all(x.status == "ok" and x.rel_err == 0 for x in res), [(x.status, x.error, x.rel_err) for x in res]
