@@ -1,6 +1,7 @@
 """End-to-end latency per share on this machine: a BERT-base encoder layer and a ResNet-style stage
 (both built here with onnx.helper, random weights, nothing downloaded) have their tasks extracted,
-tuned at every share with the gradient task scheduler, then compiled whole three ways (the
+tuned at every share with the gradient task scheduler (towards ONNX Runtime's time for each task,
+profiled first: --no-floors turns that off), then compiled whole three ways (the
 kernels tuned for the share, those tuned for 100 %, untuned) and timed under each share next to
 ONNX Runtime on the same cores. Prints, per model and share, the four latencies, the trials spent
 and the task that costs most. Tuning resumes from the database (--db), so a second run with more
@@ -37,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper, save  # noqa: E402
 from spatialtune.device import describe_machine  # noqa: E402
 from spatialtune.measure.runner import RunSettings  # noqa: E402
 from spatialtune.models.e2e import ModelOptions, measure_model  # noqa: E402
+from spatialtune.models.floors import profile_floors  # noqa: E402
 from spatialtune.models.importer import space_from_onnx  # noqa: E402
 from spatialtune.models.layout import parse_layout  # noqa: E402
 from spatialtune.store.model_runs import ModelRun  # noqa: E402
@@ -209,6 +211,9 @@ def main() -> int:
     ap.add_argument("--no-scratch", dest="scratch", action="store_false",
                     help="do not tune each share after the first again from an empty database (the trials to "
                          "95 %% of the model's kernel time without transfer)")
+    ap.add_argument("--no-floors", dest="floors", action="store_false",
+                    help="do not profile ONNX Runtime per share before tuning (the tasks' floors: a task as fast as "
+                         "ORT's nodes for it leaves its trials to the tasks behind theirs)")
     ap.add_argument("--rerank-cold", type=int, default=0, metavar="K",
                     help="share-tuned: each task's fastest of its K fastest kernels out of cache (model --rerank-cold)")
     ap.add_argument("--table-only", action="store_true",
@@ -254,20 +259,24 @@ def main() -> int:
                            **(dict(batch=1, population=16, genetic_iters=1,
                                    run=RunSettings(repeat=2, min_repeat_ms=5, warmup_ms=5)) if a.quick else {}))
         shares, new = {}, 0
+        mopts = dataclasses.replace(ModelOptions(rounds=2, min_repeat_ms=5, warmup_ms=5) if a.quick else ModelOptions(),
+                                    layout=layout, rerank_cold=a.rerank_cold)
         with TuningDatabase(db_path) as db:
+            if a.floors:  # ONNX Runtime's time per task at each share, what the scheduler tunes towards
+                profile_floors(onnx_path, ratios, db, shapes=shapes, options=mopts, progress=print)
             for i, r in enumerate(ratios):  # one share at a time, each with what the earlier ones found
                 t0 = time.perf_counter()
                 new += sum(x.new_trials for x in tune(tasks, [r], db, opts).results)
                 shares[f"{r:g}"] = {"tune_s": time.perf_counter() - t0, **reach(db, tasks, r)}
                 if i and a.scratch:  # the same share tuned again, knowing nothing of the others
                     with TuningDatabase(out / f"{name}-scratch-{r:g}.sqlite") as fresh:
+                        if a.floors:
+                            profile_floors(onnx_path, [r], fresh, shapes=shapes, options=mopts)
                         t0 = time.perf_counter()
                         tune(tasks, [r], fresh, opts)
                         shares[f"{r:g}"]["scratch"] = {"tune_s": time.perf_counter() - t0,
                                                        **reach(fresh, tasks, r, shares[f"{r:g}"]["final_s"])}
-            mopts = ModelOptions(rounds=2, min_repeat_ms=5, warmup_ms=5) if a.quick else ModelOptions()
-            res = measure_model(onnx_path, ratios, db, shapes=shapes,
-                                options=dataclasses.replace(mopts, layout=layout, rerank_cold=a.rerank_cold))
+            res = measure_model(onnx_path, ratios, db, shapes=shapes, options=mopts)
         tune_s = sum(v["tune_s"] for v in shares.values())
         head = f"{name}: {len(tasks)} tasks, {trials} trials per share"
         print(f"\n{head} ({new} measured now, tuning {tune_s:.0f} s)")

@@ -217,6 +217,49 @@ def test_a_task_at_its_onnx_runtime_floor_takes_no_trials_while_another_is_behin
     assert tasks[pick_task(tasks, 4)].name == "conv"
 
 
+def test_with_floors_the_trials_follow_the_time_each_task_is_behind_them():
+    """A light task far behind ONNX Runtime is due more than a heavy one nearly level with it; a
+    task ORT has no node for is taken to be as far behind, for its time, as the others together."""
+    big = TaskState("conv", 1, 8, 2.0e-3, floor_s=1.9e-3)  # costs 2 ms, 0.1 ms behind
+    small = TaskState("mean", 1, 8, 0.13e-3, floor_s=0.03e-3)  # costs 0.13 ms, 0.1 ms behind
+    assert due_fractions([big, small]) == pytest.approx([0.5, 0.5])
+    assert due_fractions([TaskState("conv", 1, 8, 2.0e-3), TaskState("mean", 1, 8, 0.13e-3)]) == \
+        pytest.approx([2.0 / 2.13, 0.13 / 2.13])  # no floors: weight x time, as before
+    spare = TaskState("layout", 2, 8, 0.5e-3)  # no floor; the floored tasks are 0.2 of 2.13 ms behind
+    fr = due_fractions([big, small, spare])
+    assert fr[2] / fr[0] == pytest.approx(2 * 0.5e-3 * (0.2e-3 / 2.13e-3) / 0.1e-3)
+    failing = TaskState("failing", 1, 8, None, floor_s=1e-3)  # weighed as the costliest gap
+    assert due_fractions([big, small, failing]) == pytest.approx([1 / 3] * 3)
+
+
+def test_floors_profiled_before_tuning_are_read_by_the_scheduler(tmp_path):
+    """ONNX Runtime profiled alone at two shares (no tuned kernel needed): each task gets ORT's
+    time for its nodes per call as its floor at each share, which vendor_floors hands the
+    scheduler, and the CLI does the same in one line."""
+    from spatialtune.device import detect_cpu
+    from spatialtune.models.e2e import ModelOptions
+    from spatialtune.models.floors import profile_floors
+    from spatialtune.models.importer import space_from_onnx
+    from spatialtune.store.model_runs import vendor_floors
+
+    path = dense_block(tmp_path / "mlp.onnx")
+    _, tasks = space_from_onnx([path], {"x": [4, 16]})
+    opts = ModelOptions(rounds=2, min_repeat_ms=5, warmup_ms=5)
+    with TuningDatabase(tmp_path / "f.sqlite") as db:
+        got = profile_floors(path, [100, 50], db, shapes={"x": [4, 16]}, options=opts)
+        assert sorted(got) == [50.0, 100.0]
+        dev = detect_cpu().id
+        for r in (100.0, 50.0):
+            floors = vendor_floors(db, dev, "cpu", r)
+            assert floors == got[r]
+            assert set(floors) == {w.key for w in tasks}  # each fused MatMul+Add(+Relu) has its ORT nodes
+            assert all(0 < s < 0.01 for s in floors.values())
+    out = run_cli("model", path, "--shape", "x=4,16", "--ratios", "100", "--floors", "--rounds", "1",
+                  "--min-repeat-ms", "5", "--db", tmp_path / "c.sqlite")
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"floors for 2 of 2 tasks", out.stdout + out.stderr)
+
+
 def test_a_task_without_a_working_kernel_still_gets_trials():
     tasks = [TaskState("ok", 1, 8, 1e-3), TaskState("failing", 1, 8, None)]
     assert due_fractions(tasks) == [0.5, 0.5]

@@ -26,6 +26,10 @@ def add_model(sub) -> None:
     p.add_argument("--profile", action="store_true",
                    help="per share, each task's weight x kernel time next to ONNX Runtime's profile of the same "
                         "operators, and the time outside the tuned kernels")
+    p.add_argument("--floors", action="store_true",
+                   help="only profile ONNX Runtime under each share and store its time for each task's operators "
+                        "as the task's floor, which tuning then works towards (no tuned kernel needed; compiles "
+                        "and times nothing else)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     p.add_argument("--mcpu", default=None, help="the LLVM CPU the tuning records were measured for")
     p.add_argument("--exact-math", action="store_true",
@@ -54,6 +58,15 @@ def _cmd_model(a) -> int:
     opts = ModelOptions(rounds=a.rounds, min_repeat_ms=a.min_repeat_ms, timeout=a.timeout, seed=a.seed, mcpu=a.mcpu,
                         profile=a.profile, fast_math=not a.exact_math, layout=a.layout, rerank_cold=a.rerank_cold)
     shapes = parse_shapes(a.shape)
+    if a.floors:
+        from ..models.floors import profile_floors
+
+        with open_db(a.db, create=True) as db:
+            got = profile_floors(a.model, ratios, db, shapes=shapes, options=opts,
+                                 progress=lambda s: print(s, file=sys.stderr))
+        if a.json:
+            print(json.dumps({f"{r:g}": v for r, v in got.items()}, indent=1))
+        return 0
     with open_db(a.db, create=True) as db:
         res = measure_model(a.model, ratios, db, shapes=shapes, options=opts,
                             progress=None if a.json else (lambda s: print(s, file=sys.stderr)))

@@ -105,10 +105,15 @@ def model_runs(db, *, model: str | None = None, latest: bool = False) -> list[Mo
 
 def vendor_floors(db, device_id: str, partition: str, ratio: float) -> dict[str, float]:
     """Per task (workload key), the time ONNX Runtime took per call for the operators matched to
-    it at this share, from the newest profiled run of each model (``spatialtune model
-    --profile``); the lowest where several models run the task. What the gradient scheduler
-    treats as a task's floor (:mod:`spatialtune.tuning.scheduler`)."""
+    it at this share: from the newest profiled run of each model (``spatialtune model
+    --profile``) and from ONNX Runtime profiled alone before tuning (``spatialtune model
+    --floors``, stored as the task's ``onnxruntime`` baseline); the lowest where several models
+    run the task. What the gradient scheduler treats as a task's floor
+    (:mod:`spatialtune.tuning.scheduler`)."""
     out: dict[str, float] = {}
+    for b in db.baselines(device_id=device_id, partition=partition, ratio=ratio, kind="onnxruntime"):
+        if b["median_s"] > 0:
+            out[b["workload_key"]] = min(b["median_s"], out.get(b["workload_key"], b["median_s"]))
     for m in model_runs(db, latest=True):
         prof = m.detail.get("profile") if m.variant == "share-tuned" else None
         if not prof or m.device_id != device_id or m.partition != partition or m.ratio != ratio:

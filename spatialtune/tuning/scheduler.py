@@ -6,10 +6,11 @@ the same way (it estimates each task's gain from its weight and its latency hist
 
 - every task gets a first batch before any task gets a second (a task nobody measured has no
   time to weigh);
-- then each task's *due* share of the trials spent is ``weight x best time / sum over tasks``,
-  recomputed after every batch from the times measured so far; the next batch goes to the task
-  furthest below its due share (trials spent on it minus its due share of everything spent, with
-  this batch counted), ties to the heavier task.
+- then each task's *due* share of the trials spent is ``weight x best time / sum over tasks``
+  (with floors, below: the time it is behind its floor), recomputed after every batch from the
+  times measured so far; the next batch goes to the task furthest below its due share (trials
+  spent on it minus its due share of everything spent, with this batch counted), ties to the
+  heavier task.
 
 So the trials follow where the time goes, and move as tuning brings a task's time down: a task
 at 60 % of the model's time gets about 60 % of the trials; one that tuning halved gets less from
@@ -20,7 +21,10 @@ A task may have a *floor*: the time the library the user would otherwise run (ON
 ``spatialtune model --profile``) takes for the same operators at this share, per call. A task
 whose best kernel has reached its floor takes no trials while some task has not reached its own:
 the model is only as fast as ONNX Runtime when every task is, and the trials a task at its floor
-would take are the ones the tasks behind theirs need.
+would take are the ones the tasks behind theirs need, and among those the trials follow the time
+each is behind (:func:`due_fractions`). Floors come from ONNX Runtime profiled alone under the
+share before tuning (:mod:`spatialtune.models.floors`, ``spatialtune model --floors``) or from a
+profiled end-to-end run.
 """
 
 from __future__ import annotations
@@ -48,12 +52,26 @@ class TaskState:
 
 
 def due_fractions(tasks: list[TaskState]) -> list[float]:
-    """Each task's share of the trials: its weight x best time over the sum. A task with no time
-    yet (all its candidates failed) is weighed as the costliest measured one: it still needs trials
-    to find a kernel that works."""
-    known = [t.cost for t in tasks if t.cost is not None]
+    """Each task's share of the trials: its part of what the model can still gain, over the sum.
+
+    Without floors (or with every task at its floor) that is its part of the model's time, weight
+    x best time. With floors it is the time the task is behind ONNX Runtime, weight x (best -
+    floor): the model beats ONNX Runtime when the sum of those is gone, and a task twice as slow
+    as ORT's nodes for it needs the trials more than a heavier task 2 % behind. A task without a
+    floor (matched to no ORT node) is taken to be as far behind, for its time, as the tasks with
+    one are together: weight x best x (their gap over their time). A task with no time yet (all
+    its candidates failed) is weighed as the costliest one: it still needs a kernel that works."""
+    floored = [t for t in tasks if t.cost is not None and t.floor_s is not None]
+    gap = sum(t.weight * max(t.best_s - t.floor_s, 0.0) for t in floored)
+    if gap > 0:
+        behind_frac = gap / sum(t.cost for t in floored)
+        vals = [None if t.cost is None else t.weight * max(t.best_s - t.floor_s, 0.0) if t.floor_s is not None
+                else t.cost * behind_frac for t in tasks]
+    else:
+        vals = [t.cost for t in tasks]
+    known = [v for v in vals if v is not None]
     fallback = max(known) if known else 1.0
-    costs = [t.cost if t.cost is not None else t.weight * fallback for t in tasks]
+    costs = [v if v is not None else t.weight * fallback for v, t in zip(vals, tasks)]
     total = sum(costs)
     return [c / total if total > 0 else 1.0 / len(tasks) for c in costs]
 
