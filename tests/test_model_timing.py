@@ -125,6 +125,9 @@ def test_nodes_are_matched_in_order_one_heavy_operator_per_call():
                        ["fused_matmul_add_relu", "fused_matmul1_add1"]) == [0, 0, 0, 1, 1, None]
     # never back: a matmul after the last matmul call is outside, not a second one in it
     assert match_nodes(["MatMul", "MatMul"], ["fused_matmul_add"]) == [0, None]
+    # ORT's SiLU (its QuickGelu fusion of x * sigmoid(x)) belongs to the convolution it follows
+    assert match_nodes(["Conv", "QuickGelu", "GlobalAveragePool", "Mul"],
+                       ["fused_conv2d_NCHWc_add_tir_sigmoid_multiply", "mean", "multiply2"]) == [0, 0, 1, 2]
     assert match_nodes(["Add"], []) == [None]
 
 

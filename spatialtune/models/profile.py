@@ -38,6 +38,10 @@ ORT_OPS: dict[str, tuple[str, ...]] = {
     "Relu": ("relu",), "Sigmoid": ("sigmoid",), "Tanh": ("tanh",), "Erf": ("erf",), "Exp": ("exp",),
     "Sqrt": ("sqrt", "rsqrt"), "Pow": ("power",), "Softmax": ("softmax",), "Clip": ("clip",),
     "Gelu": ("erf", "gelu"), "BiasGelu": ("erf", "gelu"), "FastGelu": ("tanh", "gelu"),
+    # ORT fuses x * sigmoid(a x) (SiLU / Swish, EfficientNet's activation) into its QuickGelu
+    "QuickGelu": ("sigmoid", "multiply"), "BiasAdd": ("add",), "BiasSoftmax": ("softmax",),
+    "SimplifiedLayerNormalization": ("mean", "sqrt", "rsqrt", "power", "norm"),
+    "SkipSimplifiedLayerNormalization": ("mean", "sqrt", "rsqrt", "power", "norm"),
     "LayerNormalization": ("layer", "norm", "mean"), "SkipLayerNormalization": ("layer", "norm", "mean"),
     "ReduceMean": ("mean",), "ReduceSum": ("sum",), "ReduceMax": ("max",),
     "Transpose": ("transpose",), "Reshape": ("reshape",), "Flatten": ("reshape",), "Squeeze": ("squeeze", "reshape"),
