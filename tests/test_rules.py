@@ -1,5 +1,5 @@
-"""spatialtune's own schedule rules on a CPU target, for real: the packed-panel design space, and the
-transposed-tile spaces of a layout transform."""
+"""spatialtune's own schedule rules on a CPU target, for real: the packed-panel design space, the
+transposed-tile spaces of a layout transform and the broadcast-vector space of an element-wise block."""
 import pytest
 
 from spatialtune.device import detect_cpu, target_for
@@ -127,3 +127,67 @@ def test_transposed_tile_kernels_replay_build_and_match_numpy(w, tmp_path):
     assert all(candidate_from_trace(w, c.trace, "best", expect_hash=c.mod_hash) for c in cands[:3])
     res = _build_and_run(w, cands[:3], tmp_path)
     assert all(x.status == "ok" and x.rel_err == 0 for x in res), [(x.status, x.error, x.rel_err) for x in res]
+
+
+def _binary(name: str, shape: tuple[int, ...], other: tuple[int, ...], index: str) -> Workload:
+    """``y = x * s`` over ``shape``, ``s`` of shape ``other`` indexed by ``index`` (in ``v0``, ...)."""
+    from spatialtune.workloads.prim import prim_task
+
+    dims = lambda s: ", ".join(f"T.int64({d})" for d in s)  # noqa: E731
+    v = ", ".join(f"v{i}" for i in range(len(shape)))
+    i = ", ".join(f"i{i}" for i in range(len(shape)))
+    script = f"""
+# from tvm.script import ir as I
+# from tvm.script import tirx as T
+
+@I.ir_module
+class Module:
+    @T.prim_func(s_tir=True)
+    def main(x: T.Buffer(({dims(shape)}), "float32"), s: T.Buffer(({dims(other)}), "float32"),
+             y: T.Buffer(({dims(shape)}), "float32")):
+        T.func_attr({{"op_pattern": 0, "tirx.noalias": True}})
+        for {i} in T.grid({dims(shape)}):
+            with T.sblock("T_multiply"):
+                {v} = T.axis.remap("{"S" * len(shape)}", [{i}])
+                T.reads(x[{v}], s[{index}])
+                T.writes(y[{v}])
+                y[{v}] = x[{v}] * s[{index}]
+"""
+    return Workload.from_prim(prim_task(script, name), name=name)
+
+
+# a squeeze-and-excitation's scale in NCHW8c: every pixel of a channel block times its 8 scales
+SE_SCALE = _binary("se_scale", (1, 2, 6, 12, 8), (1, 2, 1, 1, 8), "v0, v1, T.int64(0), T.int64(0), v4")
+
+
+def _broadcast(space):
+    return [s for s in space.spaces if "sch.vectorize(" in str(s.trace) and "sch.unroll(" in str(s.trace)]
+
+
+def test_a_broadcast_over_a_short_inner_axis_gets_a_space_that_vectorises_that_axis_alone():
+    import tvm
+
+    from spatialtune.search.rules import broadcast_inner
+
+    space = DesignSpace(SE_SCALE, TARGET)
+    assert len(space.spaces) == 2 and len(_broadcast(space)) == 1
+    sch = tvm.s_tir.Schedule(SE_SCALE.ir_module())
+    (block,) = sch.get_child_blocks(sch.get_sblock("root"))
+    assert broadcast_inner(sch, block)
+
+
+@pytest.mark.parametrize("w", [
+    _binary("same_shape", (1, 2, 6, 12, 8), (1, 2, 6, 12, 8), "v0, v1, v2, v3, v4"),  # nothing broadcast
+    _binary("long_inner", (2, 6, 128), (1, 1, 128), "T.int64(0), T.int64(0), v2"),  # a row of 128: one vector loop
+    _binary("per_pixel", (1, 2, 6, 12, 8), (1, 1, 6, 12, 1), "T.int64(0), T.int64(0), v2, v3, T.int64(0)"),
+], ids=["same-shape", "long-inner-axis", "not-by-the-inner-axis"])
+def test_element_wise_blocks_without_a_short_broadcast_inner_axis_get_no_extra_space(w):
+    assert not _broadcast(DesignSpace(w, TARGET))
+
+
+def test_broadcast_vector_kernels_replay_build_and_match_numpy(tmp_path):
+    cands = [c for c in UniformSampler(SE_SCALE, TARGET, seed=1).sample(16) if "Unroll" in c.trace]
+    assert cands, "no broadcast-vector kernel in 16 uniform samples of a space that is half of them"
+    assert all(candidate_from_trace(SE_SCALE, c.trace, "best", expect_hash=c.mod_hash) for c in cands[:3])
+    res = _build_and_run(SE_SCALE, cands[:3], tmp_path)  # float32 products against the float64 reference
+    assert all(x.status == "ok" and x.rel_err < 1e-6 for x in res), [(x.status, x.error, x.rel_err) for x in res]
