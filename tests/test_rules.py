@@ -191,3 +191,81 @@ def test_broadcast_vector_kernels_replay_build_and_match_numpy(tmp_path):
     assert all(candidate_from_trace(SE_SCALE, c.trace, "best", expect_hash=c.mod_hash) for c in cands[:3])
     res = _build_and_run(SE_SCALE, cands[:3], tmp_path)  # float32 products against the float64 reference
     assert all(x.status == "ok" and x.rel_err < 1e-6 for x in res), [(x.status, x.error, x.rel_err) for x in res]
+
+
+def _mean(name: str, shape: tuple[int, ...], axes: tuple[int, ...]) -> Workload:
+    """The mean of ``x`` over ``axes`` (kept as 1s), as Relax legalizes one: a sum block, then a divide."""
+    from spatialtune.workloads.prim import prim_task
+
+    dims = lambda s: ", ".join(f"T.int64({d})" for d in s)  # noqa: E731
+    out = tuple(1 if i in axes else d for i, d in enumerate(shape))
+    n = len(shape)
+    sp = [f"v{i}" for i in range(n)]
+    rd = [f"r{i}" for i in axes]
+    read = ", ".join(f"r{i}" if i in axes else f"v{i}" for i in range(n))
+    loops = ", ".join([f"i{i}" for i in range(n)] + [f"k{i}" for i in axes])
+    extents = dims(out) + ", " + dims([shape[i] for i in axes])
+    count = 1
+    for i in axes:
+        count *= shape[i]
+    script = f"""
+# from tvm.script import ir as I
+# from tvm.script import tirx as T
+
+@I.ir_module
+class Module:
+    @T.prim_func(s_tir=True)
+    def main(x: T.Buffer(({dims(shape)}), "float32"), y: T.Buffer(({dims(out)}), "float32")):
+        T.func_attr({{"op_pattern": 4, "tirx.noalias": True}})
+        red = T.sblock_alloc_buffer(({dims(out)}))
+        for {loops} in T.grid({extents}):
+            with T.sblock("red"):
+                {", ".join(sp + rd)} = T.axis.remap("{"S" * n + "R" * len(axes)}", [{loops}])
+                T.reads(x[{read}])
+                T.writes(red[{", ".join(sp)}])
+                with T.init():
+                    red[{", ".join(sp)}] = T.float32(0.0)
+                red[{", ".join(sp)}] = red[{", ".join(sp)}] + x[{read}]
+        for {", ".join(f"i{i}" for i in range(n))} in T.grid({dims(out)}):
+            with T.sblock("divide"):
+                {", ".join(sp)} = T.axis.remap("{"S" * n}", [{", ".join(f"i{i}" for i in range(n))}])
+                T.reads(red[{", ".join(sp)}])
+                T.writes(y[{", ".join(sp)}])
+                y[{", ".join(sp)}] = red[{", ".join(sp)}] / T.float32({float(count)})
+"""
+    return Workload.from_prim(prim_task(script, name), name=name)
+
+
+# a squeeze-and-excitation's pooling in NCHW8c: the mean of each channel block's pixels
+SE_POOL = _mean("se_pool", (1, 2, 6, 12, 8), (2, 3))
+
+
+def _rfactor_vectors(space):
+    return [s for s in space.spaces if "set_scope" in str(s.trace) and "sch.unroll(" in str(s.trace)]
+
+
+def test_a_pooling_that_keeps_a_short_inner_axis_gets_a_space_of_vector_partial_sums():
+    import tvm
+
+    from spatialtune.search.rules import kept_inner_reduction
+
+    assert len(_rfactor_vectors(DesignSpace(SE_POOL, TARGET))) == 1
+    sch = tvm.s_tir.Schedule(SE_POOL.ir_module())
+    assert kept_inner_reduction(sch, sch.get_sblock("red")) == 5  # five kept axes, the last one innermost
+
+
+@pytest.mark.parametrize("w", [
+    _mean("row_mean", (4, 6, 64), (2,)),  # the reduced axis is the innermost one
+    _mean("long_inner", (2, 6, 128), (1,)),  # a kept row of 128: MetaSchedule's spaces vectorise it
+    DENSE,  # two operands
+], ids=["inner-axis-reduced", "long-inner-axis", "dense"])
+def test_other_reductions_get_no_partial_sum_vector_space(w):
+    assert not _rfactor_vectors(DesignSpace(w, TARGET))
+
+
+def test_partial_sum_vector_kernels_replay_build_and_match_numpy(tmp_path):
+    cands = [c for c in UniformSampler(SE_POOL, TARGET, seed=1).sample(24) if "SetScope" in c.trace]
+    assert cands, "no partial-sum vector kernel in 24 uniform samples of a space that is a quarter of them"
+    assert all(candidate_from_trace(SE_POOL, c.trace, "best", expect_hash=c.mod_hash) for c in cands[:3])
+    res = _build_and_run(SE_POOL, cands[:3], tmp_path)  # float32 sums against the float64 reference
+    assert all(x.status == "ok" and x.rel_err < 1e-5 for x in res), [(x.status, x.error, x.rel_err) for x in res]

@@ -125,21 +125,24 @@ def space_generator(mod, target, pack_panels: bool = True):
     :mod:`~spatialtune.search.tensorcore` (both kinds of MMA kernel, which MetaSchedule's own
     rule list does not offer); on a CPU target, after the target's rules,
     :class:`~spatialtune.search.rules.PackPanels` (``pack_panels``),
-    :class:`~spatialtune.search.rules.TransposeTiles` and
-    :class:`~spatialtune.search.rules.BroadcastVectors`."""
+    :class:`~spatialtune.search.rules.TransposeTiles`,
+    :class:`~spatialtune.search.rules.BroadcastVectors` and
+    :class:`~spatialtune.search.rules.RFactorVectors`."""
     from tvm.s_tir import meta_schedule as ms
 
     if uses_tensor_cores(mod, target):
         return tensor_core_generator(mod, target)
     if target.kind.name != "llvm":
         return "post-order-apply"
-    from .rules import BroadcastVectors, PackPanels, TransposeTiles
+    from .rules import BroadcastVectors, PackPanels, RFactorVectors, TransposeTiles
     from .vector import vector_unit
 
     # The target's rules as MetaSchedule picks them (x86 ones with AVX-512 or VNNI, else llvm's)
     own = ms.TuneContext(mod=mod, target=target, space_generator="post-order-apply", task_name="rules")
     ours = [PackPanels()] if pack_panels else []
-    return ms.space_generator.PostOrderApply(sch_rules=[*own.space_generator.sch_rules, *ours,
+    # RFactorVectors first: it needs a block's loops as they come (MetaSchedule's compute-location
+    # rule moves them), and marks what it scheduled for the rules after it to leave alone
+    return ms.space_generator.PostOrderApply(sch_rules=[RFactorVectors(), *own.space_generator.sch_rules, *ours,
                                                         TransposeTiles(vector_unit(target).lanes(32)),
                                                         BroadcastVectors()])
 
