@@ -21,18 +21,17 @@ or writes one element per cache line; in a model blocked by 16 channels its two 
 :class:`BroadcastVectors` (CPU targets): for an element-wise block whose innermost axis is short
 (a blocked layout's 8 or 16 channels) and that reads an operand broadcast along other axes but
 indexed by the innermost one (a squeeze-and-excitation's per-channel scale, a bias), one more
-design space vectorises the innermost axis alone and unrolls a sampled tile of the axis around
+design space vectorises the innermost axis alone and unrolls a sampled tile of the next axis around
 it. MetaSchedule's own space fuses every loop and vectorises 64 elements of the fused loop, so the
 broadcast operand is indexed modulo the channel block inside the vector, which LLVM turns into a
-gather; an SE block's scale multiply ran at half ONNX Runtime's speed that way.
+gather (docs/search.md has the measurements).
 
 :class:`RFactorVectors` (CPU targets): for a sum (or max, ...) over outer axes that keeps a short
 innermost axis (a global pooling in a blocked layout: ``[C/8, H, W, 8] -> [C/8, 8]``), one more
 design space that splits the reduction into a sampled number of partial sums (``rfactor``), each a
 vector of the kept axis held in registers, updated in turn (unrolled) so that the adds do not wait
 on each other, the outer kept axes parallel. MetaSchedule's own rfactor spaces hold such kernels
-among many slow ones (2 in 52 uniform samples of an SE block's pooling), and a cost model trained
-on convolutions did not find them in 30 trials (130 us against 20 us on one core).
+among many slow ones, and a cost model trained on a model's convolutions did not rank them up.
 """
 
 from __future__ import annotations
