@@ -260,6 +260,20 @@ def test_floors_profiled_before_tuning_are_read_by_the_scheduler(tmp_path):
     assert re.search(r"floors for 2 of 2 tasks", out.stdout + out.stderr)
 
 
+def test_a_small_budget_gives_short_first_rounds_and_finishes_a_round_cut_short():
+    from spatialtune.tuning.scheduler import first_round
+
+    assert first_round(11, 128, 16) == 4 and first_round(2, 256, 16) == 16 and first_round(3, 8, 2) == 2
+    conv = TaskState("conv", 1, 2, 2e-3)  # its first step measured two transfers only
+    tiny = TaskState("layout", 1, 0, None)
+    assert pick_task([conv, tiny], 16, first=4) == 1  # a task never measured comes first
+    tiny.spent, tiny.best_s = 4, 1e-6
+    assert pick_task([conv, tiny], 16, first=4) == 0  # then the rest of conv's first round
+    conv.spent = 4
+    big, small = TaskState("big", 1, 4, 1e-3), TaskState("small", 1, 2, 1e-5)
+    assert pick_task([big, small], 16, first=4) == 1  # cheap or not, a round cut short is finished
+
+
 def test_a_task_without_a_working_kernel_still_gets_trials():
     tasks = [TaskState("ok", 1, 8, 1e-3), TaskState("failing", 1, 8, None)]
     assert due_fractions(tasks) == [0.5, 0.5]

@@ -56,7 +56,7 @@ from .matrix import check_imported, fill_matrix, measure_samples
 from .models import ShareModels
 from .options import TuneOptions
 from .results import ShareResult, TuneSummary
-from .scheduler import TaskState, pick_task
+from .scheduler import TaskState, first_round, pick_task
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,7 @@ class _Job:
         searches: dict[int, KeySearch] = {}
         floors = vendor_floors(self.db, self.device.id, self.partition.kind, share.key_ratio)
         states = [TaskState(w.name or w.key, w.weight, n, None, floor_s=floors.get(w.key)) for w, n in zip(ws, before)]
+        first = first_round(len(ws), self.opt.trials, self.opt.batch)
         try:
             while not self.out_of_time():
                 for st, k in zip(states, keys):  # other jobs may share the keys
@@ -234,13 +235,14 @@ class _Job:
                     best = self.db.best(**k)
                     st.best_s = best[0].median_s if best else None
                 left = self.opt.trials - sum(st.spent for st in states)
-                i = pick_task(states, min(self.opt.batch, left)) if left > 0 else None
+                i = pick_task(states, min(self.opt.batch, left), first) if left > 0 else None
                 if i is None:
                     break
                 if i not in searches:
                     searches[i] = KeySearch(self, ws[i], share, keys[i], self._siblings(ws, keys, i),
                                             position=position, budget_keys=keys)
-                if not searches[i].step(left):
+                want = min(left, first - states[i].spent) if states[i].spent < first else left
+                if not searches[i].step(want):
                     states[i].done = True
         finally:
             for s in searches.values():

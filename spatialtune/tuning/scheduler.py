@@ -4,8 +4,9 @@ A model's latency is the sum over its tasks of weight x kernel time, so a trial 
 where that product is largest. MetaSchedule's gradient task scheduler spends its global budget
 the same way (it estimates each task's gain from its weight and its latency history). Here:
 
-- every task gets a first batch before any task gets a second (a task nobody measured has no
-  time to weigh);
+- every task gets a first round before any task gets more (a task nobody measured has no time
+  to weigh): a batch, smaller when the budget is small for the number of tasks
+  (:func:`first_round`), its transfers counted;
 - then each task's *due* share of the trials spent is ``weight x best time / sum over tasks``
   (with floors, below: the time it is behind its floor), recomputed after every batch from the
   times measured so far; the next batch goes to the task furthest below its due share (trials
@@ -76,14 +77,26 @@ def due_fractions(tasks: list[TaskState]) -> list[float]:
     return [c / total if total > 0 else 1.0 / len(tasks) for c in costs]
 
 
-def pick_task(tasks: list[TaskState], batch: int) -> int | None:
-    """The index of the task to spend the next ``batch`` trials on; None when every task is done."""
+def first_round(n_tasks: int, budget: int, batch: int) -> int:
+    """Trials each task gets before any task gets more: a batch, but no more than a quarter of
+    what the budget gives each task (at least 4). With full batches a small budget over many
+    tasks went to the first round alone, tiny layout transforms included, and nothing was left
+    for the task furthest behind."""
+    return max(1, min(batch, max(4, budget // (4 * max(1, n_tasks)))))
+
+
+def pick_task(tasks: list[TaskState], batch: int, first: int | None = None) -> int | None:
+    """The index of the task to spend the next ``batch`` trials on; None when every task is done.
+    ``first``: the trials of a task's first round (default ``batch``); a task with fewer, its
+    transfers counted, is still in it."""
     open_ = [i for i, t in enumerate(tasks) if not t.done]
     if not open_:
         return None
-    fresh = [i for i in open_ if tasks[i].spent == 0]
-    if fresh:  # a first batch for everyone, heaviest first (by weight: there is no time yet)
+    first = batch if first is None else first
+    if fresh := [i for i in open_ if tasks[i].spent == 0]:  # heaviest first (there is no time yet)
         return max(fresh, key=lambda i: (tasks[i].weight, -i))
+    if short := [i for i in open_ if tasks[i].spent < first]:  # the rest of their first round, costliest first
+        return max(short, key=lambda i: (tasks[i].cost or float("inf"), -i))
     behind = [i for i in open_ if not tasks[i].at_floor]
     due = due_fractions(tasks)
     total = sum(t.spent for t in tasks) + batch
