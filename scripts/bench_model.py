@@ -41,7 +41,7 @@ from spatialtune.models.e2e import ModelOptions, measure_model  # noqa: E402
 from spatialtune.models.floors import profile_floors  # noqa: E402
 from spatialtune.models.importer import space_from_onnx  # noqa: E402
 from spatialtune.models.layout import parse_layout  # noqa: E402
-from spatialtune.store.model_runs import ModelRun  # noqa: E402
+from spatialtune.store.model_runs import FLOOR_KIND, ModelRun  # noqa: E402
 from spatialtune.store.database import TuningDatabase  # noqa: E402
 from spatialtune.tuning import TuneOptions, tune  # noqa: E402
 from spatialtune.workloads.spec import load_space  # noqa: E402
@@ -270,8 +270,8 @@ def main() -> int:
                 shares[f"{r:g}"] = {"tune_s": time.perf_counter() - t0, **reach(db, tasks, r)}
                 if i and a.scratch:  # the same share tuned again, knowing nothing of the others
                     with TuningDatabase(out / f"{name}-scratch-{r:g}.sqlite") as fresh:
-                        if a.floors:
-                            profile_floors(onnx_path, [r], fresh, shapes=shapes, options=mopts)
+                        for row in db.baselines(ratio=r, kind=FLOOR_KIND) if a.floors else ():
+                            fresh.add_baseline_row(row)  # the floors profiled above, not measured again
                         t0 = time.perf_counter()
                         tune(tasks, [r], fresh, opts)
                         shares[f"{r:g}"]["scratch"] = {"tune_s": time.perf_counter() - t0,

@@ -233,8 +233,7 @@ class _ModelRun:
         """The variants' interleaved rounds, the compiled ones in one worker holding the share and
         ONNX Runtime in another, then ONNX Runtime's profile (with ``--profile``)."""
         model, opt = self.result.model, self.opt
-        env = dict(os.environ) | self.partition.worker_env(share)
-        init = dict(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"), env=env)
+        init = share_worker(self.partition, share)
         with Worker(**init, name=f"model-{share.units}core") as w, Worker(**init, name=f"ort-{share.units}core") as o:
             res = _interleave({"tvm": w, "ort": o}, opt, loads, self.say)
             if opt.profile:  # where no TVM pool thread is left spinning
@@ -315,6 +314,13 @@ def _interleave(workers: dict[str, Worker], opt: ModelOptions, loads: list[tuple
         if r["status"] == "ok":
             r["median_s"] = float(np.median(r["times"]))
     return out
+
+
+def share_worker(partition, share) -> dict:
+    """The arguments of a :class:`~spatialtune.measure.worker.Worker` that holds ``share`` of the
+    CPU ``partition`` (its environment and the measuring worker's set-up)."""
+    return dict(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"),
+                env=dict(os.environ) | partition.worker_env(share))
 
 
 def _settle() -> None:

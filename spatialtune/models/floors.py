@@ -25,14 +25,11 @@ from ..errors import ConfigError
 from ..measure.worker import Worker, WorkerError
 from ..partitions import create_partition
 from ..store.database import TuningDatabase
+from ..store.model_runs import FLOOR_KIND
 from ..terms import check_ratio, norm_ratio
-from .e2e import ModelOptions, random_feeds
+from .e2e import ModelOptions, random_feeds, share_worker
 from .importer import extract_workloads, load_onnx
 from .profile import breakdown, call_order
-
-FLOOR_KIND = "onnxruntime"
-"""The baseline kind floors are stored under (per task key, share and device)."""
-
 
 def profile_floors(path: str | Path, ratios: Sequence[float], db: TuningDatabase, *, shapes: dict | None = None,
                    options: ModelOptions | None = None,
@@ -56,9 +53,7 @@ def profile_floors(path: str | Path, ratios: Sequence[float], db: TuningDatabase
     with tempfile.TemporaryDirectory(prefix="spatialtune-floors-") as tmp, partition:
         for r in ratios:
             share = partition.grant(r)
-            env = dict(os.environ) | partition.worker_env(share)
-            with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"),
-                        env=env, name=f"ort-{share.units}core") as w:
+            with Worker(**share_worker(partition, share), name=f"ort-{share.units}core") as w:
                 try:
                     prof = w.call("spatialtune.models.in_worker:profile_onnxruntime", model.path, feeds,
                                   opt.settings(), os.path.join(tmp, f"ort-{share.units}"), timeout=opt.timeout)

@@ -96,13 +96,29 @@ class PackPanels(PyScheduleRule):
         return PackPanels()
 
 
+def axes_used(expr, axes) -> set[int]:
+    """The positions in ``axes`` (a block's axis variables) of those ``expr`` uses."""
+    from tvm.tirx.analysis import undefined_vars
+
+    return {i for v in undefined_vars(expr) for i, a in enumerate(axes) if v.same_as(a)}
+
+
+def drop_root_annotations(sch, *keys: str) -> None:
+    """Take MetaSchedule's requests ``keys`` (``meta_schedule.parallel``, ``...vectorize``) off the
+    root block, for a space that schedules those loops itself: the postprocessor would otherwise
+    fuse and vectorise every loop again."""
+    root = sch.get_sblock("root")
+    for key in keys:
+        if key in sch.get(root).annotations:
+            sch.unannotate(root, key)
+
+
 def transpose_loops(sch, block) -> tuple[int, int] | None:
     """(index of the loop that indexes the read's innermost dimension, index of the one that
     indexes the write's) among ``block``'s loops, for a block that stores one buffer's element
     into another buffer, every axis spatial, with each loop binding one block axis in order (as
     before any schedule) and those two loops different; else None."""
     from tvm import ir, tirx
-    from tvm.tirx.analysis import undefined_vars
 
     b = sch.get(block)
     loops = sch.get_loops(block)
@@ -121,7 +137,7 @@ def transpose_loops(sch, block) -> tuple[int, int] | None:
             return None
 
     def axis_of(index) -> int | None:
-        used = {i for v in undefined_vars(index) for i, a in enumerate(axes) if v.same_as(a)}
+        used = axes_used(index, axes)
         return used.pop() if len(used) == 1 else None
 
     r, w = axis_of(store.value.indices[-1]), axis_of(store.indices[-1])
@@ -167,7 +183,6 @@ def broadcast_inner(sch, block) -> bool:
     per axis in order) whose innermost axis, shorter than 64, indexes the last dimension of a read
     that some other axis of extent above one does not index (a broadcast operand)."""
     from tvm import tirx
-    from tvm.tirx.analysis import undefined_vars
 
     b = sch.get(block)
     loops = sch.get_loops(block)
@@ -182,9 +197,8 @@ def broadcast_inner(sch, block) -> bool:
     for r in b.reads:
         if r.source.same_as(b.writes[0].source) or not r.region:
             continue
-        used = {i for rg in r.region for v in undefined_vars(rg.min) for i, a in enumerate(axes) if v.same_as(a)}
-        last = {i for v in undefined_vars(r.region[-1].min) for i, a in enumerate(axes) if v.same_as(a)}
-        if last == {len(axes) - 1} and any(i not in used and extents[i] > 1 for i in range(len(axes) - 1)):
+        used = set().union(*(axes_used(rg.min, axes) for rg in r.region))
+        if axes_used(r.region[-1].min, axes) == {len(axes) - 1} and any(i not in used and extents[i] > 1 for i in range(len(axes) - 1)):
             return True
     return False
 
@@ -198,11 +212,7 @@ class BroadcastVectors(PyScheduleRule):
         if not broadcast_inner(sch, block):
             return [sch]
         t = sch.copy()
-        # MetaSchedule's own rule asked the postprocessor to fuse and vectorise every loop (an
-        # annotation of the root block); the parallel outer loops it may still fuse
-        root = next((b for b in [t.get_sblock("root")] if "meta_schedule.vectorize" in t.get(b).annotations), None)
-        if root is not None:
-            t.unannotate(root, "meta_schedule.vectorize")
+        drop_root_annotations(t, "meta_schedule.vectorize")  # the parallel outer loops it may still fuse
         loops = t.get_loops(block)
         # the nearest loop outside the innermost that has more than one iteration
         outer = next((lp for lp in reversed(loops[:-1]) if int(t.get(lp).extent) > 1), None)
@@ -222,7 +232,6 @@ def kept_inner_reduction(sch, block) -> int | None:
     (loops as the block's axes, in order, spatial ones first; no producer block, at least two
     outer kept iterations); else None."""
     from tvm import tirx
-    from tvm.tirx.analysis import undefined_vars
 
     b = sch.get(block)
     loops = sch.get_loops(block)
@@ -239,13 +248,10 @@ def kept_inner_reduction(sch, block) -> int | None:
     if not 1 < extents[n_sp - 1] < 64 or len(reads) != 1 or not reads[0].region or math.prod(extents[: n_sp - 1]) < 2:
         return None
 
-    def uses(expr) -> set:
-        return {i for v in undefined_vars(expr) for i, a in enumerate(axes) if v.same_as(a)}
-
     region = reads[0].region
-    if uses(region[-1].min) != {n_sp - 1} or uses(b.writes[0].region[-1].min) != {n_sp - 1}:
+    if axes_used(region[-1].min, axes) != {n_sp - 1} or axes_used(b.writes[0].region[-1].min, axes) != {n_sp - 1}:
         return None
-    if not all(any(i in uses(rg.min) for rg in region[:-1]) for i in range(n_sp, len(axes))):
+    if not all(any(i in axes_used(rg.min, axes) for rg in region[:-1]) for i in range(n_sp, len(axes))):
         return None
     return n_sp
 
@@ -260,10 +266,7 @@ class RFactorVectors(PyScheduleRule):
         if n_sp is None:
             return [sch]
         t = sch.copy()
-        root = t.get_sblock("root")
-        for key in ("meta_schedule.parallel", "meta_schedule.vectorize"):  # this space sets both itself
-            if key in t.get(root).annotations:
-                t.unannotate(root, key)
+        drop_root_annotations(t, "meta_schedule.parallel", "meta_schedule.vectorize")
         loops = t.get_loops(block)
         red = loops[n_sp:]
         r = t.fuse(*red) if len(red) > 1 else red[0]

@@ -103,6 +103,10 @@ def model_runs(db, *, model: str | None = None, latest: bool = False) -> list[Mo
     return out
 
 
+FLOOR_KIND = "onnxruntime"
+"""The baseline kind ONNX Runtime's time per task is stored under (:mod:`spatialtune.models.floors`)."""
+
+
 def vendor_floors(db, device_id: str, partition: str, ratio: float) -> dict[str, float]:
     """Per task (workload key), the time ONNX Runtime took per call for the operators matched to
     it at this share: from the newest profiled run of each model (``spatialtune model
@@ -111,7 +115,7 @@ def vendor_floors(db, device_id: str, partition: str, ratio: float) -> dict[str,
     run the task. What the gradient scheduler treats as a task's floor
     (:mod:`spatialtune.tuning.scheduler`)."""
     out: dict[str, float] = {}
-    for b in db.baselines(device_id=device_id, partition=partition, ratio=ratio, kind="onnxruntime"):
+    for b in db.baselines(device_id=device_id, partition=partition, ratio=ratio, kind=FLOOR_KIND):
         if b["median_s"] > 0:
             out[b["workload_key"]] = min(b["median_s"], out.get(b["workload_key"], b["median_s"]))
     for m in model_runs(db, latest=True):

@@ -47,6 +47,11 @@ class TaskState:
         return self.best_s is not None and self.floor_s is not None and self.best_s <= self.floor_s
 
     @property
+    def gap(self) -> float | None:
+        """How much of the model's time it is behind its floor: weight x (best - floor), 0 at it."""
+        return None if self.cost is None or self.floor_s is None else self.weight * max(self.best_s - self.floor_s, 0.0)
+
+    @property
     def cost(self) -> float | None:
         """Its part of the model's time: weight x best kernel time."""
         return None if self.best_s is None else self.weight * self.best_s
@@ -62,12 +67,11 @@ def due_fractions(tasks: list[TaskState]) -> list[float]:
     floor (matched to no ORT node) is taken to be as far behind, for its time, as the tasks with
     one are together: weight x best x (their gap over their time). A task with no time yet (all
     its candidates failed) is weighed as the costliest one: it still needs a kernel that works."""
-    floored = [t for t in tasks if t.cost is not None and t.floor_s is not None]
-    gap = sum(t.weight * max(t.best_s - t.floor_s, 0.0) for t in floored)
+    floored = [t for t in tasks if t.gap is not None]
+    gap = sum(t.gap for t in floored)
     if gap > 0:
         behind_frac = gap / sum(t.cost for t in floored)
-        vals = [None if t.cost is None else t.weight * max(t.best_s - t.floor_s, 0.0) if t.floor_s is not None
-                else t.cost * behind_frac for t in tasks]
+        vals = [t.gap if t.gap is not None else None if t.cost is None else t.cost * behind_frac for t in tasks]
     else:
         vals = [t.cost for t in tasks]
     known = [v for v in vals if v is not None]
