@@ -113,8 +113,41 @@ def test_profile_maps_every_onnxruntime_node_and_the_times_add_up(tuned, tmp_pat
     assert set(conv) <= {"Conv", "FusedConv", "Add", "Relu"}, ops
     matmuls = [o for name, o in ops.items() if "matmul" in name]
     assert len(matmuls) == 2 and all(len(o) == 1 and o[0] in ("Gemm", "FusedGemm", "MatMul") for o in matmuls), ops
+    # inside the model: every task's kernels timed as the compiled model called them (the VM's
+    # instrument hook, a run of its own), adding up with the VM's own time to that run's total
+    # (the reshape task is no kernel in the compiled model: Relax turns it into a view of its input)
+    assert bd.in_model_total_s > 0 and all(t.in_model_s > 0 for t in bd.tasks if "reshape" not in t.name)
+    assert next(t for t in bd.tasks if "reshape" in t.name).in_model_s == 0
+    assert sum(t.in_model_s for t in bd.tasks) + bd.outside.in_model_s == pytest.approx(bd.in_model_total_s)
+    assert all(t.vs_ort == pytest.approx(t.in_model_s / t.ort_s) for t in bd.tasks if t.ort_s > 0)
     text = format_model(res)
-    assert "outside tuned kernels" in text and all(t.name in text for t in bd.tasks)
+    assert "outside tuned kernels" in text and "TVM in model" in text and all(t.name in text for t in bd.tasks)
+
+
+def test_the_profile_sets_kernels_inside_the_model_against_onnxruntime():
+    from spatialtune.cli.model import format_profile
+    from spatialtune.models.profile import breakdown
+
+    facts = {"a": {"name": "fused_conv2d_add", "weight": 2, "time_s": 1e-3},
+             "b": {"name": "fused_matmul", "weight": 1, "time_s": 3e-3}}
+    ort = {"nodes": [{"name": "c1", "op": "Conv", "time_s": 1.3e-3}, {"name": "c2", "op": "Conv", "time_s": 1.3e-3},
+                     {"name": "m", "op": "MatMul", "time_s": 2.5e-3}], "total_s": 7.0e-3}
+    inside = {"functions": {"fused_conv2d_add": {"calls": 2, "time_s": 3.0e-3},  # 1.5 ms a call in the model
+                            "fused_matmul": {"calls": 1, "time_s": 2.1e-3},
+                            "vm.builtin.alloc_storage": {"calls": 3, "time_s": 0.1e-3}}, "total_s": 5.4e-3}
+    calls = ["a", "a", "b"]
+    alone = breakdown(100, calls, facts, 4.5e-3, ort)
+    bd = breakdown(100, calls, facts, 4.5e-3, ort, inside, {"fused_conv2d_add": "a", "fused_matmul": "b"})
+    # by the tuner's times the convolution is ahead of ORT's and the matmul loses; in the model the reverse
+    assert alone.loser().key == "b" and alone.outside.in_model_s is None
+    conv, mm = (next(t for t in bd.tasks if t.key == k) for k in "ab")
+    assert (conv.tvm_s, conv.in_model_s, mm.in_model_s) == pytest.approx((2e-3, 3e-3, 2.1e-3))
+    assert bd.loser().key == "a" and conv.vs_ort == pytest.approx(3.0 / 2.6)
+    assert bd.outside.in_model_s == pytest.approx(5.4e-3 - 5.1e-3)  # the VM's own calls and the rest
+    assert Breakdown.from_dict(bd.to_dict()) == bd
+    text = format_profile(bd)
+    assert "TVM in model" in text and "loses most: fused_conv2d_add" in text
+    assert "TVM in model" not in format_profile(alone)
 
 
 def test_nodes_are_matched_in_order_one_heavy_operator_per_call():

@@ -126,27 +126,38 @@ def _status(x) -> str:
 
 def format_profile(bd) -> str:
     """A :class:`~spatialtune.models.profile.Breakdown` as a table: per task TVM's weight x kernel
-    time and ONNX Runtime's time for the nodes matched to it, then the rest, then the totals."""
+    time (the tuner's), its kernels' time inside the model where that was measured, and ONNX
+    Runtime's time for the nodes matched to it, then the rest, then the totals; "vs ORT" sets the
+    time inside the model against ORT's, as ORT's profiler measures its nodes inside the run."""
     from .tables import text_table
+
+    inside = bd.outside.in_model_s is not None
 
     def row(t, nodes: str) -> list[str]:
         vs = f"{t.vs_ort:.2f}x" if t.vs_ort is not None else "-"
-        diff = "-" if t.tvm_s is None else ("+" if t.tvm_s >= t.ort_s else "-") + fmt_time(abs(t.tvm_s - t.ort_s))
-        return [t.name, str(t.weight) if t.key else "", fmt_time(t.tvm_s) if t.tvm_s is not None else "untuned",
-                fmt_time(t.ort_s), vs, diff, nodes]
+        diff = "-" if t.model_s is None else ("+" if t.model_s >= t.ort_s else "-") + fmt_time(abs(t.model_s - t.ort_s))
+        tuner = fmt_time(t.tvm_s) if t.tvm_s is not None else "untuned"
+        return [t.name, str(t.weight) if t.key else "", tuner,
+                *([fmt_time(t.in_model_s)] if inside else []), fmt_time(t.ort_s), vs, diff, nodes]
 
     def nodes(t) -> str:
         return ", ".join(t.ort_nodes[:3]) + (f" +{len(t.ort_nodes) - 3}" if len(t.ort_nodes) > 3 else "")
 
     table = [row(t, nodes(t)) for t in bd.tasks] + [row(bd.outside, nodes(bd.outside) or "(executor)")]
-    total = [["total", "", fmt_time(bd.tvm_total_s), fmt_time(bd.ort_total_s), f"{bd.tvm_total_s / bd.ort_total_s:.2f}x"
-              if bd.ort_total_s > 0 else "-", "", ""]]
-    out = ["where the time goes (TVM: weight x tuned kernel time at this share from the database, the rest of "
-           "the share-tuned latency outside; ONNX Runtime: its profiler's mean run, nodes matched by operator)",
-           text_table(["task", "weight", "TVM", "ONNX Runtime", "vs ORT", "TVM - ORT", "ORT nodes"], table + total)]
+    total = [["total", "", fmt_time(bd.tvm_total_s), *([fmt_time(bd.in_model_total_s)] if inside else []),
+              fmt_time(bd.ort_total_s), f"{bd.tvm_total_s / bd.ort_total_s:.2f}x" if bd.ort_total_s > 0 else "-",
+              "", ""]]
+    head = ["task", "weight", "TVM alone", *(["TVM in model"] if inside else []), "ONNX Runtime", "vs ORT",
+            "TVM - ORT", "ORT nodes"]
+    out = ["where the time goes (TVM alone: weight x the tuned kernel's time at this share from the database; "
+           + ("TVM in model: its kernels' time per run as the share-tuned model ran them, in a run of its own "
+              "with the VM's instrument hook; " if inside else "")
+           + "outside: the rest of that run's time; ONNX Runtime: its profiler's mean run, nodes matched "
+           "by operator)",
+           text_table(head, table + total)]
     lose = bd.loser()
     if lose:
-        out.append(f"loses most: {lose.name}, {fmt_time(lose.tvm_s - lose.ort_s)} slower than ONNX Runtime's "
+        out.append(f"loses most: {lose.name}, {fmt_time(lose.model_s - lose.ort_s)} slower than ONNX Runtime's "
                    f"{len(lose.ort_nodes)} node(s) ({lose.vs_ort:.2f}x)" if lose.ort_s > 0 else
-                   f"loses most: {lose.name}, {fmt_time(lose.tvm_s)} with no ONNX Runtime node matched")
+                   f"loses most: {lose.name}, {fmt_time(lose.model_s)} with no ONNX Runtime node matched")
     return "\n".join(out)

@@ -131,7 +131,7 @@ def measure_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase,
     result = ModelResult(model, device, partition.kind, time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}", tasks)
     run = _ModelRun(result, db, opt, partition, random_feeds(model, opt.seed), progress or (lambda s: None))
     plans = [run.plan(partition.grant(r)) for r in ratios]
-    run.calls = call_order(model, tasks) if opt.profile else []
+    run.calls = call_order(model, tasks, run.functions) if opt.profile else []
     with tempfile.TemporaryDirectory(prefix="spatialtune-model-") as tmp, partition:
         run.tmp = tmp
         # the tuned variants build their tasks as they were measured (fast math where it passed);
@@ -154,7 +154,8 @@ class _ModelRun:
     partition: object
     feeds: dict[str, np.ndarray]
     say: Callable[[str], None]
-    calls: list = field(default_factory=list)  # ONNX Runtime's node order, with --profile
+    calls: list = field(default_factory=list)  # the tasks in call order, with --profile
+    functions: dict = field(default_factory=dict)  # the compiled model's function names -> task keys
     tmp: str = ""
     fast: list[Workload] = field(default_factory=list)
     # (cores, each task's kernel, fast) -> (library, tasks tuned)
@@ -240,6 +241,10 @@ class _ModelRun:
                 _settle()
                 prof = _call(o, opt, f"{_W}:profile_onnxruntime", model.path, self.feeds, opt.settings(),
                              os.path.join(self.tmp, f"ort-{share.units}"))
+                if prof["status"] == "ok" and res.get("share-tuned", {}).get("status") == "ok":
+                    _settle()  # and the share-tuned model where ORT's threads sleep
+                    inside = _call(w, opt, f"{_W}:profile_compiled", "share-tuned", opt.settings())
+                    prof["in_model"] = inside if inside["status"] == "ok" else None
             else:
                 prof = None
         return res, prof
@@ -247,7 +252,8 @@ class _ModelRun:
     def _attach_profile(self, share, plan: dict, st: ModelRun, prof: dict | None) -> None:
         """With --profile: the share-tuned latency broken down per task, or why it could not be."""
         if prof is not None and prof["status"] == "ok" and st.latency_s:
-            bd = breakdown(share.key_ratio, self.calls, plan["share-tuned"][1], st.latency_s, prof)
+            bd = breakdown(share.key_ratio, self.calls, plan["share-tuned"][1], st.latency_s, prof,
+                           prof.get("in_model"), self.functions)
             st.detail["profile"] = bd.to_dict()
             self.result.profiles[share.key_ratio] = bd
         elif prof is not None:

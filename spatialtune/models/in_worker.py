@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 _loaded: dict[str, Callable[[], Any]] = {}
+_modules: dict[str, tuple[Any, list]] = {}  # a compiled variant's module and arguments, for its profile
 
 
 def _as_list(out) -> list[np.ndarray]:
@@ -48,13 +49,54 @@ def load_compiled(name: str, library: str, inputs: list[np.ndarray], settings: d
     from tvm import relax
 
     dev = tvm.cpu(0)
-    vm = relax.VirtualMachine(tvm.runtime.load_module(library), dev)
+    lib = tvm.runtime.load_module(library)
+    vm = relax.VirtualMachine(lib, dev)
     args = [tvm.runtime.tensor(x, dev) for x in inputs]
     main = vm["main"]
     outputs = _as_list(main(*args))
     _loaded[name] = lambda: main(*args)
+    _modules[name] = (lib, args)
     _warm(_loaded[name], settings)
     return {"outputs": outputs, "cores": len(os.sched_getaffinity(0))}
+
+
+def profile_compiled(name: str, settings: dict) -> dict:
+    """Where the loaded compiled variant ``name`` spends its time inside the model: every call the
+    Relax VM makes (the tuned kernels and its builtins: allocations, shape checks) timed through
+    the VM's instrument hook, in a VM of its own over the same module and inputs, after the
+    warm-up, over ``rounds`` x at least ``min_repeat_ms`` of runs. Per function: ``calls`` per
+    run and ``time_s``, its mean time per run (all its calls); ``total_s``: the mean run with the
+    hook, which adds a few microseconds per call. A kernel's time here is what it takes where the
+    model runs it: its inputs as the layer before left them in the caches, which is what ONNX
+    Runtime's profiler measures of its nodes."""
+    import tvm
+    from tvm import relax
+
+    module, args = _modules[name]
+    vm = relax.VirtualMachine(module, tvm.cpu(0))
+    main = vm["main"]
+    _warm(lambda: main(*args), settings)
+    spent: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    started: dict[str, float] = {}
+    clock = time.perf_counter
+
+    def hook(func, symbol, before, ret, *a):
+        if before:
+            started[symbol] = clock()
+        else:
+            spent[symbol] = spent.get(symbol, 0.0) + clock() - started[symbol]
+            calls[symbol] = calls.get(symbol, 0) + 1
+        return 0  # VMInstrumentReturnKind.NO_OP: run the call as usual
+
+    vm.set_instrument(hook)
+    runs, t0 = 0, clock()
+    while runs < 2 or (clock() - t0) * 1e3 < settings.get("min_repeat_ms", 50) * settings.get("rounds", 5):
+        main(*args)
+        runs += 1
+    total = clock() - t0
+    return {"functions": {s: {"calls": calls[s] // runs, "time_s": spent[s] / runs} for s in spent},
+            "total_s": total / runs, "runs": runs}
 
 
 def _session(model_path: str, profile_prefix: str | None = None, spinning: bool = False):
@@ -128,6 +170,7 @@ def time_slot(name: str, settings: dict) -> dict:
 
 def unload(name: str) -> None:
     _loaded.pop(name, None)
+    _modules.pop(name, None)
 
 
 def run_onnxruntime(model_path: str, feeds: dict[str, np.ndarray], settings: dict) -> dict:

@@ -117,10 +117,19 @@ class TaskTime:
     tvm_s: float | None  # weight x the tuned kernel's median at the share (None: the task had no config)
     ort_s: float  # the ONNX Runtime nodes matched to it, per run
     ort_nodes: list[str] = field(default_factory=list)  # "name (op)"
+    # its kernels' time per run as the model ran them (the VM's instrument hook); outside: the
+    # latency minus every task's. None where the compiled model was not profiled
+    in_model_s: float | None = None
+
+    @property
+    def model_s(self) -> float | None:
+        """TVM's time to set against ONNX Runtime's, whose profiler times its nodes inside the
+        run: the time in the model where it was measured, else the tuner's."""
+        return self.in_model_s if self.in_model_s is not None else self.tvm_s
 
     @property
     def vs_ort(self) -> float | None:
-        return self.tvm_s / self.ort_s if self.tvm_s is not None and self.ort_s > 0 else None
+        return self.model_s / self.ort_s if self.model_s is not None and self.ort_s > 0 else None
 
 
 @dataclass
@@ -130,6 +139,9 @@ class Breakdown:
     ort_total_s: float  # ONNX Runtime's mean run under its profiler
     tasks: list[TaskTime]  # costliest first (TVM time)
     outside: TaskTime
+    # the share-tuned model's mean run under the VM's instrument hook (its own run: what its
+    # tasks' in_model_s and the outside's add up to); None where it was not profiled
+    in_model_total_s: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,19 +149,21 @@ class Breakdown:
     @classmethod
     def from_dict(cls, d: dict) -> "Breakdown":
         return cls(d["ratio"], d["tvm_total_s"], d["ort_total_s"], [TaskTime(**t) for t in d["tasks"]],
-                   TaskTime(**d["outside"]))
+                   TaskTime(**d["outside"]), d.get("in_model_total_s"))
 
     def loser(self) -> TaskTime | None:
         """The task that loses most time to ONNX Runtime (TVM minus ORT), if any loses."""
-        worst = max((t for t in self.tasks if t.tvm_s is not None), key=lambda t: t.tvm_s - t.ort_s, default=None)
-        return worst if worst is not None and worst.tvm_s > worst.ort_s else None
+        worst = max((t for t in self.tasks if t.model_s is not None), key=lambda t: t.model_s - t.ort_s, default=None)
+        return worst if worst is not None and worst.model_s > worst.ort_s else None
 
 
 def breakdown(ratio: float, calls: Sequence[str], facts: dict[str, dict], tvm_total_s: float,
-              ort: dict) -> Breakdown:
+              ort: dict, in_model: dict | None = None, functions: dict[str, str | None] | None = None) -> Breakdown:
     """``calls``: the task keys in call order; ``facts``: per task key its name, weight and tuned
     kernel time at the share (from :func:`spatialtune.models.compile.records_for`); ``ort``: what
-    :func:`~spatialtune.models.in_worker.profile_onnxruntime` returned."""
+    :func:`~spatialtune.models.in_worker.profile_onnxruntime` returned; ``in_model``, if given, what
+    :func:`~spatialtune.models.in_worker.profile_compiled` returned for the share-tuned model, its
+    functions given to tasks by ``functions`` (:func:`call_order`'s function names -> task keys)."""
     nodes = ort["nodes"]
     where = match_nodes([nd["op"] for nd in nodes], [facts[k]["name"] for k in calls])
     tasks = {k: TaskTime(k, f["name"], f["weight"], None if f["time_s"] is None else f["weight"] * f["time_s"], 0.0)
@@ -161,14 +175,26 @@ def breakdown(ratio: float, calls: Sequence[str], facts: dict[str, dict], tvm_to
         t.ort_nodes.append(f"{nd['name']} ({nd['op']})")
     outside.ort_s += ort["total_s"] - sum(nd["time_s"] for nd in nodes)
     outside.tvm_s = tvm_total_s - sum(t.tvm_s for t in tasks.values() if t.tvm_s is not None)
+    if in_model is not None:
+        for t in tasks.values():
+            t.in_model_s = 0.0
+        for symbol, f in in_model["functions"].items():
+            key = (functions or {}).get(symbol)
+            if key in tasks:
+                tasks[key].in_model_s += f["time_s"]
+        # against the hooked run's own total, not the timed latency: the two are runs minutes
+        # apart on a host whose speed drifts by several percent
+        outside.in_model_s = in_model["total_s"] - sum(t.in_model_s for t in tasks.values())
     ordered = sorted(tasks.values(), key=lambda t: (-(t.tvm_s or 0.0), -t.ort_s, t.name))
-    return Breakdown(ratio, tvm_total_s, ort["total_s"], ordered, outside)
+    return Breakdown(ratio, tvm_total_s, ort["total_s"], ordered, outside,
+                     None if in_model is None else in_model["total_s"])
 
 
-def call_order(model, tasks) -> list[str]:
+def call_order(model, tasks, functions: dict[str, str | None] | None = None) -> list[str]:
     """The task keys in the order the model's ``main`` calls them (a task called three times is
     listed three times): the fused module's ``call_tir`` bindings, each callee matched to its task
-    by structural equality (names are not unique across tasks TVM deduplicated)."""
+    by structural equality (names are not unique across tasks TVM deduplicated). ``functions``, if
+    given, receives each called function's name (as the compiled model calls it) -> its task key."""
     import tvm
     import tvm_ffi
     from tvm import relax
@@ -193,4 +219,6 @@ def call_order(model, tasks) -> list[str]:
                                              and tvm_ffi.structural_equal(m, mod)), None)
             if key_of[gv.name_hint] is not None:
                 out.append(key_of[gv.name_hint])
+    if functions is not None:
+        functions.update(key_of)
     return out
