@@ -7,13 +7,6 @@ ONNX Runtime on the same cores. Prints, per model and share, the four latencies,
 and the task that costs most. Tuning resumes from the database (--db), so a second run with more
 --trials continues; the end-to-end runs are done again each time.
 
---refine K (default a quarter of --trials): each share's last K trials come after the model is
-compiled with the kernels found so far and run there with --profile, which times each task's
-kernels inside the model; a task whose kernel takes longer there than alone is then that much
-further behind ONNX Runtime's time for it (spatialtune.store.model_runs.tuning_floors) and takes
-the trials a task level with ORT by the tuner's clock alone would have taken. The from-scratch
-runs below do without it.
-
 --layouts nchw,NCHW16c compiles each model both ways: convolutions in NCHW, and blocked by 16 output
 channels (spatialtune.models.layout), as separate tasks tuned and timed the same way; the default
 is the CLI's, auto.
@@ -221,10 +214,6 @@ def main() -> int:
     ap.add_argument("--no-floors", dest="floors", action="store_false",
                     help="do not profile ONNX Runtime per share before tuning (the tasks' floors: a task as fast as "
                          "ORT's nodes for it leaves its trials to the tasks behind theirs)")
-    ap.add_argument("--refine", type=int, default=None, metavar="K",
-                    help="the last K trials of each share after the model is run there with --profile: the "
-                         "tasks whose kernels take longer inside the model than alone are behind ONNX Runtime by "
-                         "that much more (tuning_floors); default a quarter of --trials (quick: 0); 0: off")
     ap.add_argument("--rerank-cold", type=int, default=0, metavar="K",
                     help="share-tuned: each task's fastest of its K fastest kernels out of cache (model --rerank-cold)")
     ap.add_argument("--table-only", action="store_true",
@@ -266,7 +255,6 @@ def main() -> int:
         (out / f"{name}.toml").write_text(text)
         tasks = load_space(out / f"{name}.toml").workloads
         trials = a.trials or (len(tasks) if a.quick else 256)
-        refine = min(trials - 1, a.refine if a.refine is not None else 0 if a.quick else trials // 4)
         opts = TuneOptions(trials=trials, scheduler="gradient", baselines=not a.quick,
                            **(dict(batch=1, population=16, genetic_iters=1,
                                    run=RunSettings(repeat=2, min_repeat_ms=5, warmup_ms=5)) if a.quick else {}))
@@ -278,12 +266,8 @@ def main() -> int:
                 profile_floors(onnx_path, ratios, db, shapes=shapes, options=mopts, progress=print)
             for i, r in enumerate(ratios):  # one share at a time, each with what the earlier ones found
                 t0 = time.perf_counter()
-                if refine > 0:  # the kernels found so far timed inside the model, then the last trials
-                    new += sum(x.new_trials for x in tune(tasks, [r], db, dataclasses.replace(
-                        opts, trials=trials - refine)).results)
-                    measure_model(onnx_path, [r], db, shapes=shapes, options=dataclasses.replace(mopts, profile=True))
                 new += sum(x.new_trials for x in tune(tasks, [r], db, opts).results)
-                shares[f"{r:g}"] = {"tune_s": time.perf_counter() - t0, "refine": refine, **reach(db, tasks, r)}
+                shares[f"{r:g}"] = {"tune_s": time.perf_counter() - t0, **reach(db, tasks, r)}
                 if i and a.scratch:  # the same share tuned again, knowing nothing of the others
                     with TuningDatabase(out / f"{name}-scratch-{r:g}.sqlite") as fresh:
                         for row in db.baselines(ratio=r, kind=FLOOR_KIND) if a.floors else ():
@@ -367,8 +351,7 @@ def reach(db, tasks, ratio: float, ref_s: float | None = None) -> dict:
 def convergence(shares: dict) -> str:
     lines = []
     for r, v in shares.items():
-        refined = f", the last {v['refine']} after a profile inside the model" if v.get("refine") else ""
-        line = (f"  {r}%: tuning {v['tune_s']:.0f} s{refined}; kernel time {fmt(v['final_s'])}, within 95 % of it after "
+        line = (f"  {r}%: tuning {v['tune_s']:.0f} s; kernel time {fmt(v['final_s'])}, within 95 % of it after "
                 f"{v['trials_to_95']} of {v['trials']} trials" + (" (with the earlier shares' transfers)" if
                                                                   "scratch" in v else ""))
         sc = v.get("scratch")

@@ -217,41 +217,6 @@ def test_a_task_at_its_onnx_runtime_floor_takes_no_trials_while_another_is_behin
     assert tasks[pick_task(tasks, 4)].name == "conv"
 
 
-def test_a_task_level_with_onnx_runtime_alone_but_behind_inside_the_model_takes_trials(tmp_path):
-    """The floors the scheduler tunes towards are in the tuner's terms: ONNX Runtime's in-run time
-    over how much longer the task's kernel took inside the model than alone (the newest profile
-    that timed it there), so a kernel level with ORT alone but 20 % slower in the model is behind."""
-    from dbutil import CPU
-    from spatialtune.store.model_runs import ModelRun, inside_factors, record_model_run, tuning_floors
-
-    def prof(conv_inside):
-        return {"tasks": [{"key": "conv-key", "name": "conv", "weight": 2, "tvm_s": 2e-3, "ort_s": 2e-3,
-                           "in_model_s": conv_inside},
-                          {"key": "dense-key", "name": "dense", "weight": 1, "tvm_s": 1e-3, "ort_s": 2e-3,
-                           "in_model_s": 1e-3},
-                          {"key": "view-key", "name": "reshape", "weight": 1, "tvm_s": 1e-6, "ort_s": 1e-6,
-                           "in_model_s": 0.0}]}  # no kernel in the model: no factor
-
-    with TuningDatabase(tmp_path / "f.sqlite") as db:
-        db.add_device(CPU)
-        for run, inside in (("old", 5e-3), ("new", 2.4e-3)):  # the newest profile counts
-            record_model_run(db, ModelRun(run, "m", "h", CPU.id, "cpu", 50.0, "share-tuned", "ok",
-                                          detail={"profile": prof(inside)}))
-        record_model_run(db, ModelRun("plain", "m2", "h2", CPU.id, "cpu", 50.0, "share-tuned", "ok",
-                                      detail={"profile": {"tasks": [{"key": "conv-key", "weight": 1, "tvm_s": 1e-3,
-                                                                     "ort_s": 1e-3}]}}))  # not timed inside
-        assert inside_factors(db, CPU.id, "cpu", 50.0) == pytest.approx({"conv-key": 1.2, "dense-key": 1.0})
-        assert inside_factors(db, CPU.id, "cpu", 100.0) == {}
-        floors = tuning_floors(db, CPU.id, "cpu", 50.0)
-    # conv: ORT's 1 ms a call (the lowest of the two models' floors) over 1.2
-    assert floors["conv-key"] == pytest.approx(1e-3 / 1.2) and floors["dense-key"] == pytest.approx(2e-3)
-    conv = TaskState("conv", 2, 8, 1e-3, floor_s=floors["conv-key"])  # 1 ms alone: level with ORT's 1 ms
-    dense = TaskState("dense", 1, 8, 1e-3, floor_s=floors["dense-key"])
-    assert not conv.at_floor and dense.at_floor
-    assert [TaskState("conv", 2, 8, 1e-3, floor_s=1e-3), dense][0].at_floor  # by ORT's time as it was
-    assert pick_task([conv, dense], 4) == 0
-
-
 def test_with_floors_the_trials_follow_the_time_each_task_is_behind_them():
     """A light task far behind ONNX Runtime is due more than a heavy one nearly level with it; a
     task ORT has no node for is taken to be as far behind, for its time, as the others together."""

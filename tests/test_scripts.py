@@ -7,9 +7,6 @@ import pytest
 
 from conftest import ROOT
 
-from spatialtune.store.database import TuningDatabase
-from spatialtune.store.model_runs import model_runs
-
 SCRIPTS = sorted(p.name for p in (ROOT / "scripts").iterdir()
                  if p.is_file() and os.access(p, os.X_OK) and not p.name.startswith("_") and p.suffix != ".py")
 # what each quick run must print, so a script that "succeeds" without doing its job fails here
@@ -82,16 +79,11 @@ def test_bench_model_runs_a_model_of_your_own_the_same_way(tmp_path):
 
     path = plain_block(tmp_path / "mine.onnx")
     env = dict(os.environ, SPATIALTUNE_QUICK="1", SPATIALTUNE_DB=str(tmp_path / "db.sqlite"), OUT=str(tmp_path / "out"))
-    p = subprocess.run([str(ROOT / "scripts" / "bench-model"), "--models", "", "--onnx", str(path), "--layouts", "nchw",
-                        "--refine", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
+    p = subprocess.run([str(ROOT / "scripts" / "bench-model"), "--models", "", "--onnx", str(path), "--layouts", "nchw"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     assert "mine: 2 tasks" in out and "end-to-end latency vs ONNX Runtime" in out, out[-4000:]
-    # the last trial after the model ran with its kernels timed inside it
-    assert "the last 1 after a profile inside the model" in out, out[-4000:]
-    with TuningDatabase(tmp_path / "db.sqlite") as db:
-        profiled = [m for m in model_runs(db) if m.variant == "share-tuned" and "profile" in m.detail]
-    assert profiled and profiled[0].detail["profile"]["in_model_total_s"] > 0
     assert (tmp_path / "out" / "mine-result.json").exists()
     bad = subprocess.run([str(ROOT / "scripts" / "bench-model"), "--models", "", "--onnx", str(tmp_path / "no.onnx")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

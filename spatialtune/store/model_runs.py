@@ -127,33 +127,3 @@ def vendor_floors(db, device_id: str, partition: str, ratio: float) -> dict[str,
                 per_call = t["ort_s"] / t["weight"]
                 out[t["key"]] = min(per_call, out.get(t["key"], per_call))
     return out
-
-
-def inside_factors(db, device_id: str, partition: str, ratio: float) -> dict[str, float]:
-    """Per task, how much longer its kernel took inside the model than the tuner timed it alone
-    (in-model time / tuned time, both per run): from the newest profiled run of each model whose
-    profile timed the kernels inside the model (``spatialtune model --profile``)."""
-    out: dict[str, float] = {}
-    seen: set[str] = set()
-    for m in reversed(model_runs(db)):  # newest first
-        prof = m.detail.get("profile") if m.variant == "share-tuned" and m.status == "ok" else None
-        if not prof or m.device_id != device_id or m.partition != partition or m.ratio != ratio:
-            continue
-        for t in prof.get("tasks", []):
-            key, inside, alone = t.get("key"), t.get("in_model_s"), t.get("tvm_s")
-            if key and key not in seen and inside and alone and inside > 0 and alone > 0:
-                seen.add(key)
-                out[key] = inside / alone
-    return out
-
-
-def tuning_floors(db, device_id: str, partition: str, ratio: float) -> dict[str, float]:
-    """The floors the gradient scheduler tunes towards, in the tuner's terms: ONNX Runtime's time
-    per call (:func:`vendor_floors`), which its profiler measures inside its run, divided by how
-    much longer the task's kernel took inside the model than alone (:func:`inside_factors`), where
-    that was measured. A kernel timed alone on its own buffers is faster than inside the model,
-    whose layer before left its inputs where it did (up to a quarter, for a 1x1 convolution reading
-    3 MB just written): compared with ONNX Runtime's in-run time as it was, such a task looked
-    level with ONNX Runtime and took no trials while it was 20 % behind in the model."""
-    factors = inside_factors(db, device_id, partition, ratio)
-    return {k: f / factors.get(k, 1.0) for k, f in vendor_floors(db, device_id, partition, ratio).items()}

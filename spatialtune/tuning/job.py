@@ -42,7 +42,7 @@ from ..search.policy import winner_origins
 from ..search.siblings import signature_or_none
 from ..search.space import Candidate, candidate_from_trace
 from ..store.database import TuningDatabase
-from ..store.model_runs import tuning_floors
+from ..store.model_runs import vendor_floors
 from ..store.paths import artifact_dir
 from ..terms import WHOLE, Condition, Share, check_ratio, norm_ratio
 from ..workloads.spec import Workload
@@ -225,7 +225,7 @@ class _Job:
             check_imported(self, w, share, k)
         before = [self.db.count_measurements(**k) for k in keys]
         searches: dict[int, KeySearch] = {}
-        floors = tuning_floors(self.db, self.device.id, self.partition.kind, share.key_ratio)
+        floors = vendor_floors(self.db, self.device.id, self.partition.kind, share.key_ratio)
         states = [TaskState(w.name or w.key, w.weight, n, None, floor_s=floors.get(w.key)) for w, n in zip(ws, before)]
         first = first_round(len(ws), self.opt.trials, self.opt.batch)
         try:

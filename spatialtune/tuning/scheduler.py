@@ -25,11 +25,7 @@ the model is only as fast as ONNX Runtime when every task is, and the trials a t
 would take are the ones the tasks behind theirs need, and among those the trials follow the time
 each is behind (:func:`due_fractions`). Floors come from ONNX Runtime profiled alone under the
 share before tuning (:mod:`spatialtune.models.floors`, ``spatialtune model --floors``) or from a
-profiled end-to-end run. ONNX Runtime's profiler times its nodes inside its run, the tuner times a
-kernel alone; where a profiled run also timed the tuned kernels inside the model (``spatialtune
-model --profile``), a task's floor is divided by how much longer its kernel took there than alone
-(:func:`spatialtune.store.model_runs.tuning_floors`), so that a task level with ONNX Runtime by
-the tuner's clock but behind it in the model keeps taking trials.
+profiled end-to-end run.
 """
 
 from __future__ import annotations
