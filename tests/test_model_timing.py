@@ -164,6 +164,32 @@ def test_nodes_are_matched_in_order_one_heavy_operator_per_call():
     assert match_nodes(["Add"], []) == [None]
 
 
+def test_matmuls_and_convolutions_are_matched_by_what_they_compute_where_the_orders_differ():
+    """An attention block: ONNX Runtime ran the V projection after the softmax, TVM's model makes it
+    beside Q and K. Kept in order, the scores' matmul went to a projection call and the V projection
+    to the scores' task; by family and output size every node goes to its own task."""
+    nodes = ["Gemm", "Transpose", "Gemm", "FusedMatMul", "Softmax", "Gemm", "MatMul", "Gemm", "Add",
+             "SkipLayerNormalization", "Gemm", "Mul", "Erf", "Add", "Mul", "Mul"]
+    sizes = [98304, 98304, 98304, 196608, 196608, 98304, 98304, 98304, 98304, 98304, 393216, 393216, 393216,
+             393216, 393216, 393216]
+    calls = ["fused_matmul_add", "fused_reshape_transpose", "fused_matmul_add", "fused_matmul_add",
+             "fused_matmul1_multiply", "softmax", "matmul2", "fused_matmul_add_add1", "layer_norm",
+             "fused_matmul3_add2_multiply1_erf_add3_multiply2_multiply3"]
+    call_sizes = [(98304,), (98304,), (98304,), (98304,), (196608,), (196608,), (98304,), (98304,), (98304,),
+                  (393216,)]
+    in_order = match_nodes(nodes, calls)
+    assert in_order[3] == 3 and in_order[5] == 4  # the scores to a projection, V's projection to the scores
+    got = match_nodes(nodes, calls, sizes, call_sizes)
+    assert got == [0, 1, 2, 4, 5, 3, 6, 7, 7, 8, 9, 9, 9, 9, 9, 9]
+    # a heavy node whose size matches no call still goes to a call of its family, in order
+    assert match_nodes(["Conv", "Relu"], ["fused_conv2d_add_relu"], [10, 10], [(12,)]) == [0, 0]
+    assert match_nodes(["MatMul"], ["fused_conv2d_add"], [4], [(4,)]) == [None]  # never across families
+    # in order, by time where the times are known: a layer norm rather than the reshapes after it
+    light = (["Reshape", "SkipLayerNormalization", "Reshape"], ["fused_transpose2_reshape1", "layer_norm"])
+    assert match_nodes(*light) == [0, None, 0]
+    assert match_nodes(*light, weights=[5e-6, 500e-6, 5e-6]) == [0, 1, None]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--profile"], "--profile: no task of m has a tuned config at 100%"),
     (["--rounds", "0"], "--rounds must be at least 1"),

@@ -56,7 +56,7 @@ from ..workloads.spec import Workload
 from .compile import compile_model, records_for
 from .cold import ColdPicker
 from .importer import ImportedModel, extract_workloads, load_onnx
-from .profile import Breakdown, breakdown, call_order
+from .profile import Breakdown, breakdown, call_order, output_sizes
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class _ModelRun:
         """With --profile: the share-tuned latency broken down per task, or why it could not be."""
         if prof is not None and prof["status"] == "ok" and st.latency_s:
             bd = breakdown(share.key_ratio, self.calls, plan["share-tuned"][1], st.latency_s, prof,
-                           prof.get("in_model"), self.functions)
+                           prof.get("in_model"), self.functions, output_sizes(self.result.tasks))
             st.detail["profile"] = bd.to_dict()
             self.result.profiles[share.key_ratio] = bd
         elif prof is not None:

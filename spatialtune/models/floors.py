@@ -29,7 +29,7 @@ from ..store.model_runs import FLOOR_KIND
 from ..terms import check_ratio, norm_ratio
 from .e2e import ModelOptions, random_feeds, share_worker
 from .importer import extract_workloads, load_onnx
-from .profile import breakdown, call_order
+from .profile import breakdown, call_order, output_sizes
 
 def profile_floors(path: str | Path, ratios: Sequence[float], db: TuningDatabase, *, shapes: dict | None = None,
                    options: ModelOptions | None = None,
@@ -59,7 +59,7 @@ def profile_floors(path: str | Path, ratios: Sequence[float], db: TuningDatabase
                                   opt.settings(), os.path.join(tmp, f"ort-{share.units}"), timeout=opt.timeout)
                 except WorkerError as e:
                     raise ConfigError(f"ONNX Runtime's profile of {model.name} at {share.key_ratio:g}%: {e}") from None
-            bd = breakdown(share.key_ratio, calls, facts, 0.0, prof)
+            bd = breakdown(share.key_ratio, calls, facts, 0.0, prof, sizes=output_sizes(tasks))
             got = out[share.key_ratio] = {t.key: t.ort_s / t.weight for t in bd.tasks if t.ort_s > 0 and t.weight}
             for key, s in got.items():
                 db.record_baseline(key, device.id, partition.kind, share.key_ratio, "none", FLOOR_KIND, s, share.units)

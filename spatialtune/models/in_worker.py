@@ -186,12 +186,23 @@ def run_onnxruntime(model_path: str, feeds: dict[str, np.ndarray], settings: dic
     return out | {"times": times, "median_s": float(np.median(times))}
 
 
+def _elements(shapes) -> int | None:
+    """The elements of a node's first output from its profile event's ``output_type_shape``
+    ([{"float": [128, 768]}]), or None where the event has none."""
+    try:
+        dims = next(iter(shapes[0].values()))
+        return int(np.prod(dims)) if all(isinstance(d, int) and d > 0 for d in dims) else None
+    except (TypeError, IndexError, KeyError, StopIteration, AttributeError):
+        return None
+
+
 def profile_onnxruntime(model_path: str, feeds: dict[str, np.ndarray], settings: dict, prefix: str) -> dict:
     """ONNX Runtime's own profile of the model on this share: a session like the timed one with
     ``enable_profiling``, warmed up (those runs are dropped), then ``rounds`` x at least
     ``min_repeat_ms`` of runs. Per node of ORT's optimized graph, in execution order: its name,
-    operator and mean time per run; ``total_s``: the mean ``model_run`` (the whole ``run`` call).
-    Means, not medians, so the nodes and the rest add up to the total."""
+    operator, mean time per run and output elements (``size``, None if unknown); ``total_s``: the
+    mean ``model_run`` (the whole ``run`` call). Means, not medians, so the nodes and the rest add
+    up to the total."""
     sess, _ = _session(model_path, prefix)
     _warm(lambda: sess.run(None, feeds), settings)
     sess.run(None, feeds)
@@ -213,9 +224,12 @@ def profile_onnxruntime(model_path: str, feeds: dict[str, np.ndarray], settings:
     nodes: dict[str, dict] = {}
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= t0:
+            args = e.get("args", {})
             n = nodes.setdefault(e["name"][: -len("_kernel_time")],
-                                 {"op": e.get("args", {}).get("op_name", "?"), "us": 0.0, "first": e["ts"]})
+                                 {"op": args.get("op_name", "?"), "us": 0.0, "first": e["ts"],
+                                  "size": _elements(args.get("output_type_shape"))})
             n["us"] += e["dur"]
     ordered = sorted(nodes.items(), key=lambda kv: kv[1]["first"])
-    return {"nodes": [{"name": k, "op": v["op"], "time_s": v["us"] / 1e6 / runs} for k, v in ordered],
+    return {"nodes": [{"name": k, "op": v["op"], "time_s": v["us"] / 1e6 / runs, "size": v["size"]}
+                      for k, v in ordered],
             "total_s": sum(e["dur"] for e in kept) / 1e6 / runs, "runs": runs}

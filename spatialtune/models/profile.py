@@ -17,7 +17,9 @@ the compiled model makes them, ONNX Runtime's nodes in the order it ran them, ea
 call whose name has one of the node's operators (``fused_matmul_add_relu`` takes MatMul, Gemm,
 Add, Relu), never going back, one heavy operator (convolution, matmul) per call; the alignment
 that matches the most (heavy operators counting double) wins. ORT's own fusions (a Gemm is MatMul
-and Add) match by their heaviest part. A node that matches nothing is outside.
+and Add) match by their heaviest part. A node that matches nothing is outside. Where ORT's profile
+gives the nodes' output shapes, the convolutions and matmuls are matched by family and output size
+first, whatever their order, and the other nodes as above (:func:`match_nodes`).
 """
 
 from __future__ import annotations
@@ -68,26 +70,79 @@ def node_ops(op: str) -> tuple[set[str], bool]:
     return ops, bool(ops & HEAVY)
 
 
-def match_nodes(nodes: Sequence[str], calls: Sequence[str]) -> list[int | None]:
+def _family(ops: set[str]) -> str | None:
+    return "conv" if ops & set(_CONV) else "matmul" if ops & set(_MATMUL) else None
+
+
+def match_nodes(nodes: Sequence[str], calls: Sequence[str], node_sizes: Sequence[int | None] | None = None,
+                call_sizes: Sequence[Sequence[int]] | None = None,
+                weights: Sequence[float] | None = None) -> list[int | None]:
     """For each ORT node (its operator type), in execution order, the index of the task call it is
-    matched to (``calls``: the tasks' names in call order), or None (see the module doc)."""
+    matched to (``calls``: the tasks' names in call order), or None (see the module doc).
+
+    With sizes (each node's output elements, each call's outputs' elements) the heavy nodes are
+    matched by what they compute, not by order: the k-th convolution or matmul node with an output
+    of N elements to the k-th call of that family with an output of N elements, then those left by
+    family in order. The two runtimes need not order independent branches alike (ONNX Runtime ran
+    an attention's V projection after the softmax, TVM's model makes it beside Q and K), and an
+    alignment kept in order then gave one projection to the attention's matmul. A light node
+    (add, erf, ...) goes to the call of the last heavy node before it where that call has the
+    node's operator (an epilogue ONNX Runtime left unfused, maybe behind a reshape), the rest in
+    order to the calls with no heavy operator. ``weights``: the nodes' times, for the alignments
+    in order (:func:`_in_order`)."""
+    if node_sizes is None or call_sizes is None:
+        return _in_order(nodes, calls, weights)
+    kinds = [node_ops(op) for op in nodes]
+    cops = [task_ops(c) for c in calls]
+    out: list[int | None] = [None] * len(nodes)
+    heavy_calls = [j for j, c in enumerate(cops) if _family(c)]
+    taken: set[int] = set()
+    for by_size in (True, False):
+        for i, (ops, heavy) in enumerate(kinds):
+            if heavy and out[i] is None:
+                out[i] = next((j for j in heavy_calls if j not in taken and _family(cops[j]) == _family(ops)
+                               and (not by_size or node_sizes[i] in call_sizes[j])), None)
+                if out[i] is not None:
+                    taken.add(out[i])
+    rest, last = [], None
+    for i, (ops, heavy) in enumerate(kinds):
+        if heavy:
+            last = out[i]
+        elif last is not None and ops & cops[last]:
+            out[i] = last
+        else:
+            rest.append(i)
+    light = [j for j, c in enumerate(cops) if not _family(c)]
+    for i, k in zip(rest, _in_order([nodes[i] for i in rest], [calls[j] for j in light],
+                                    None if weights is None else [weights[i] for i in rest])):
+        out[i] = None if k is None else light[k]
+    return out
+
+
+def _in_order(nodes: Sequence[str], calls: Sequence[str], weights: Sequence[float] | None = None) -> list[int | None]:
+    """The alignment kept in order (see the module doc): each node to a call whose name has one of
+    its operators, never going back, one heavy operator per call, the most matched: by count, heavy
+    nodes double, or by ``weights`` (the nodes' times: a layer norm matched rather than the
+    reshapes after it)."""
     n, m = len(nodes), len(calls)
     kinds = [node_ops(op) for op in nodes]
     cops = [task_ops(c) for c in calls]
+    # a node of no time still counts: more matches where the times tie
+    points = [w + 1e-9 for w in weights] if weights is not None else [2 if k[1] else 1 for k in kinds]
 
     def fits(i: int, j: int, heavy_taken: int) -> bool:
         ops, heavy = kinds[i]
         return bool((ops & HEAVY if heavy else ops) & cops[j]) and not (heavy and heavy_taken)
 
     # best[i][j][h]: most points for nodes i.. when call j is the current one (h: it has its heavy node)
-    best = [[[0, 0] for _ in range(m + 1)] for _ in range(n + 1)]
+    best = [[[0.0, 0.0] for _ in range(m + 1)] for _ in range(n + 1)]
     for i in range(n - 1, -1, -1):
         for j in range(m - 1, -1, -1):
             for h in (0, 1):
                 score = best[i + 1][j][h]  # node i outside
                 if fits(i, j, h):
                     heavy = kinds[i][1]
-                    score = max(score, (2 if heavy else 1) + best[i + 1][j][1 if heavy else h])
+                    score = max(score, points[i] + best[i + 1][j][1 if heavy else h])
                 best[i][j][h] = max(score, best[i][j + 1][0])  # or move on to the next call
     out: list[int | None] = []
     i, j, h = 0, 0, 0
@@ -97,7 +152,7 @@ def match_nodes(nodes: Sequence[str], calls: Sequence[str]) -> list[int | None]:
             i += 1
             continue
         heavy = kinds[i][1]
-        if fits(i, j, h) and best[i][j][h] == (2 if heavy else 1) + best[i + 1][j][1 if heavy else h]:
+        if fits(i, j, h) and best[i][j][h] == points[i] + best[i + 1][j][1 if heavy else h]:
             out.append(j)
             h = 1 if heavy else h
             i += 1
@@ -158,14 +213,21 @@ class Breakdown:
 
 
 def breakdown(ratio: float, calls: Sequence[str], facts: dict[str, dict], tvm_total_s: float,
-              ort: dict, in_model: dict | None = None, functions: dict[str, str | None] | None = None) -> Breakdown:
+              ort: dict, in_model: dict | None = None, functions: dict[str, str | None] | None = None,
+              sizes: dict[str, Sequence[int]] | None = None) -> Breakdown:
     """``calls``: the task keys in call order; ``facts``: per task key its name, weight and tuned
     kernel time at the share (from :func:`spatialtune.models.compile.records_for`); ``ort``: what
     :func:`~spatialtune.models.in_worker.profile_onnxruntime` returned; ``in_model``, if given, what
     :func:`~spatialtune.models.in_worker.profile_compiled` returned for the share-tuned model, its
-    functions given to tasks by ``functions`` (:func:`call_order`'s function names -> task keys)."""
+    functions given to tasks by ``functions`` (:func:`call_order`'s function names -> task keys);
+    ``sizes``, if given, each task's outputs' elements, to match the nodes by what they compute
+    where ORT's profile has their output shapes (:func:`match_nodes`)."""
     nodes = ort["nodes"]
-    where = match_nodes([nd["op"] for nd in nodes], [facts[k]["name"] for k in calls])
+    by_size = sizes is not None and all(nd.get("size") for nd in nodes if node_ops(nd["op"])[1])
+    where = match_nodes([nd["op"] for nd in nodes], [facts[k]["name"] for k in calls],
+                        [nd.get("size") for nd in nodes] if by_size else None,
+                        [tuple(sizes.get(k, ())) for k in calls] if by_size else None,
+                        [nd["time_s"] for nd in nodes] if by_size else None)
     tasks = {k: TaskTime(k, f["name"], f["weight"], None if f["time_s"] is None else f["weight"] * f["time_s"], 0.0)
              for k, f in facts.items()}
     outside = TaskTime(None, "outside tuned kernels", 0, None, 0.0)
@@ -188,6 +250,14 @@ def breakdown(ratio: float, calls: Sequence[str], facts: dict[str, dict], tvm_to
     ordered = sorted(tasks.values(), key=lambda t: (-(t.tvm_s or 0.0), -t.ort_s, t.name))
     return Breakdown(ratio, tvm_total_s, ort["total_s"], ordered, outside,
                      None if in_model is None else in_model["total_s"])
+
+
+def output_sizes(tasks) -> dict[str, tuple[int, ...]]:
+    """Per task key, the elements of each output its function writes (what a node's output is
+    matched against, :func:`match_nodes`)."""
+    import math
+
+    return {w.key: tuple(math.prod(shape) for shape, _ in w.prim.outputs) for w in tasks if w.prim is not None}
 
 
 def call_order(model, tasks, functions: dict[str, str | None] | None = None) -> list[str]:
