@@ -172,8 +172,8 @@ class TaskTime:
     tvm_s: float | None  # weight x the tuned kernel's median at the share (None: the task had no config)
     ort_s: float  # the ONNX Runtime nodes matched to it, per run
     ort_nodes: list[str] = field(default_factory=list)  # "name (op)"
-    # its kernels' time per run as the model ran them (the VM's instrument hook); outside: the
-    # latency minus every task's. None where the compiled model was not profiled
+    # its kernels' time per run as the model ran them (the VM's instrument hook); outside: that
+    # run's time minus every task's. None where the compiled model was not profiled
     in_model_s: float | None = None
 
     @property
@@ -244,8 +244,8 @@ def breakdown(ratio: float, calls: Sequence[str], facts: dict[str, dict], tvm_to
             key = (functions or {}).get(symbol)
             if key in tasks:
                 tasks[key].in_model_s += f["time_s"]
-        # against the hooked run's own total, not the timed latency: the two are runs minutes
-        # apart on a host whose speed drifts by several percent
+        # against the hooked run's own total, not the timed latency: they are separate runs on a
+        # host whose speed drifts by several percent
         outside.in_model_s = in_model["total_s"] - sum(t.in_model_s for t in tasks.values())
     ordered = sorted(tasks.values(), key=lambda t: (-(t.tvm_s or 0.0), -t.ort_s, t.name))
     return Breakdown(ratio, tvm_total_s, ort["total_s"], ordered, outside,
