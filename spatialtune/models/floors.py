@@ -31,6 +31,7 @@ from .e2e import ModelOptions, random_feeds, share_worker
 from .importer import extract_workloads, load_onnx
 from .profile import breakdown, call_order, output_sizes
 
+
 def profile_floors(path: str | Path, ratios: Sequence[float], db: TuningDatabase, *, shapes: dict | None = None,
                    options: ModelOptions | None = None,
                    progress: Callable[[str], None] | None = None) -> dict[float, dict[str, float]]:

@@ -90,13 +90,19 @@ def profile_compiled(name: str, settings: dict) -> dict:
         return 0  # VMInstrumentReturnKind.NO_OP: run the call as usual
 
     vm.set_instrument(hook)
-    runs, t0 = 0, clock()
-    while runs < 2 or (clock() - t0) * 1e3 < settings.get("min_repeat_ms", 50) * settings.get("rounds", 5):
-        main(*args)
-        runs += 1
-    total = clock() - t0
+    runs, total = _profiled_runs(lambda: main(*args), settings)
     return {"functions": {s: {"calls": calls[s] // runs, "time_s": spent[s] / runs} for s in spent},
             "total_s": total / runs, "runs": runs}
+
+
+def _profiled_runs(call: Callable[[], Any], settings: dict) -> tuple[int, float]:
+    """Runs of ``call`` for ``rounds`` x at least ``min_repeat_ms`` (at least two), as a profile
+    takes them: (how many, seconds in all)."""
+    runs, t0 = 0, time.perf_counter()
+    while runs < 2 or (time.perf_counter() - t0) * 1e3 < settings.get("min_repeat_ms", 50) * settings.get("rounds", 5):
+        call()
+        runs += 1
+    return runs, time.perf_counter() - t0
 
 
 def _session(model_path: str, profile_prefix: str | None = None, spinning: bool = False):
@@ -206,12 +212,7 @@ def profile_onnxruntime(model_path: str, feeds: dict[str, np.ndarray], settings:
     sess, _ = _session(model_path, prefix)
     _warm(lambda: sess.run(None, feeds), settings)
     sess.run(None, feeds)
-    t_start = time.perf_counter()
-    runs = 0
-    while runs < 2 or (time.perf_counter() - t_start) * 1e3 < settings.get("min_repeat_ms", 50) * \
-            settings.get("rounds", 5):
-        sess.run(None, feeds)
-        runs += 1
+    runs, _ = _profiled_runs(lambda: sess.run(None, feeds), settings)
     path = sess.end_profiling()
     try:
         with open(path) as f:

@@ -94,13 +94,13 @@ def match_nodes(nodes: Sequence[str], calls: Sequence[str], node_sizes: Sequence
         return _in_order(nodes, calls, weights)
     kinds = [node_ops(op) for op in nodes]
     cops = [task_ops(c) for c in calls]
+    family = [_family(c) for c in cops]
     out: list[int | None] = [None] * len(nodes)
-    heavy_calls = [j for j, c in enumerate(cops) if _family(c)]
     taken: set[int] = set()
     for by_size in (True, False):
         for i, (ops, heavy) in enumerate(kinds):
             if heavy and out[i] is None:
-                out[i] = next((j for j in heavy_calls if j not in taken and _family(cops[j]) == _family(ops)
+                out[i] = next((j for j, f in enumerate(family) if f and j not in taken and f == _family(ops)
                                and (not by_size or node_sizes[i] in call_sizes[j])), None)
                 if out[i] is not None:
                     taken.add(out[i])
@@ -112,7 +112,7 @@ def match_nodes(nodes: Sequence[str], calls: Sequence[str], node_sizes: Sequence
             out[i] = last
         else:
             rest.append(i)
-    light = [j for j, c in enumerate(cops) if not _family(c)]
+    light = [j for j, f in enumerate(family) if not f]
     for i, k in zip(rest, _in_order([nodes[i] for i in rest], [calls[j] for j in light],
                                     None if weights is None else [weights[i] for i in rest])):
         out[i] = None if k is None else light[k]
