@@ -43,6 +43,7 @@ from spatialtune.models.importer import space_from_onnx  # noqa: E402
 from spatialtune.models.layout import parse_layout  # noqa: E402
 from spatialtune.store.model_runs import FLOOR_KIND, ModelRun  # noqa: E402
 from spatialtune.store.database import TuningDatabase  # noqa: E402
+from spatialtune.terms import AUTO, COLD, model_interference  # noqa: E402
 from spatialtune.tuning import TuneOptions, tune  # noqa: E402
 from spatialtune.workloads.spec import load_space  # noqa: E402
 
@@ -216,6 +217,10 @@ def main() -> int:
                          "ORT's nodes for it leaves its trials to the tasks behind theirs)")
     ap.add_argument("--rerank-cold", type=int, default=0, metavar="K",
                     help="share-tuned: each task's fastest of its K fastest kernels out of cache (model --rerank-cold)")
+    ap.add_argument("--interference", default=AUTO,
+                    help="the condition the tasks are tuned under and the models compiled from: none (kernels timed "
+                         "back to back) or cold (each run with the caches emptied but the activations, as inside the "
+                         "model); default auto, as the CLI: cold")
     ap.add_argument("--table-only", action="store_true",
                     help="print the tables from the results saved under --out (MODEL-result.json); measure nothing")
     ap.add_argument("--write-onnx", metavar="DIR", default=None,
@@ -229,6 +234,8 @@ def main() -> int:
     layouts = [x.strip() for x in (a.layouts or ("nchw,NCHW8c" if a.quick else "auto")).split(",") if x.strip()]
     for x in layouts:
         parse_layout(x)  # a bad name is one line before anything runs
+    if a.interference not in (AUTO, "none", COLD):
+        _die(f"--interference {a.interference!r}: auto, none or {COLD} (a model runs with no neighbour here)")
     if a.table_only:  # every layout saved for these models
         names = [m for m in a.models.split(",") if m.strip()] + [Path(f).stem for f in a.onnx]
         return print_saved(out, [f.name[: -len("-result.json")] for m in names
@@ -255,19 +262,20 @@ def main() -> int:
         (out / f"{name}.toml").write_text(text)
         tasks = load_space(out / f"{name}.toml").workloads
         trials = a.trials or (len(tasks) if a.quick else 256)
-        opts = TuneOptions(trials=trials, scheduler="gradient", baselines=not a.quick,
+        cond = model_interference(a.interference, tasks)
+        opts = TuneOptions(trials=trials, scheduler="gradient", baselines=not a.quick, interference=cond,
                            **(dict(batch=1, population=16, genetic_iters=1,
                                    run=RunSettings(repeat=2, min_repeat_ms=5, warmup_ms=5)) if a.quick else {}))
         shares, new = {}, 0
         mopts = dataclasses.replace(ModelOptions(rounds=2, min_repeat_ms=5, warmup_ms=5) if a.quick else ModelOptions(),
-                                    layout=layout, rerank_cold=a.rerank_cold)
+                                    layout=layout, rerank_cold=a.rerank_cold, interference=cond)
         with TuningDatabase(db_path) as db:
             if a.floors:  # ONNX Runtime's time per task at each share, what the scheduler tunes towards
                 profile_floors(onnx_path, ratios, db, shapes=shapes, options=mopts, progress=print)
             for i, r in enumerate(ratios):  # one share at a time, each with what the earlier ones found
                 t0 = time.perf_counter()
                 new += sum(x.new_trials for x in tune(tasks, [r], db, opts).results)
-                shares[f"{r:g}"] = {"tune_s": time.perf_counter() - t0, **reach(db, tasks, r)}
+                shares[f"{r:g}"] = {"tune_s": time.perf_counter() - t0, **reach(db, tasks, r, cond)}
                 if i and a.scratch:  # the same share tuned again, knowing nothing of the others
                     with TuningDatabase(out / f"{name}-scratch-{r:g}.sqlite") as fresh:
                         for row in db.baselines(ratio=r, kind=FLOOR_KIND) if a.floors else ():
@@ -275,10 +283,11 @@ def main() -> int:
                         t0 = time.perf_counter()
                         tune(tasks, [r], fresh, opts)
                         shares[f"{r:g}"]["scratch"] = {"tune_s": time.perf_counter() - t0,
-                                                       **reach(fresh, tasks, r, shares[f"{r:g}"]["final_s"])}
+                                                       **reach(fresh, tasks, r, cond,
+                                                                     shares[f"{r:g}"]["final_s"])}
             res = measure_model(onnx_path, ratios, db, shapes=shapes, options=mopts)
         tune_s = sum(v["tune_s"] for v in shares.values())
-        head = f"{name}: {len(tasks)} tasks, {trials} trials per share"
+        head = f"{name}: {len(tasks)} tasks, {trials} trials per share, tuned under {cond}"
         print(f"\n{head} ({new} measured now, tuning {tune_s:.0f} s)")
         results.append((name, res))
         print(table(res))
@@ -328,12 +337,12 @@ def print_saved(out: Path, names: list[str]) -> int:
     return 0
 
 
-def reach(db, tasks, ratio: float, ref_s: float | None = None) -> dict:
+def reach(db, tasks, ratio: float, interference: str = "none", ref_s: float | None = None) -> dict:
     """How the share's tuning converged, from its measurements in order: the model's kernel time
     (sum of weight x each task's best so far, once every task has one), ``final_s`` at the end, and
     ``trials_to_95``: the trials (failed ones count) after which it was within 95 % of ``ref_s``
     (default its own final), None if never."""
-    rows = sorted((m for w in tasks for m in db.measurements(workload_key=w.key, ratio=ratio, interference="none")),
+    rows = sorted((m for w in tasks for m in db.measurements(workload_key=w.key, ratio=ratio, interference=interference)),
                   key=lambda m: m.id)
     weight = {w.key: w.weight for w in tasks}
     best: dict[str, float] = {}

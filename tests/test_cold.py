@@ -1,6 +1,8 @@
 """A share's model compiled with the kernel fastest out of cache (models.cold, ``model
 --rerank-cold K``): each timed run follows an eviction, the pick is among the task's K fastest
 distinct kernels at the share, and the model still matches ONNX Runtime."""
+import json
+
 import numpy as np
 
 from spatialtune.measure import in_worker
@@ -18,8 +20,11 @@ from test_models import QUICK, dense_block
 def test_every_cold_run_follows_an_eviction_of_twice_the_last_level_cache(monkeypatch):
     events = []
     monkeypatch.setattr(in_worker, "evict", lambda: events.append("evict"))
-    times = in_worker._cold_times(lambda: events.append("run"), 4)
+    times = in_worker.cold_times(lambda: events.append("run"), 4)
     assert len(times) == 4 and events == ["evict", "run"] * 4
+    events.clear()  # a model task's activations are written back between the eviction and the run
+    in_worker.cold_times(lambda: events.append("run"), 2, refill=lambda: events.append("refill"))
+    assert events == ["evict", "refill", "run"] * 2
     assert in_worker._llc_bytes() >= 1 << 20
 
 
@@ -59,3 +64,31 @@ def test_a_model_compiled_with_its_out_of_cache_picks_runs_and_matches_onnx_runt
     assert all(f["origin"].startswith("out of cache") for f in facts)
     assert "rank" not in str(rows["whole-tuned"].detail)  # the 100 %-tuned compile is the tuner's picks
     assert np.isfinite(rows["onnxruntime"].latency_s)
+
+
+def test_a_model_tuned_under_cold_compiles_from_those_records_and_none_does_not_see_them(tmp_path):
+    """``cold`` keeps its rows apart (another condition of the key); ``model`` compiles them by
+    default once there are some, and ``--interference none`` finds nothing tuned."""
+    dense_block(tmp_path / "m.onnx")
+    run_cli("workloads", "--from-onnx", tmp_path / "m.onnx", "--shape", "x=4,16", "--out", tmp_path / "m.toml",
+            check=True)
+    ws = load_space(tmp_path / "m.toml").workloads
+    db_path = tmp_path / "c.sqlite"
+    with TuningDatabase(db_path) as db:
+        tune(ws, [100], db, TuneOptions(trials=len(ws) + 1, baselines=False, confirm_top=0, interference="cold", **QUICK))
+        rows = db.measurements(status="ok")
+        assert rows and {m.interference for m in rows} == {"cold"}
+    # the default (auto) compiles the records of cold, since there are some for these tasks
+    p = run_cli("model", tmp_path / "m.onnx", "--shape", "x=4,16", "--ratios", "100", "--rounds", "1",
+                "--min-repeat-ms", "1", "--json", "--db", db_path)
+    assert p.returncode == 0, p.stderr
+    rows = {r["variant"]: r for r in json.loads(p.stdout)}
+    st = rows["share-tuned"]
+    assert st["status"] == "ok" and st["rel_err"] < 1e-4 and st["tuned_tasks"] == st["n_tasks"] == len(ws)
+    assert st["detail"]["records"] == "cold"  # the model ran alone: the condition is its kernels'
+    p = run_cli("model", tmp_path / "m.onnx", "--shape", "x=4,16", "--ratios", "100", "--rounds", "1",
+                "--min-repeat-ms", "1", "--interference", "none", "--json", "--db", db_path)
+    assert p.returncode == 0, p.stderr
+    assert {r["variant"]: r for r in json.loads(p.stdout)}["share-tuned"]["tuned_tasks"] == 0
+    p = run_cli("model", tmp_path / "m.onnx", "--interference", "lukewarm", "--db", db_path)
+    assert p.returncode == 2 and "unknown interference 'lukewarm'" in p.stderr and "Traceback" not in p.stderr

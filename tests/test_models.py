@@ -13,7 +13,7 @@ from spatialtune.measure.runner import RunSettings
 from spatialtune.store.database import TuningDatabase
 from spatialtune.tuning import TuneOptions, tune
 from spatialtune.tuning.scheduler import TaskState, costliest, due_fractions, pick_task
-from spatialtune.workloads.spec import load_space
+from spatialtune.workloads.spec import Workload, load_space
 
 from conftest import run_cli
 
@@ -78,6 +78,8 @@ def test_a_two_layer_mlp_yields_its_fused_tasks(mlp_space):
     assert relu.prim.args == (((4, 16), "float32"), ((16, 32), "float32"), ((32,), "float32"), ((4, 32), "float32"))
     assert relu.prim.n_outputs == 1
     assert relu.flops >= 2 * 4 * 16 * 32  # TVM's estimate: the matmul, plus the epilogue
+    # the weight and the bias are the model's constants: ``cold`` times them out of the caches
+    assert relu.prim.weights == (1, 2) and relu.prim.activations == [0]
 
 
 def test_the_space_file_round_trips_and_an_edited_script_is_refused(mlp_space, tmp_path):
@@ -85,8 +87,16 @@ def test_the_space_file_round_trips_and_an_edited_script_is_refused(mlp_space, t
 
     fresh = extract_workloads(load_onnx(mlp_space / "mlp.onnx", {"x": (4, 16)}))
     read = load_space(mlp_space / "mlp.toml").workloads
-    assert sorted((w.key, w.prim.script) for w in fresh) == sorted((w.key, w.prim.script) for w in read)
+    assert sorted((w.key, w.prim.script, w.prim.weights) for w in fresh) == sorted(
+        (w.key, w.prim.script, w.prim.weights) for w in read)
+    assert all(Workload.from_dict(w.to_dict()).prim == w.prim for w in read)  # as a worker gets it
     text = (mlp_space / "mlp.toml").read_text()
+    for bad in ("[3]", "[true]", '"1"'):
+        (tmp_path / "w.toml").write_text(text.replace("weights = [1, 2]", f"weights = {bad}", 1))
+        with pytest.raises(SpecError, match=r"workload\[\d\]\.weights: must be a list of input indices below 3"):
+            load_space(tmp_path / "w.toml")
+    (tmp_path / "old.toml").write_text(text.replace("weights = [1, 2]\n", "", 1))  # a task written before the field
+    assert {w.prim.weights for w in load_space(tmp_path / "old.toml").workloads} == {None, (1, 2)}
     edited = tmp_path / "edited.toml"
     edited.write_text(text.replace("T.max(", "T.min(", 1))
     with pytest.raises(SpecError, match=r"workload\[\d\]\.hash: the script hashes to"):

@@ -384,3 +384,36 @@ def test_a_measuring_worker_computes_its_references_on_one_blas_thread():
     with Worker(init="spatialtune.measure.in_worker:init_measure_worker", init_args=("cpu", share, "cpu"),
                 env={"OPENBLAS_NUM_THREADS": str(share.units)}) as w:
         assert w.call("spatialtune.measure.blas:get_threads", timeout=60) == 1
+
+
+def test_under_cold_every_kernel_and_numpy_run_is_timed_after_an_eviction(builder, monkeypatch):
+    """``cold`` starts no co-runner; it turns on the settings' cold timing for the kernels and the
+    numpy anchor alike, also when a measuring server changes the runner's settings per request."""
+    from spatialtune.errors import ConfigError
+    from spatialtune.measure import in_worker, runner as runner_mod, vendor
+    from spatialtune.neighbours import create_neighbour
+
+    c = default_candidate(DENSE, TARGET)
+    (b,) = builder.build([BuildInput(c.mod_json, "cold")], TARGET)
+    part = CpuPartition()
+    with LocalRunner(part, settings=RunSettings(repeat=3, min_repeat_ms=1, warmup_ms=1)) as r:
+        (res,) = r.run(part.grant(50), "cold", [RunInput(DENSE.to_dict(), b.artifact)])
+        assert res.status == "ok" and len(res.times) == 3 and res.neighbour_throughput is None
+        seen = []
+        real = runner_mod.metered_call
+        monkeypatch.setattr(runner_mod, "metered_call", lambda w, m, t, fn, *a: seen.append((fn, a[-2])) or real(w, m, t, fn, *a))
+        with r.hold(part.grant(50), "cold") as held:
+            held.measure(RunInput(DENSE.to_dict(), b.artifact))
+            r.settings = RunSettings(repeat=2, min_repeat_ms=1, warmup_ms=1)  # as a server does per request
+            held.numpy(DENSE.to_dict())
+        with r.hold(part.grant(50), "none") as held:
+            held.measure(RunInput(DENSE.to_dict(), b.artifact))
+    assert [(fn.rsplit(":")[1], s.cold, s.repeat) for fn, s in seen] == [
+        ("measure_one", True, 3), ("measure_numpy", True, 2), ("measure_one", False, 2)]
+    events = []
+    monkeypatch.setattr(in_worker, "evict", lambda: events.append("evict"))
+    out = vendor.measure_numpy(DENSE.to_dict(), RunSettings(repeat=2, warmup_ms=1, cold=True), 0)
+    assert out["status"] == "ok" and len(out["times"]) == 2
+    assert events == ["evict"] * 2 * vendor.NUMPY_ROUNDS
+    with pytest.raises(ConfigError, match="CPUs only"):
+        create_neighbour("cold", device_kind="cuda")

@@ -11,6 +11,7 @@ batch goes on (:func:`metered_call`, the one place that does this).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -166,7 +167,7 @@ class LocalRunner(Runner):
         w = self.worker_for(share, start=False)
         neighbour = create_neighbour(interference, partition=self.partition, device_kind=self.device_kind)
         with neighbour.running(share) as meter:
-            yield Held(self, w, meter)
+            yield Held(self, w, meter, cold=neighbour.cold)
 
     def next_seed(self) -> int:
         """A fresh input seed per call, so no two measurements share their random inputs."""
@@ -191,20 +192,27 @@ class Held:
     """A share held with its neighbour running (:meth:`LocalRunner.hold`): measures one input per
     call, through :func:`metered_call` like every measurement."""
 
-    def __init__(self, runner: LocalRunner, worker: Worker, meter):
-        self.runner, self.worker, self.meter = runner, worker, meter
+    def __init__(self, runner: LocalRunner, worker: Worker, meter, cold: bool = False):
+        self.runner, self.worker, self.meter, self.cold = runner, worker, meter, cold
+
+    @property
+    def settings(self) -> RunSettings:
+        """The runner's settings as they are now (a measuring server sets them per request), cold
+        under a neighbour that empties the caches."""
+        s = self.runner.settings
+        return dataclasses.replace(s, cold=True) if self.cold and not s.cold else s
 
     def measure(self, item: RunInput) -> MeasureResult:
-        r = self.runner
-        return MeasureResult(**metered_call(self.worker, self.meter, r.settings.timeout,
+        s = self.settings
+        return MeasureResult(**metered_call(self.worker, self.meter, s.timeout,
                                             "spatialtune.measure.in_worker:measure_one", item.workload, item.artifact,
-                                            item.cubin, r.settings, r.next_seed()))
+                                            item.cubin, s, self.runner.next_seed()))
 
     def numpy(self, workload: dict) -> MeasureResult:
-        r = self.runner
-        return MeasureResult(**metered_call(self.worker, self.meter, r.settings.timeout * 4,
-                                            "spatialtune.measure.vendor:measure_numpy", workload, r.settings,
-                                            r.next_seed()))
+        s = self.settings
+        return MeasureResult(**metered_call(self.worker, self.meter, s.timeout * 4,
+                                            "spatialtune.measure.vendor:measure_numpy", workload, s,
+                                            self.runner.next_seed()))
 
 
 class ReplayRunner(Runner):

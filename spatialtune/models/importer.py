@@ -192,6 +192,7 @@ def extract_workloads(model: ImportedModel, target: dict | None = None, fast_mat
 
     fused = fuse(model.relax_mod, target)
     tasks = extract_tasks(fused, tvm.target.Target(target or EXTRACT_TARGET))
+    consts = constant_args(fused)
     out = []
     for t in tasks:
         script = t.dispatched[0].script()
@@ -200,10 +201,36 @@ def extract_workloads(model: ImportedModel, target: dict | None = None, fast_mat
         except SpecError as e:
             raise SpecError(f"{model.path}: task {t.task_name}: {e}") from None
         task = decide_math(task, fast_math, where=f"{model.name}: {t.task_name}")
+        if t.task_name in consts:
+            task = dataclasses.replace(task, weights=consts[t.task_name])
         out.append(Workload.from_prim(task, name=t.task_name, model=model.name, weight=int(t.weight)))
     out.sort(key=lambda w: (-w.weight * w.flops, w.name))
     log.info("%s: %d tasks", model.name, len(out))
     return out
+
+
+def constant_args(mod) -> dict[str, tuple[int, ...]]:
+    """{PrimFunc name: the indices of its inputs that are constants (the model's weights) at every
+    ``call_tir`` of it in ``mod``'s Relax functions}: what ``cold`` keeps out of the caches when it
+    times the task (:attr:`PrimTask.weights`)."""
+    import tvm
+    from tvm import relax
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    out: dict[str, set[int]] = {}
+    for fn in mod.functions.values():
+        if not isinstance(fn, relax.Function) or not isinstance(fn.body, relax.SeqExpr):
+            continue
+        for block in fn.body.blocks:
+            for b in block.bindings:
+                v = b.value
+                if not (isinstance(v, relax.Call) and v.op == call_tir):
+                    continue
+                args = v.args[1].fields if isinstance(v.args[1], relax.Tuple) else [v.args[1]]
+                here = {i for i, a in enumerate(args) if isinstance(a, tvm.ir.expr.Constant)}
+                name = v.args[0].name_hint
+                out[name] = out[name] & here if name in out else here
+    return {k: tuple(sorted(v)) for k, v in out.items()}
 
 
 def decide_math(task: PrimTask, fast_math: bool = True, where: str = "") -> PrimTask:
@@ -233,7 +260,12 @@ def merge_tasks(per_model: Sequence[Sequence[Workload]]) -> list[Workload]:
             if w.key in by_key:
                 o = by_key[w.key]
                 models = ", ".join(dict.fromkeys([*o.model.split(", "), w.model]))
-                by_key[w.key] = Workload.from_prim(o.prim, name=o.name, model=models, weight=o.weight + w.weight)
+                prim = o.prim
+                if o.prim.weights is not None and w.prim.weights is not None:  # a weight in both models
+                    prim = dataclasses.replace(prim, weights=tuple(sorted(set(o.prim.weights) & set(w.prim.weights))))
+                elif w.prim.weights is None:
+                    prim = dataclasses.replace(prim, weights=None)
+                by_key[w.key] = Workload.from_prim(prim, name=o.name, model=models, weight=o.weight + w.weight)
             else:
                 by_key[w.key] = w
     out: list[Workload] = []

@@ -72,6 +72,8 @@ class Neighbour(ABC):
     yields a :class:`Meter`, and stops it on exit, also on errors. Reusable."""
 
     name: str = "none"
+    # Whether each timed run starts with the caches emptied (the measuring settings' ``cold``).
+    cold: bool = False
 
     @abstractmethod
     def running(self, share) -> contextlib.AbstractContextManager[Meter]: ...
@@ -83,6 +85,20 @@ class NoNeighbour(Neighbour):
     @contextlib.contextmanager
     def running(self, share) -> Iterator[Meter]:
         yield Meter()
+
+
+class ColdCaches(NoNeighbour):
+    """``cold``: nothing runs beside the kernel, but each timed run starts right after a buffer
+    twice the last-level cache was written (``measure.in_worker.evict``), so it finds none of its
+    data in the caches but a model task's activations, written again after the eviction
+    (``PrimTask.weights`` says which inputs are not). That is how a model's task runs: the layer
+    before it leaves its input in the caches and the layers since its last call have evicted its
+    weights, while a kernel timed back to back on its own buffers keeps them cached, so the tuner
+    ranks kernels by a speed they do not have inside the model (docs/models.md). An operator's
+    kernel starts all cold, as after another tenant time-shared its cores."""
+
+    name = "cold"
+    cold = True
 
 
 class ProcessNeighbour(Neighbour):

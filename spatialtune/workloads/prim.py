@@ -58,6 +58,11 @@ class PrimTask:
     # build as vectorisable approximations; see .fastmath); not part of the key, which says what
     # is computed, not how it is built
     exact_math: str = ""
+    # Which inputs are the model's weights (constants at every call of the task): a measurement
+    # under ``cold`` brings the others back into the caches after each eviction, as the layers
+    # before the task leave its activations there. None: not known (every input starts cold).
+    # Not part of the key either: it says how the model feeds the task, not what it computes.
+    weights: tuple[int, ...] | None = None
 
     @property
     def key(self) -> str:
@@ -87,7 +92,8 @@ class PrimTask:
     def to_dict(self) -> dict[str, Any]:
         d = {"script": self.script, "hash": self.hash, "task": self.task,
              "args": [[list(s), dt] for s, dt in self.args], "n_outputs": self.n_outputs, "flops": self.flops}
-        return d | ({"exact_math": self.exact_math} if self.exact_math else {})
+        return (d | ({"exact_math": self.exact_math} if self.exact_math else {})
+                | ({"weights": list(self.weights)} if self.weights is not None else {}))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PrimTask":
@@ -95,7 +101,8 @@ class PrimTask:
         try:
             return cls(script=str(d["script"]), hash=str(d["hash"]), task=str(d["task"]),
                        args=tuple((tuple(int(x) for x in s), str(dt)) for s, dt in d["args"]),
-                       n_outputs=int(d["n_outputs"]), flops=int(d["flops"]), exact_math=str(d.get("exact_math", "")))
+                       n_outputs=int(d["n_outputs"]), flops=int(d["flops"]), exact_math=str(d.get("exact_math", "")),
+                       weights=None if d.get("weights") is None else tuple(int(i) for i in d["weights"]))
         except (KeyError, TypeError, ValueError) as e:
             raise SpecError(f"not a PrimFunc workload ({type(e).__name__}: {e})") from None
 
@@ -103,6 +110,11 @@ class PrimTask:
         return parse_module(self.script)
 
     # -- inputs, outputs, reference ------------------------------------------------------------
+
+    @property
+    def activations(self) -> list[int]:
+        """The inputs that are not weights, when the weights are known; else none."""
+        return [] if self.weights is None else [i for i in range(len(self.inputs)) if i not in self.weights]
 
     def random_inputs(self, rng: np.random.Generator) -> list[np.ndarray]:
         """Floats uniform in [-1, 1]; integers and booleans zero, since an integer input of a fused

@@ -40,6 +40,8 @@ def format_space(name: str, description: str, workloads: Sequence[Workload]) -> 
             lines.append(f"hash = {json.dumps(p.hash)}")
             if p.exact_math:  # a task that builds with exact math on a CPU, and why (see workloads.fastmath)
                 lines.append(f"exact_math = {json.dumps(p.exact_math)}")
+            if p.weights is not None:  # inputs that are the model's weights (how ``cold`` times the task)
+                lines.append(f"weights = {list(p.weights)}")
             shapes = ", ".join(f"{'x'.join(map(str, s)) or 'scalar'} {dt}" for s, dt in p.args)
             lines.append(f"# {p.flops / 1e6:.3g} MFLOP; {shapes} (last {p.n_outputs} written)")
             lines.append(f"script = {_string(p.script)}")

@@ -321,7 +321,7 @@ def _entry_dtypes(e: Mapping[str, Any], at: str, op) -> list[str]:
 
 
 
-PRIM_FIELDS = ("name", "task", "model", "weight", "hash", "script", "exact_math")
+PRIM_FIELDS = ("name", "task", "model", "weight", "hash", "script", "exact_math", "weights")
 
 
 def _prim_entry(e: Mapping[str, Any], at: str) -> Workload:
@@ -349,4 +349,10 @@ def _prim_entry(e: Mapping[str, Any], at: str) -> Workload:
                         "another TVM; extract the model's tasks again")
     if e.get("exact_math"):
         task = dataclasses.replace(task, exact_math=e["exact_math"])
+    if "weights" in e:
+        ws, n = e["weights"], len(task.inputs)
+        if not isinstance(ws, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in ws):
+            raise SpecError(f"{at}.weights: must be a list of input indices below {n} (the inputs that are the model's "
+                            f"weights), got {ws!r}")
+        task = dataclasses.replace(task, weights=tuple(sorted(set(ws))))
     return Workload.from_prim(task, name=name, model=e.get("model", ""), weight=weight)
