@@ -155,7 +155,8 @@ t0 = time.time()
 w = Workload.from_dict(a["workload"])
 target = tvm.target.Target(a["target"])
 wd = a["work_dir"]
-os.makedirs(wd, exist_ok=True)
+shutil.rmtree(wd, ignore_errors=True)  # a run stopped midway left its records: this run starts where it says
+os.makedirs(wd)
 n_warm = 0
 if a["warm_from"]:  # the earlier shares' database: the evolutionary search seeds from its top records
     for f in ("database_workload.json", "database_tuning_record.json"):
@@ -173,7 +174,9 @@ else:
                                                              enable_cpu_cache_flush=False))
 batches = []
 db = ms.tune_tir(w.ir_module(), target, wd, max_trials_global=a["trials"], num_trials_per_iter=16,
-                 builder=ms.builder.LocalBuilder(timeout_sec=300, max_workers=len(os.sched_getaffinity(0)),
+                 # MetaSchedule's default build timeout (30 s), as users run it: at 300 s a few
+                 # pathological batch-matmul builds held the search for 5 minutes each
+                 builder=ms.builder.LocalBuilder(max_workers=len(os.sched_getaffinity(0)),
                                                  initializer=register_cpu_intrinsics),
                  runner=runner, seed=a["seed"],
                  measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), Clock(t0, batches)])

@@ -105,3 +105,8 @@ def test_a_warm_tune_tir_starts_from_the_earlier_share_records(tmp_path):
     assert len(records) == len(first["rows"]) + len(warm["rows"])
     assert [json.loads(x) for x in records[:len(first["rows"])]] == \
         [json.loads(x) for x in (tmp_path / "a" / "database_tuning_record.json").read_text().splitlines()]
+    # a run in the same directory (a benchmark resumed after a stop) starts empty again: the
+    # records a stopped run left there would be a warm start nobody asked for
+    again = run_tune_tir(w, part.grant(100), 2, 0, tmp_path / "a", run)
+    assert again["warm_records"] == 0 and again["picked_from_db"][:1] == [0]
+    assert len((tmp_path / "a" / "database_tuning_record.json").read_text().splitlines()) == len(again["rows"])

@@ -271,3 +271,24 @@ def test_replay_runner_returns_what_was_recorded(tuned_db, tmp_path, demo_space)
             else:
                 assert m.status == "runtime_error"
         assert db.baselines() == []
+
+
+def test_a_search_that_fails_inside_tvm_costs_its_key_not_the_job(tmp_path, demo_space, monkeypatch, caplog):
+    from spatialtune.search.policy import SharePolicy
+
+    broken, fine = demo_space.select(["dense_small"])[0], demo_space.select(["bmm_small"])[0]
+    real = SharePolicy.ask
+
+    def ask(self, n):
+        if self.workload.key == broken.key:
+            raise RuntimeError("parallel_for_dynamic error with Check failed: (args.size() == ...) is false:")
+        return real(self, n)
+
+    monkeypatch.setattr(SharePolicy, "ask", ask)
+    opts = TuneOptions(trials=3, batch=3, baselines=False, confirm_top=0, tile_seeds=0, transfer_top=0,
+                       run=RunSettings(repeat=2, min_repeat_ms=1, warmup_ms=1))
+    with TuningDatabase(tmp_path / "t.sqlite") as db:
+        tune([broken, fine], [100], db, opts)
+        assert db.count_measurements(workload_key=fine.key, status="ok") > 0
+        assert db.count_measurements(workload_key=broken.key) == 0
+    assert f"{broken.key} @ 100%: the search failed (RuntimeError: parallel_for_dynamic" in caplog.text

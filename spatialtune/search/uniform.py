@@ -47,11 +47,21 @@ class UniformSampler(Search):
     def tell(self, candidates: Sequence[Candidate], times: Sequence[float | None]) -> None:
         self.measured.update(c.mod_hash for c in candidates)
 
+    @property
+    def strategy(self):
+        """MetaSchedule's ``ReplayTrace`` over this space: what draws the samples."""
+        return self.space.ctx.search_strategy
+
     def _refill(self) -> None:
-        strat = self.space.ctx.search_strategy
+        strat = self.strategy
         strat.pre_tuning(max_trials=self.chunk, num_trials_per_iter=self.chunk, design_spaces=self.space.spaces)
         try:
             got = strat.generate_measure_candidates() or []
+        except Exception as e:  # a check failing inside TVM's sampling: this chunk is lost, not the job
+            got = []
+            log.warning("%s: MetaSchedule's sampling failed (%s); %s", self.space.workload.key,
+                        (str(e).strip().splitlines() or [type(e).__name__])[0][:200],
+                        "trying another chunk" if self._dry < 2 else "no more samples for this key")
         finally:
             strat.post_tuning()
         self._buffer.extend(got)

@@ -51,7 +51,13 @@ class KeySearch:
         if transfers:
             cands, self.transfers = self.transfers[:want], self.transfers[want:]
         else:
-            cands = self.policy.ask(min(job.opt.batch, want))
+            try:
+                cands = self.policy.ask(min(job.opt.batch, want))
+            except Exception as e:  # a search failing inside TVM costs this key its trials, not the job
+                job.stage.add("search", time.perf_counter() - t0)
+                log.error("%s @ %g%%: the search failed (%s: %s); no more trials for this key", self.w.key,
+                          self.share.key_ratio, type(e).__name__, (str(e).strip().splitlines() or [""])[0][:200])
+                return False
         job.stage.add("search", time.perf_counter() - t0)
         if not cands:
             log.info("%s @ %g%%: search space exhausted", self.w.key, self.share.key_ratio)
