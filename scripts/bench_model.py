@@ -43,7 +43,7 @@ from spatialtune.models.importer import space_from_onnx  # noqa: E402
 from spatialtune.models.layout import parse_layout  # noqa: E402
 from spatialtune.store.model_runs import FLOOR_KIND, ModelRun  # noqa: E402
 from spatialtune.store.database import TuningDatabase  # noqa: E402
-from spatialtune.terms import AUTO, COLD, model_interference  # noqa: E402
+from spatialtune.terms import COLD  # noqa: E402
 from spatialtune.tuning import TuneOptions, tune  # noqa: E402
 from spatialtune.workloads.spec import load_space  # noqa: E402
 
@@ -217,10 +217,10 @@ def main() -> int:
                          "ORT's nodes for it leaves its trials to the tasks behind theirs)")
     ap.add_argument("--rerank-cold", type=int, default=0, metavar="K",
                     help="share-tuned: each task's fastest of its K fastest kernels out of cache (model --rerank-cold)")
-    ap.add_argument("--interference", default=AUTO,
-                    help="the condition the tasks are tuned under and the models compiled from: none (kernels timed "
-                         "back to back) or cold (each run with the caches emptied but the activations, as inside the "
-                         "model); default auto, as the CLI: cold")
+    ap.add_argument("--interference", default="none",
+                    help="the condition the tasks are tuned under and the models compiled from: none (default: "
+                         "kernels timed back to back) or cold (each run with the caches emptied but for the task's "
+                         "activations)")
     ap.add_argument("--table-only", action="store_true",
                     help="print the tables from the results saved under --out (MODEL-result.json); measure nothing")
     ap.add_argument("--write-onnx", metavar="DIR", default=None,
@@ -234,8 +234,8 @@ def main() -> int:
     layouts = [x.strip() for x in (a.layouts or ("nchw,NCHW8c" if a.quick else "auto")).split(",") if x.strip()]
     for x in layouts:
         parse_layout(x)  # a bad name is one line before anything runs
-    if a.interference not in (AUTO, "none", COLD):
-        _die(f"--interference {a.interference!r}: auto, none or {COLD} (a model runs with no neighbour here)")
+    if a.interference not in ("none", COLD):
+        _die(f"--interference {a.interference!r}: none or {COLD} (a model runs with no neighbour here)")
     if a.table_only:  # every layout saved for these models
         names = [m for m in a.models.split(",") if m.strip()] + [Path(f).stem for f in a.onnx]
         return print_saved(out, [f.name[: -len("-result.json")] for m in names
@@ -262,7 +262,7 @@ def main() -> int:
         (out / f"{name}.toml").write_text(text)
         tasks = load_space(out / f"{name}.toml").workloads
         trials = a.trials or (len(tasks) if a.quick else 256)
-        cond = model_interference(a.interference, tasks)
+        cond = a.interference
         opts = TuneOptions(trials=trials, scheduler="gradient", baselines=not a.quick, interference=cond,
                            **(dict(batch=1, population=16, genetic_iters=1,
                                    run=RunSettings(repeat=2, min_repeat_ms=5, warmup_ms=5)) if a.quick else {}))

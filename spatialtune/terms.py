@@ -163,21 +163,6 @@ def parse_condition(text: str) -> Condition:
 CPU_NEIGHBOURS = ("compute", "memory")
 # No co-runner, but every timed run starts with the caches emptied (spatialtune.neighbours.base.ColdCaches).
 COLD = "cold"
-# A model's tasks: ``cold`` where the tasks' weights are known (tuning) or tuned so (compiling).
-AUTO = "auto"
-
-
-def model_interference(asked: str, tasks, *, tuned=None) -> str:
-    """The condition a model's tasks are tuned (``tuned`` None) or compiled from for ``asked``:
-    itself, or for ``auto``, ``cold`` when every task knows which of its inputs are weights (a
-    space extracted from a model; an operator or an older space stays ``none``), or when compiling,
-    when ``tuned(COLD)`` says the database has rows of these tasks under it."""
-    if asked != AUTO:
-        return check_interference(asked)
-    if tuned is not None:
-        return COLD if tuned(COLD) else "none"
-    ok = bool(tasks) and all(getattr(w, "prim", None) is not None and w.prim.weights is not None for w in tasks)
-    return COLD if ok else "none"
 
 
 def check_interference(spec: str) -> str:

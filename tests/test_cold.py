@@ -67,8 +67,8 @@ def test_a_model_compiled_with_its_out_of_cache_picks_runs_and_matches_onnx_runt
 
 
 def test_a_model_tuned_under_cold_compiles_from_those_records_and_none_does_not_see_them(tmp_path):
-    """``cold`` keeps its rows apart (another condition of the key); ``model`` compiles them by
-    default once there are some, and ``--interference none`` finds nothing tuned."""
+    """``cold`` keeps its rows apart (another condition of the key): ``model --interference cold``
+    compiles them, and the default condition (none) finds nothing tuned."""
     dense_block(tmp_path / "m.onnx")
     run_cli("workloads", "--from-onnx", tmp_path / "m.onnx", "--shape", "x=4,16", "--out", tmp_path / "m.toml",
             check=True)
@@ -78,16 +78,15 @@ def test_a_model_tuned_under_cold_compiles_from_those_records_and_none_does_not_
         tune(ws, [100], db, TuneOptions(trials=len(ws) + 1, baselines=False, confirm_top=0, interference="cold", **QUICK))
         rows = db.measurements(status="ok")
         assert rows and {m.interference for m in rows} == {"cold"}
-    # the default (auto) compiles the records of cold, since there are some for these tasks
     p = run_cli("model", tmp_path / "m.onnx", "--shape", "x=4,16", "--ratios", "100", "--rounds", "1",
-                "--min-repeat-ms", "1", "--json", "--db", db_path)
+                "--min-repeat-ms", "1", "--interference", "cold", "--json", "--db", db_path)
     assert p.returncode == 0, p.stderr
     rows = {r["variant"]: r for r in json.loads(p.stdout)}
     st = rows["share-tuned"]
     assert st["status"] == "ok" and st["rel_err"] < 1e-4 and st["tuned_tasks"] == st["n_tasks"] == len(ws)
     assert st["detail"]["records"] == "cold"  # the model ran alone: the condition is its kernels'
     p = run_cli("model", tmp_path / "m.onnx", "--shape", "x=4,16", "--ratios", "100", "--rounds", "1",
-                "--min-repeat-ms", "1", "--interference", "none", "--json", "--db", db_path)
+                "--min-repeat-ms", "1", "--json", "--db", db_path)
     assert p.returncode == 0, p.stderr
     assert {r["variant"]: r for r in json.loads(p.stdout)}["share-tuned"]["tuned_tasks"] == 0
     p = run_cli("model", tmp_path / "m.onnx", "--interference", "lukewarm", "--db", db_path)

@@ -41,9 +41,9 @@ def add_model(sub) -> None:
     p.add_argument("--rerank-cold", type=int, default=0, metavar="K",
                    help="share-tuned: of each task's K fastest kernels at the share, compile the one fastest with its "
                         "data out of the caches, as inside the model (docs/models.md; default 0: the fastest)")
-    p.add_argument("--interference", default="auto",
-                   help="compile the kernels tuned under this condition (default auto: cold, timed with the caches "
-                        "emptied as inside the model, where the model's tasks were tuned so, else none)")
+    p.add_argument("--interference", default="none",
+                   help="compile the kernels tuned under this condition (none, or cold: each run timed after the "
+                        "caches were emptied but for its activations; docs/models.md)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON array instead of tables")
     db_arg(p)
     p.set_defaults(func=_cmd_model)
@@ -52,11 +52,10 @@ def add_model(sub) -> None:
 def _cmd_model(a) -> int:
     from ..models.e2e import ModelOptions, measure_model
     from ..models.importer import parse_shapes
-    from ..terms import AUTO, check_interference, parse_ratios
+    from ..terms import check_interference, parse_ratios
 
     ratios = parse_ratios(a.ratios)
-    if a.interference != AUTO:
-        check_interference(a.interference)
+    check_interference(a.interference)
     if a.rounds < 1 or a.timeout <= 0 or a.min_repeat_ms < 0 or a.rerank_cold < 0:
         raise ConfigError("--rounds must be at least 1, --timeout positive, --min-repeat-ms and --rerank-cold not "
                           "negative")

@@ -32,9 +32,8 @@ def add_model_export(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="directory for the libraries and manifest.json")
     p.add_argument("--shape", action="append", default=[], metavar="NAME=D1,D2,...",
                    help="static shape of a model input (as given to workloads --from-onnx)")
-    p.add_argument("--interference", default="auto",
-                   help="use the configs tuned under this condition (default auto: cold where the model's tasks were "
-                        "tuned so, else none)")
+    p.add_argument("--interference", default="none",
+                   help="use the configs tuned under this condition (none, cold, ...)")
     p.add_argument("--mcpu", default=None, help="the LLVM CPU the tuning records were measured for")
     p.add_argument("--layout", default="auto",
                    help="convolutions in this layout: auto (default: blocked by this CPU's fp32 vector width when every "

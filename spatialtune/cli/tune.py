@@ -26,9 +26,9 @@ def _what_to_tune(p) -> None:
     p.add_argument("--workload", action="append", default=[], metavar="NAME",
                    help="workload name or key (repeatable; default: all in the space)")
     p.add_argument("--ratios", default="100", help="shares to tune for, percent, e.g. 25,50,100")
-    p.add_argument("--interference", default="auto",
-                   help="none, cold (caches emptied before each run, as inside a model; CPU), compute, memory or "
-                        "tenant:WORKLOAD (default auto: cold for a space extracted from a model on a CPU, else none)")
+    p.add_argument("--interference", default="none",
+                   help="none, cold (each run after the caches were emptied, a model task's activations written "
+                        "back; CPU), compute, memory or tenant:WORKLOAD")
     p.add_argument("--trials", type=int, default=32,
                    help="trials per (workload, share), earlier runs included; for a model's space (--scheduler "
                         "gradient), per share across its tasks")
@@ -97,7 +97,7 @@ def _search(s) -> None:
 
 def _cmd_tune(a) -> int:
     from ..measure.runner import RunSettings
-    from ..terms import AUTO, model_interference, parse_ratios
+    from ..terms import parse_ratios
     from ..tuning import tune
     from ..workloads.spec import load_space
     from .progress import Progress
@@ -106,12 +106,10 @@ def _cmd_tune(a) -> int:
     space = load_space(a.space)
     workloads = space.select(a.workload)
     scheduler = a.scheduler or ("gradient" if all(w.prim is not None for w in workloads) else "each")
-    interference = "none" if a.interference == AUTO and a.target != "cpu" else model_interference(a.interference,
-                                                                                                    workloads)
     if a.timeout <= 0 or a.repeat < 1:
         raise ConfigError("--timeout must be positive and --repeat at least 1")
     opts = TuneOptions(trials=a.trials, batch=a.batch, scheduler=scheduler, time_budget_s=a.time_budget, target=a.target,
-                       partition=a.partition, interference=interference, cost_model=a.cost_model, seed=a.seed,
+                       partition=a.partition, interference=a.interference, cost_model=a.cost_model, seed=a.seed,
                        baselines=not a.no_baselines, build_workers=a.build_workers, population=a.population,
                        genetic_iters=a.genetic_iters, explore=a.explore, local=a.local, diversity=a.diversity,
                        pack_panels=not a.no_pack_panels, tile_seeds=a.tile_seeds,

@@ -33,12 +33,6 @@ from .importer import ImportedModel, fuse
 log = logging.getLogger(__name__)
 
 
-def tuned_under(db: TuningDatabase, tasks: Sequence[Workload], device_id: str, partition: str):
-    """``tuned(interference)``: whether ``db`` has an ok row of any of ``tasks`` under it."""
-    return lambda interference: any(db.count_measurements(workload_key=w.key, device_id=device_id, partition=partition,
-                                                          interference=interference, status="ok") for w in tasks)
-
-
 def records_for(db: TuningDatabase, tasks: Sequence[Workload], device: DeviceInfo, partition: str, ratio: float,
                 interference: str = "none", *, fallback_ratio: float | None = None, pick=None):
     """A MetaSchedule MemoryDatabase with each task's best config under (device, partition, ratio,

@@ -33,7 +33,6 @@ share through the partition (CPU core sets here; a GPU share runs the models a b
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import tempfile
@@ -50,11 +49,11 @@ from ..measure.worker import Worker, WorkerError
 from ..partitions import create_partition
 from ..store.database import TuningDatabase
 from ..store.model_runs import ModelRun, record_model_run
-from ..terms import check_ratio, model_interference, norm_ratio
+from ..terms import check_ratio, norm_ratio
 from ..workloads.check import check_output
 from ..workloads.fastmath import approximable
 from ..workloads.spec import Workload
-from .compile import compile_model, records_for, tuned_under
+from .compile import compile_model, records_for
 from .cold import ColdPicker
 from .importer import ImportedModel, extract_workloads, load_onnx
 from .profile import Breakdown, breakdown, call_order, output_sizes
@@ -77,7 +76,7 @@ class ModelOptions:
     timeout: float = 900.0  # per call into the worker: a variant's load, one round's slot, the profile
     seed: int = 0  # the random inputs
     mcpu: str | None = None  # the device whose tuning records are used (default: this machine's CPU)
-    interference: str = "auto"  # whose records: the condition they were tuned under (terms.model_interference)
+    interference: str = "none"  # whose records: the condition they were tuned under
     fast_math: bool = True  # tasks build with vectorisable erf/exp/tanh where that passes the check
     profile: bool = False  # also break the share-tuned latency down per task next to ONNX Runtime's profile
     layout: str = "auto"  # of the convolutions, as the tasks were extracted (models.layout)
@@ -129,8 +128,6 @@ def measure_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase,
     partition = create_partition("cpu")
     db.add_device(device)
     tasks = extract_workloads(model, fast_math=opt.fast_math)
-    opt = dataclasses.replace(opt, interference=model_interference(
-        opt.interference, tasks, tuned=tuned_under(db, tasks, device.id, partition.kind)))
     result = ModelResult(model, device, partition.kind, time.strftime("%Y%m%dT%H%M%S") + f"-{os.getpid()}", tasks)
     run = _ModelRun(result, db, opt, partition, random_feeds(model, opt.seed), progress or (lambda s: None))
     plans = [run.plan(partition.grant(r)) for r in ratios]

@@ -32,8 +32,8 @@ from ..partitions import create_partition
 from ..store.database import TuningDatabase
 from ..store.exports import FORMAT, MANIFEST, VERSION
 from ..store.model_runs import model_runs
-from ..terms import check_ratio, model_interference, norm_ratio
-from .compile import compile_model, records_for, tuned_under
+from ..terms import check_interference, check_ratio, norm_ratio
+from .compile import compile_model, records_for
 from .importer import extract_workloads, load_onnx
 
 
@@ -42,7 +42,7 @@ class ExportOptions:
     shapes: dict | None = None  # static input shapes, as given to workloads --from-onnx
     layout: str = "auto"  # the convolutions' layout the tasks were extracted with (models.layout)
     mcpu: str | None = None  # the device whose tuning records are used (default: this machine's CPU)
-    interference: str = "auto"  # whose records: the condition they were tuned under (terms.model_interference)
+    interference: str = "none"  # whose records: the condition they were tuned under
 
 
 def export_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase, out: str | Path,
@@ -53,6 +53,7 @@ def export_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase, 
     variant, listing every ratio asked for it. A task with no config at a share runs untuned in
     that variant (its provenance says so, and ``tuned_tasks`` counts the others)."""
     say = progress or (lambda s: None)
+    interference = check_interference(options.interference)
     asked = sorted({norm_ratio(check_ratio(r)) for r in ratios})
     if not asked:
         raise ConfigError("no shares to export the model at")
@@ -65,8 +66,6 @@ def export_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase, 
         v = shares.setdefault(share.key_ratio, {"ratio": share.key_ratio, "asked": [], "granted_units": share.units})
         v["asked"].append(r)
     tasks = extract_workloads(model)
-    interference = model_interference(options.interference, tasks,
-                                      tuned=tuned_under(db, tasks, device.id, partition.kind))
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
