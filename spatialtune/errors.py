@@ -19,3 +19,9 @@ class DeviceError(SpatialtuneError):
 
 class ConfigError(SpatialtuneError):
     """Bad options (ratios, budgets, names)."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception from inside TVM as one log line: its first line (TVM's messages run to a C++
+    backtrace), else its type's name."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

@@ -91,11 +91,11 @@ class ColdCaches(NoNeighbour):
     """``cold``: nothing runs beside the kernel, but each timed run starts right after a buffer
     twice the last-level cache was written (``measure.in_worker.evict``), so it finds none of its
     data in the caches but a model task's activations, written again after the eviction
-    (``PrimTask.weights`` says which inputs are not). That is how a model's task runs: the layer
-    before it leaves its input in the caches and the layers since its last call have evicted its
-    weights, while a kernel timed back to back on its own buffers keeps them cached, so the tuner
-    ranks kernels by a speed they do not have inside the model (docs/models.md). An operator's
-    kernel starts all cold, as after another tenant time-shared its cores."""
+    (``PrimTask.weights`` says which inputs are not). That is how a model's task runs when what ran
+    since its last call (the model's other layers, a neighbour) evicted its weights, while a kernel
+    timed back to back on its own buffers keeps them cached; where the model's whole footprint
+    fits the last-level cache and nothing else runs, it is pessimistic (docs/models.md). An
+    operator's kernel starts all cold, as after another tenant time-shared its cores."""
 
     name = "cold"
     cold = True

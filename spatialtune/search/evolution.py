@@ -41,6 +41,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import first_line
 from ..workloads.schedule import mod_hash
 from .cost_model import CostModel, with_share
 from .space import Candidate, DesignSpace, Search, stamp
@@ -253,7 +254,7 @@ class EvolutionarySearch(Search):
             except Exception as e:  # a check failing inside TVM's evolution: this key samples instead
                 self._evolution_done = True
                 log.warning("%s: MetaSchedule's evolution failed (%s); sampling uniformly for this key",
-                            self.workload.key, (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+                            self.workload.key, first_line(e))
                 break
             if not got:
                 self._evolution_done = True

@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Collection, Sequence
 
+from ..errors import first_line
 from ..workloads.schedule import mod_hash
 from .space import Candidate, DesignSpace, Search, stamp
 
@@ -60,7 +61,7 @@ class UniformSampler(Search):
         except Exception as e:  # a check failing inside TVM's sampling: this chunk is lost, not the job
             got = []
             log.warning("%s: MetaSchedule's sampling failed (%s); %s", self.space.workload.key,
-                        (str(e).strip().splitlines() or [type(e).__name__])[0][:200],
+                        first_line(e),
                         "trying another chunk" if self._dry < 2 else "no more samples for this key")
         finally:
             strat.post_tuning()

@@ -8,6 +8,7 @@ import time
 from typing import Sequence
 
 from ..device import target_for
+from ..errors import first_line
 from ..search.policy import SharePolicy
 from ..terms import Share
 from ..workloads.spec import Workload
@@ -56,7 +57,7 @@ class KeySearch:
             except Exception as e:  # a search failing inside TVM costs this key its trials, not the job
                 job.stage.add("search", time.perf_counter() - t0)
                 log.error("%s @ %g%%: the search failed (%s: %s); no more trials for this key", self.w.key,
-                          self.share.key_ratio, type(e).__name__, (str(e).strip().splitlines() or [""])[0][:200])
+                          self.share.key_ratio, type(e).__name__, first_line(e))
                 return False
         job.stage.add("search", time.perf_counter() - t0)
         if not cands:
