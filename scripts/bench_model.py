@@ -262,20 +262,19 @@ def main() -> int:
         (out / f"{name}.toml").write_text(text)
         tasks = load_space(out / f"{name}.toml").workloads
         trials = a.trials or (len(tasks) if a.quick else 256)
-        cond = a.interference
-        opts = TuneOptions(trials=trials, scheduler="gradient", baselines=not a.quick, interference=cond,
+        opts = TuneOptions(trials=trials, scheduler="gradient", baselines=not a.quick, interference=a.interference,
                            **(dict(batch=1, population=16, genetic_iters=1,
                                    run=RunSettings(repeat=2, min_repeat_ms=5, warmup_ms=5)) if a.quick else {}))
         shares, new = {}, 0
         mopts = dataclasses.replace(ModelOptions(rounds=2, min_repeat_ms=5, warmup_ms=5) if a.quick else ModelOptions(),
-                                    layout=layout, rerank_cold=a.rerank_cold, interference=cond)
+                                    layout=layout, rerank_cold=a.rerank_cold, interference=a.interference)
         with TuningDatabase(db_path) as db:
             if a.floors:  # ONNX Runtime's time per task at each share, what the scheduler tunes towards
                 profile_floors(onnx_path, ratios, db, shapes=shapes, options=mopts, progress=print)
             for i, r in enumerate(ratios):  # one share at a time, each with what the earlier ones found
                 t0 = time.perf_counter()
                 new += sum(x.new_trials for x in tune(tasks, [r], db, opts).results)
-                shares[f"{r:g}"] = {"tune_s": time.perf_counter() - t0, **reach(db, tasks, r, cond)}
+                shares[f"{r:g}"] = {"tune_s": time.perf_counter() - t0, **reach(db, tasks, r, a.interference)}
                 if i and a.scratch:  # the same share tuned again, knowing nothing of the others
                     with TuningDatabase(out / f"{name}-scratch-{r:g}.sqlite") as fresh:
                         for row in db.baselines(ratio=r, kind=FLOOR_KIND) if a.floors else ():
@@ -283,11 +282,11 @@ def main() -> int:
                         t0 = time.perf_counter()
                         tune(tasks, [r], fresh, opts)
                         shares[f"{r:g}"]["scratch"] = {"tune_s": time.perf_counter() - t0,
-                                                       **reach(fresh, tasks, r, cond,
+                                                       **reach(fresh, tasks, r, a.interference,
                                                                      shares[f"{r:g}"]["final_s"])}
             res = measure_model(onnx_path, ratios, db, shapes=shapes, options=mopts)
         tune_s = sum(v["tune_s"] for v in shares.values())
-        head = f"{name}: {len(tasks)} tasks, {trials} trials per share, tuned under {cond}"
+        head = f"{name}: {len(tasks)} tasks, {trials} trials per share, tuned under {a.interference}"
         print(f"\n{head} ({new} measured now, tuning {tune_s:.0f} s)")
         results.append((name, res))
         print(table(res))
