@@ -9,7 +9,8 @@ and the task that costs most. Tuning resumes from the database (--db), so a seco
 
 --layouts nchw,NCHW16c compiles each model both ways: convolutions in NCHW, and blocked by 16 output
 channels (spatialtune.models.layout), as separate tasks tuned and timed the same way; the default
-is the CLI's, auto.
+is the CLI's, auto (which also computes large 3x3 convolutions as Winograd: --layouts
+auto,NCHW16c compares that with the direct kernels).
 
 --onnx FILE (repeatable, with --shape NAME=D1,D2,... where an input's shape is not static) runs a
 model of your own the same way, beside the two or, with --models "", instead of them: the same

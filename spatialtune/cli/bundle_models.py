@@ -27,7 +27,7 @@ def add_bundle_models(bs) -> None:
     m.add_argument("--shape", action="append", default=[], metavar="NAME=D1,D2,...",
                    help="static shape of a model input (as given to workloads --from-onnx)")
     m.add_argument("--layout", default="nchw", help="convolutions in this layout, as the tasks were extracted "
-                   "(nchw, NCHW<b>c or auto)")
+                   "(nchw, NCHW<b>c, NCHW<b>c+winograd or auto)")
     m.add_argument("--seed", type=int, default=0, help="the random inputs and the drawn weights")
     m.add_argument("--params-from", type=int, default=4096, metavar="N",
                    help="weights of at least N elements are drawn from the seed on each host instead of carried")

@@ -37,7 +37,8 @@ def add_model(sub) -> None:
                         "for the tasks whose output check passes with them; see docs/models.md)")
     p.add_argument("--layout", default="auto",
                    help="convolutions in this layout: auto (default: blocked by this CPU's fp32 vector width when every "
-                        "convolution takes it), nchw or NCHW<b>c; as the tasks were extracted (docs/models.md)")
+                        "convolution takes it, large 3x3 ones as Winograd), nchw, NCHW<b>c or NCHW<b>c+winograd; "
+                        "as the tasks were extracted (docs/models.md)")
     p.add_argument("--rerank-cold", type=int, default=0, metavar="K",
                    help="share-tuned: of each task's K fastest kernels at the share, compile the one fastest with its "
                         "data out of the caches, as inside the model (docs/models.md; default 0: the fastest)")

@@ -37,7 +37,8 @@ def add_model_export(sub) -> None:
     p.add_argument("--mcpu", default=None, help="the LLVM CPU the tuning records were measured for")
     p.add_argument("--layout", default="auto",
                    help="convolutions in this layout: auto (default: blocked by this CPU's fp32 vector width when every "
-                        "convolution takes it), nchw or NCHW<b>c; as the tasks were extracted (docs/models.md)")
+                        "convolution takes it, large 3x3 ones as Winograd), nchw, NCHW<b>c or NCHW<b>c+winograd; "
+                        "as the tasks were extracted (docs/models.md)")
     p.add_argument("--json", action="store_true", help="print the manifest instead of a summary")
     db_arg(p)
     p.set_defaults(func=_cmd_export)

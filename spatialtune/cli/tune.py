@@ -162,8 +162,9 @@ def add_workloads(sub) -> None:
     p.add_argument("--name", help="with --from-onnx: the space's name (default: the models' names)")
     p.add_argument("--layout", default=None,
                    help="with --from-onnx: the convolutions' layout: auto (default: blocked by this CPU's fp32 "
-                        "vector width when every convolution takes it), nchw, or NCHW<b>c: blocked by b output "
-                        "channels, as ONNX Runtime runs them (docs/models.md)")
+                        "vector width when every convolution takes it, large 3x3 ones as Winograd), nchw, or "
+                        "NCHW<b>c: blocked by b output channels, as ONNX Runtime runs them, optionally +winograd "
+                        "(docs/models.md)")
     p.add_argument("--exact-math", action="store_true",
                    help="with --from-onnx: build every task with exact erf/exp/tanh (default: vectorisable "
                         "approximations on a CPU where a task's output check passes with them)")

@@ -125,7 +125,7 @@ def load_onnx(path: str | Path, shapes: Mapping[str, Sequence[int]] | None = Non
             from None
     parse_layout(layout)  # a bad name is a ConfigError, not a SpecError of the file
     try:
-        mod, block = resolve(mod, layout)
+        mod, block, winograd = resolve(mod, layout)
     except Exception as e:
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         raise SpecError(f"{path}: the {layout} layout does not apply: "
@@ -133,9 +133,10 @@ def load_onnx(path: str | Path, shapes: Mapping[str, Sequence[int]] | None = Non
     params = []
     if params_from is not None:
         mod, params = lift_params(mod, params_from)
-    return ImportedModel(name=path.stem if block is None else f"{path.stem}-{layout_name(block)}", path=str(path),
+    form = layout_name(block, winograd)  # a model's name says how its convolutions compute
+    return ImportedModel(name=path.stem if block is None else f"{path.stem}-{form.replace('+', '-')}", path=str(path),
                          hash=digest, inputs=inputs, outputs=[o.name for o in model.graph.output], relax_mod=mod,
-                         layout=layout_name(block), params=params)
+                         layout=form, params=params)
 
 
 def _dims(t) -> str:

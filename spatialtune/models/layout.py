@@ -20,6 +20,12 @@ time is in its latency.
 (:func:`auto_block`), and keeps NCHW otherwise: a convolution left in NCHW in a blocked graph
 costs two layout transforms of its activations. An explicit ``NCHW<b>c`` blocks what it can. Which is faster depends on the shapes, the CPU and the
 share, so ``scripts/bench-model --layouts`` measures both.
+
+A blocked layout may also change how 3x3 stride-1 convolutions compute: as Winograd F(4x4, 3x3)
+(:mod:`.winograd`), four times fewer multiplications for two transforms. ``auto`` takes it for
+those with enough output tiles (:func:`.winograd.worth_it`), ``NCHW<b>c+winograd`` and
+``auto+winograd`` for all of them, a plain ``NCHW<b>c`` for none; the model's name ends in
+``-winograd`` when any convolution took it.
 """
 
 from __future__ import annotations
@@ -32,22 +38,38 @@ PLAIN = "nchw"
 AUTO = "auto"
 
 
+WINOGRAD = "+winograd"
+"""Suffix of a blocked layout whose 3x3 stride-1 convolutions run as Winograd F(4x4, 3x3)
+(:mod:`.winograd`): ``NCHW16c+winograd``, ``auto+winograd``."""
+
+
+def split_winograd(text: str | None) -> tuple[str | None, bool]:
+    """(the layout without ``+winograd``, whether it was there)."""
+    if text is not None and text.strip().lower().endswith(WINOGRAD):
+        return text.strip()[:-len(WINOGRAD)], True
+    return text, False
+
+
 def parse_layout(text: str | None) -> int | None:
-    """``nchw`` (or None) -> None; ``NCHW16c`` -> 16; ``auto`` -> this CPU's fp32 lanes.
-    ConfigError for anything else."""
-    if text is None or text.strip().lower() == PLAIN:
+    """``nchw`` (or None) -> None; ``NCHW16c`` -> 16; ``auto`` -> this CPU's fp32 lanes; either
+    blocked one may end in ``+winograd``. ConfigError for anything else."""
+    base, winograd = split_winograd(text)
+    if base is None or base.strip().lower() == PLAIN:
+        if winograd:
+            raise ConfigError(f"--layout {text!r}: +winograd goes with a blocked layout (auto+winograd or "
+                              "NCHW<b>c+winograd): its transforms vectorise along the channel block")
         return None
-    if text.strip().lower() == AUTO:
+    if base.strip().lower() == AUTO:
         return host_lanes()
-    m = re.fullmatch(r"nchw(\d+)c", text.strip().lower())
+    m = re.fullmatch(r"nchw(\d+)c", base.strip().lower())
     if not m or int(m.group(1)) < 2:
         raise ConfigError(f"--layout {text!r}: expected auto, nchw or NCHW<b>c with a block b >= 2 (e.g. NCHW16c: "
-                          "16 fp32 lanes of AVX-512, NCHW8c for AVX2)")
+                          "16 fp32 lanes of AVX-512, NCHW8c for AVX2), a blocked one optionally with +winograd")
     return int(m.group(1))
 
 
-def layout_name(block: int | None) -> str:
-    return PLAIN if block is None else f"NCHW{block}c"
+def layout_name(block: int | None, winograd: bool = False) -> str:
+    return PLAIN if block is None else f"NCHW{block}c" + (WINOGRAD if winograd else "")
 
 
 def host_lanes() -> int:
@@ -58,17 +80,21 @@ def host_lanes() -> int:
     return 16 if "avx512f" in flags else 8 if "avx" in flags else 4
 
 
-def resolve(mod, text: str | None) -> tuple[object, int | None]:
-    """(``mod`` in the layout ``text`` asks for, its block or None for NCHW); ``auto`` blocks
-    only when every convolution takes the block (see the module doc)."""
+def resolve(mod, text: str | None) -> tuple[object, int | None, bool]:
+    """(``mod`` in the layout ``text`` asks for, its block or None for NCHW, whether any
+    convolution became Winograd); ``auto`` blocks only when every convolution takes the block (see
+    the module doc)."""
     block = parse_layout(text)
+    base, winograd = split_winograd(text)
     if block is None:
-        return mod, None
-    if (text or "").strip().lower() == AUTO:
+        return mod, None, False
+    if (base or "").strip().lower() == AUTO:
         block = auto_block(_convolutions(mod), block)
         if block is None:
-            return mod, None
-    return to_blocked(mod, block), block
+            return mod, None, False
+    done: list = []
+    mode = "all" if winograd else "auto" if (base or "").strip().lower() == AUTO else None
+    return to_blocked(mod, block, mode, done), block, bool(done)
 
 
 def auto_block(convs: list[tuple[int, int, int, int]], lanes: int) -> int | None:
@@ -85,11 +111,16 @@ def auto_block(convs: list[tuple[int, int, int, int]], lanes: int) -> int | None
     return None
 
 
-def to_blocked(mod, block: int):
-    """``mod`` (a Relax module before legalization) with its convolutions in ``NCHW{block}c``."""
+def to_blocked(mod, block: int, winograd: str | None = None, converted: list | None = None):
+    """``mod`` (a Relax module before legalization) with its convolutions in ``NCHW{block}c``;
+    ``winograd`` ``"all"``: those Winograd computes (:func:`.winograd.applies`) as its three tasks,
+    ``"auto"``: those of them with enough tiles (:func:`.winograd.worth_it`); each one's result
+    appended to ``converted``."""
     import tvm
     from tvm import relax, topi
     from tvm.relax.transform.legalize_ops.nn import _nn_conv2d
+
+    from .winograd import applies, winograd_nchwc, worth_it
 
     def conv2d(bb, call):
         if call.attrs.data_layout == call.attrs.out_layout == f"NCHW{block}c" \
@@ -98,6 +129,12 @@ def to_blocked(mod, block: int):
                 return bb.call_te(depthwise_nchwc, call.args[0], call.args[1], strides=call.attrs.strides,
                                   padding=call.attrs.padding, dilation=call.attrs.dilation,
                                   primfunc_name_hint="depthwise_conv2d_NCHWc")
+            if winograd and applies(call.args[1].ty.shape.values[2:4], call.attrs.strides, call.attrs.dilation,
+                                    call.attrs.groups, str(call.ty.dtype)) and (winograd == "all" or worth_it(_tiles(call))):
+                out = winograd_nchwc(bb, call)
+                if converted is not None:
+                    converted.append(out)
+                return out
             return bb.call_te(topi.nn.conv2d_NCHWc_OIHWo, data=call.args[0], kernel=call.args[1],
                               stride=call.attrs.strides, padding=call.attrs.padding, dilation=call.attrs.dilation,
                               layout=call.attrs.data_layout, out_layout=call.attrs.out_layout,
@@ -120,6 +157,14 @@ def to_blocked(mod, block: int):
     ])
     with tvm.transform.PassContext(opt_level=3):
         return seq(mod)
+
+
+def _tiles(call) -> int:
+    """Output tiles of Winograd F(4x4, 3x3) for the blocked convolution ``call``."""
+    from .winograd import out_tiles
+
+    n, _, h, w, _ = (int(d) for d in call.args[0].ty.shape.values)
+    return n * out_tiles(h, w, call.attrs.padding)[2] * out_tiles(h, w, call.attrs.padding)[3]
 
 
 def depthwise_nchwc(data, kernel, strides, padding, dilation):

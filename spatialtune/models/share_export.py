@@ -31,10 +31,12 @@ from typing import Callable
 import numpy as np
 
 from ..device import DeviceInfo, target_for
+from ..errors import ConfigError
 from ..measure.model_inputs import drawn_weights, random_inputs, sample, weight_spec
 from ..terms import norm_ratio
 from .compile import compile_model, records_for
 from .importer import extract_workloads, load_onnx
+from .layout import WINOGRAD
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ def export_bundle_model(path: str | Path, db, device: DeviceInfo, bundle: Path, 
     (``db``: the tuning database, or None for no records); returns its manifest entry."""
     say = progress or (lambda s: None)
     plain = load_onnx(path, options.shapes, options.layout)
+    if device.kind != "cpu" and plain.layout.endswith(WINOGRAD):
+        raise ConfigError(f"--layout {options.layout}: {plain.name}'s Winograd transforms are CPU kernels "
+                          "(parallel loops, no GPU threads); give a layout without them (nchw or NCHW<b>c)")
     model = load_onnx(path, options.shapes, options.layout, params_from=options.params_from)
     tasks = extract_workloads(plain, fast_math=device.kind == "cpu")
     out = bundle / "models" / model.name
