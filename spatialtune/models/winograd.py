@@ -17,8 +17,8 @@ The input transform is straight-line code per tile with ``B``'s entries as liter
 transform is two small reductions (columns, then rows), 2 (m+2) multiplications per output value
 rather than (m+2)^2, in TE so that the epilogue fuses into it. Both read and write along the
 channel block, the vector axis of ``NCHW{b}c``. Every task is ordinary arithmetic, checked against its float64 reference like
-any other; the whole is exact up to fp32 rounding (F(4x4, 3x3) with the points 0, +-1, +-1/2 loses
-about one decimal digit against the direct sum, see docs/models.md).
+any other; the whole differs from the direct sum by the rounding of the reordered sums (the
+model-level error measured against ONNX Runtime: docs/models.md).
 
 Which convolutions can take it is :func:`applies`' rule: ungrouped 3x3, stride 1, dilation 1, in
 a blocked layout. ``--layout auto`` takes it for those with enough output tiles
