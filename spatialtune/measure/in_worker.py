@@ -53,6 +53,11 @@ def slot_time(call, min_repeat_ms: float) -> float:
     variant before it evicted this one's data from the caches), then whole calls for at least
     ``min_repeat_ms`` (at least one). A compiled model's and ONNX Runtime's slots alike."""
     call()
+    return looped_time(call, min_repeat_ms)
+
+
+def looped_time(call, min_repeat_ms: float) -> float:
+    """Seconds per call of ``call``, run back to back for at least ``min_repeat_ms`` (at least once)."""
     n, t0 = 0, time.perf_counter()
     while True:
         call()

@@ -22,7 +22,7 @@ def measure_numpy(workload: dict, settings: RunSettings, seed: int) -> dict:
     """The vendor baseline on the CPU: numpy (BLAS for the matmuls) with this worker's cores."""
     from ..workloads.spec import Workload
     from . import blas
-    from .in_worker import cold_times, granted_units, share_cores, warm_up
+    from .in_worker import cold_times, granted_units, looped_time, share_cores, warm_up
 
     w = Workload.from_dict(workload)
     op = w.operator
@@ -43,22 +43,11 @@ def measure_numpy(workload: dict, settings: RunSettings, seed: int) -> dict:
             if getattr(settings, "cold", False):  # as the kernels are timed under ``cold``
                 times = cold_times(lambda: fn(xs), max(1, settings.repeat))
             else:
-                times = [_looped(lambda: fn(xs), settings.min_repeat_ms) for _ in range(settings.repeat)]
+                times = [looped_time(lambda: fn(xs), settings.min_repeat_ms) for _ in range(settings.repeat)]
             if best is None or np.median(times) < np.median(best):
                 best = times
     time.sleep(QUIET_S)  # BLAS's threads go quiet before the next kernel is timed here
     return {"status": "ok", "times": best, "median_s": float(np.median(best)), "granted_units": granted_units()}
-
-
-def _looped(call, min_repeat_ms: float) -> float:
-    """Seconds per call of ``call``, run back to back for at least ``min_repeat_ms``."""
-    n, t0 = 0, time.perf_counter()
-    while True:
-        call()
-        n += 1
-        el = time.perf_counter() - t0
-        if el * 1e3 >= min_repeat_ms:
-            return el / n
 
 
 NUMPY_ROUNDS = 3

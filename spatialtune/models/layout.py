@@ -86,14 +86,15 @@ def resolve(mod, text: str | None) -> tuple[object, int | None, bool]:
     the module doc)."""
     block = parse_layout(text)
     base, winograd = split_winograd(text)
+    auto = (base or "").strip().lower() == AUTO
     if block is None:
         return mod, None, False
-    if (base or "").strip().lower() == AUTO:
+    if auto:
         block = auto_block(_convolutions(mod), block)
         if block is None:
             return mod, None, False
     done: list = []
-    mode = "all" if winograd else "auto" if (base or "").strip().lower() == AUTO else None
+    mode = "all" if winograd else "auto" if auto else None
     return to_blocked(mod, block, mode, done), block, bool(done)
 
 
@@ -164,7 +165,8 @@ def _tiles(call) -> int:
     from .winograd import out_tiles
 
     n, _, h, w, _ = (int(d) for d in call.args[0].ty.shape.values)
-    return n * out_tiles(h, w, call.attrs.padding)[2] * out_tiles(h, w, call.attrs.padding)[3]
+    _, _, rows, cols = out_tiles(h, w, call.attrs.padding)
+    return n * rows * cols
 
 
 def depthwise_nchwc(data, kernel, strides, padding, dilation):
