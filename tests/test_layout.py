@@ -165,3 +165,14 @@ def test_auto_takes_the_vector_width_else_half_of_it_and_ignores_single_pixel_co
     assert auto_block(resnet + [(64, 64, 2, 3136)], 16) is None  # two groups, no blocked kernel: NCHW
     assert auto_block(resnet + [(64, 64, 0, 0)], 16) is None  # a convolution of unknown shape
     assert auto_block([], 16) is None and auto_block([(6, 10, 1, 100)], 4) is None  # no block under 4
+
+
+def test_a_model_without_convolutions_keeps_its_name_and_layout_in_any_layout(tmp_path):
+    rng = np.random.default_rng(5)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])], [_w(rng, "w", (8, 8))])
+    save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "mm.onnx")
+    for text in ("NCHW8c", "NCHW16c+winograd", "auto"):
+        model = load_onnx(tmp_path / "mm.onnx", layout=text)
+        assert (model.name, model.layout) == ("mm", "nchw"), (text, model.name, model.layout)

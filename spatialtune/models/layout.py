@@ -83,16 +83,17 @@ def host_lanes() -> int:
 def resolve(mod, text: str | None) -> tuple[object, int | None, bool]:
     """(``mod`` in the layout ``text`` asks for, its block or None for NCHW, whether any
     convolution became Winograd); ``auto`` blocks only when every convolution takes the block (see
-    the module doc)."""
+    the module doc); a model without convolutions keeps its name and tasks in any layout."""
     block = parse_layout(text)
     base, winograd = split_winograd(text)
     auto = (base or "").strip().lower() == AUTO
     if block is None:
         return mod, None, False
+    convs = _convolutions(mod)
     if auto:
-        block = auto_block(_convolutions(mod), block)
-        if block is None:
-            return mod, None, False
+        block = auto_block(convs, block)
+    if block is None or not convs:  # a model without convolutions is the same in every layout
+        return mod, None, False
     done: list = []
     mode = "all" if winograd else "auto" if auto else None
     return to_blocked(mod, block, mode, done), block, bool(done)
