@@ -49,6 +49,7 @@ class ModelVariant:
     asked: tuple[float, ...]  # the ratios the export was asked for that grant these cores
     tasks: tuple[dict, ...]  # per task: workload key, measurement id, mod_hash, tuned ratio
     latencies: tuple[dict, ...]  # end-to-end runs measured at this share (model_runs)
+    compiled: str = "share-tuned"  # whose configs its library has: share-tuned, or whole-tuned when that ran faster
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,8 @@ class ModelLookup:
                                   "export it here (or accept it with any_device / --any-device)")
         variants = [ModelVariant(float(v["ratio"]), int(v["granted_units"]), int(v["threads"]), v["file"],
                                  int(v.get("tuned_tasks", 0)), int(v.get("n_tasks", 0)),
-                                 tuple(v.get("asked", ())), tuple(v.get("tasks", ())), tuple(v.get("latencies", ())))
+                                 tuple(v.get("asked", ())), tuple(v.get("tasks", ())), tuple(v.get("latencies", ())),
+                                 str(v.get("compiled", "share-tuned")))
                     for v in m["variants"]]
         for v in variants:
             if not (self.dir / v.file).is_file():
@@ -174,10 +176,10 @@ class ModelLookup:
         return res
 
     def share_for_latency(self, latency_ms: float, interference: str = "none") -> LatencyAnswer:
-        """The smallest exported share whose measured share-tuned latency (recorded in the
-        manifest from ``model_runs``) meets ``latency_ms`` under ``interference``."""
+        """The smallest exported share whose measured latency (of the compile it ships, recorded
+        in the manifest from ``model_runs``) meets ``latency_ms`` under ``interference``."""
         rows = [dict(lat, ratio=v.ratio, granted_units=v.granted_units) for v in self.variants
-                for lat in v.latencies if lat.get("variant") == "share-tuned"]
+                for lat in v.latencies if lat.get("variant") == v.compiled]
         return smallest_share(self.model, rows, latency_ms, interference)
 
     # -- running (TVM) -------------------------------------------------------------------------
