@@ -61,10 +61,11 @@ def _cmd_export(a) -> int:
     dev = m["device"]
     print(f"{m['model']['name']} ({m['model']['hash']}) for {dev['name']} ({dev['id']}), partition {m['partition']}:")
     for v in m["variants"]:
-        lat = next((x for x in v["latencies"] if x["variant"] == "share-tuned" and x["interference"] == "none"), None)
+        lat = next((x for x in v["latencies"] if x["variant"] == v["compiled"] and x["interference"] == "none"), None)
         measured = f", measured {lat['latency_s'] * 1e3:.3f} ms" if lat and lat["latency_s"] else ""
+        whose = "" if v["compiled"] == "share-tuned" else " (the 100%-tuned configs: faster at this share)"
         print(f"  {v['ratio']:g}% ({v['granted_units']} cores, {v['threads']} threads): {v['file']}, "
-              f"{v['tuned_tasks']}/{v['n_tasks']} tasks tuned{measured}")
+              f"{v['tuned_tasks']}/{v['n_tasks']} tasks tuned{whose}{measured}")
     print(Path(a.out) / MANIFEST)
     return 0
 
