@@ -78,8 +78,8 @@ def export_model(path: str | Path, ratios: Sequence[float], db: TuningDatabase, 
     for key_ratio in sorted(shares):
         v = shares[key_ratio]
         t0 = time.perf_counter()
-        plans = {"share-tuned": (key_ratio, records_for(db, tasks, device, partition.kind, key_ratio, interference)),
-                 "whole-tuned": (100.0, whole)}
+        own = whole if key_ratio == 100.0 else records_for(db, tasks, device, partition.kind, key_ratio, interference)
+        plans = {"share-tuned": (key_ratio, own), "whole-tuned": (100.0, whole)}
         hashes = {name: {w.key: facts.get(w.key, {}).get("mod_hash") for w in tasks}
                   for name, (_, (_, facts)) in plans.items()}
         v["latencies"] = _latencies([r for r in runs if r.ratio == key_ratio], hashes)

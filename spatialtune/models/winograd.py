@@ -13,11 +13,11 @@ input tile with (m+2)^2 multiplications per channel pair instead of 9 m^2 (F(4x4
 3. the output transform ``Y = A^T M A`` (a task; the convolution's epilogue, bias, ReLU, residual,
    fuses into it as into the direct kernel).
 
-The input transform is straight-line code per tile with ``B``'s entries as literals; the output
-transform is two small reductions (columns, then rows), 2 (m+2) multiplications per output value
-rather than (m+2)^2, in TE so that the epilogue fuses into it. Both read and write along the
-channel block, the vector axis of ``NCHW{b}c``. Every task is ordinary arithmetic, checked against its float64 reference like
-any other; the whole differs from the direct sum by the rounding of the reordered sums (the
+Both transforms are TIR written as straight-line code per tile and channel block, the matrices'
+entries as literals and their zeros left out, in vectors along the channel block (the vector
+axis of ``NCHW{b}c``), their loops fixed; the output transform carries an ``op_pattern`` so that
+the epilogue fuses after it. Every task is ordinary arithmetic, checked against its float64
+reference like any other; the whole differs from the direct sum by the rounding of the reordered sums (the
 model-level error measured against ONNX Runtime: docs/models.md).
 
 Which convolutions can take it is :func:`applies`' rule: ungrouped 3x3, stride 1, dilation 1, in
