@@ -74,7 +74,10 @@ def build_kernel(result, workload, trace: str | None, *, target: dict | None = N
     else:
         log.info("%s: lookup missed (%s); building TVM's default schedule", result.workload, result.reason)
         mod = workload.ir_module()
-    exe = tvm.compile(mod, target=tvm.target.Target(target))
+    from ..workloads.prefetch import before_compile
+
+    # As the tuner built it: fast math for a task that uses it, prefetches on a CPU.
+    exe = tvm.compile(before_compile(mod, target, workload.fast_math), target=tvm.target.Target(target))
     return Kernel(workload, exe, target, result.found, result.mod_hash if result.found else None,
                   result.tuned_ratio)
 

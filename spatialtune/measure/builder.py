@@ -88,20 +88,18 @@ def _init_build_worker() -> int:
 
 
 def build_one(mod_json: str, target: dict, out_dir: str, name: str, fast_math: bool = False) -> dict:
-    """Compile one scheduled module and export it; runs inside a build worker. ``fast_math``: on
-    an llvm target, the module's float32 erf/exp/tanh/sigmoid become their vectorisable
-    approximations first (:mod:`spatialtune.workloads.fastmath`; a GPU lowers them to fast
-    device functions already)."""
+    """Compile one scheduled module and export it; runs inside a build worker. On an llvm target
+    the module first gets :func:`spatialtune.workloads.prefetch.before_compile`: with
+    ``fast_math``, float32 erf/exp/tanh/sigmoid become their vectorisable approximations (a GPU
+    lowers them to fast device functions already), and the prefetches of tiled reductions."""
     import tvm
 
     t0 = time.perf_counter()
     from ..cuda.tensorcore import build_pass_config
 
-    mod = tvm.ir.load_json(mod_json)
-    if fast_math and target.get("kind") == "llvm":
-        from ..workloads.fastmath import rewrite
+    from ..workloads.prefetch import before_compile
 
-        mod = rewrite(mod)[0]
+    mod = before_compile(tvm.ir.load_json(mod_json), target, fast_math)
     tgt = tvm.target.Target(target)
     config = build_pass_config(mod_json, target)
     if config:  # a tensor-core kernel builds only without StorageRewrite (see cuda.tensorcore)

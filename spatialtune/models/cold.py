@@ -67,14 +67,13 @@ class ColdPicker:
         """The kernel of ``m`` built and timed out of cache in the share's worker, or None."""
         import tvm
 
-        from ..workloads.fastmath import rewrite
+        from ..workloads.prefetch import before_compile
 
         try:
-            mod = apply_trace(w, m.trace).mod
-            if w.fast_math:  # as the tuner built it (measure.builder.build_one)
-                mod = rewrite(mod)[0]
+            target = target_for(self.device, self.share.units)
+            mod = before_compile(apply_trace(w, m.trace).mod, target, w.fast_math)  # as the tuner built it
             path = os.path.join(self.tmp, f"cold-{w.key}-{self.share.units}-{i}.so")
-            tvm.compile(mod, target=tvm.target.Target(target_for(self.device, self.share.units))).export_library(path)
+            tvm.compile(mod, target=tvm.target.Target(target)).export_library(path)
             res = self.worker.start().call(_MEASURE, w.to_dict(), path, None, self.settings, 0, timeout=60.0)
         except WorkerError as e:
             if not self.worker.alive:

@@ -105,6 +105,7 @@ def compile_model(model: ImportedModel, target: dict, msdb=None, out: str | None
     from tvm.relax import pipeline
 
     from ..workloads.fastmath import rewrite
+    from ..workloads.prefetch import rewrite as prefetch
 
     tgt = tvm.target.Target(target)
     gpu = target.get("kind") == "cuda"
@@ -121,6 +122,8 @@ def compile_model(model: ImportedModel, target: dict, msdb=None, out: str | None
             report["tuned"] = sorted(_hash(before[name]) for name in done if name in before)
     if fast:  # after the database: the records match the exact functions the tasks were extracted as
         mod = rewrite(mod, skip=lambda name, _: name not in fast)[0]
+    if target.get("kind") == "llvm":  # as the builder built the tuned kernels (workloads.prefetch)
+        mod = prefetch(mod)[0]
     if gpu:
         mod = _default_gpu_schedules(mod, tgt, report)
     try:
