@@ -154,6 +154,31 @@ def test_the_smallest_share_meeting_a_latency_target(exported, tmp_path):
     assert "measured under: memory, none" in json.loads(p.stdout)["reason"]
 
 
+def test_a_latency_answer_is_of_the_compile_the_share_ships():
+    """From the database as from an export: a share whose run timed the 100 %-tuned compile more
+    than 3 % faster answers with that compile's latency and says so; within the noise, or from
+    another run, the share's own."""
+    from spatialtune.lookup.model_latency import shipped, smallest_share
+
+    def row(run, ratio, variant, ms, status="ok"):
+        return {"run": run, "ratio": ratio, "granted_units": int(ratio // 50), "variant": variant,
+                "latency_s": ms / 1e3, "status": status, "interference": "none"}
+
+    rows = [row("a", 50.0, "share-tuned", 20.0), row("a", 50.0, "whole-tuned", 18.0),
+            row("a", 100.0, "share-tuned", 10.0), row("a", 100.0, "whole-tuned", 9.8)]
+    ans = smallest_share("m", shipped(rows), 19.0)
+    assert (ans.found, ans.ratio, ans.latency_s, ans.compiled) == (True, 50.0, 0.018, "whole-tuned")
+    assert [m["compiled"] for m in ans.measured] == ["whole-tuned", "share-tuned"]
+    # a newer run at 50 % where the two were within the noise: the share's own, 19.9 ms
+    rows += [row("b", 50.0, "share-tuned", 19.9), row("b", 50.0, "whole-tuned", 19.5)]
+    ans = smallest_share("m", shipped(rows), 19.0)
+    assert (ans.ratio, ans.compiled) == (100.0, "share-tuned")
+    # a failed 100 %-tuned compile, or one from another run, is never substituted
+    assert shipped([row("c", 50.0, "share-tuned", 20.0), row("c", 50.0, "whole-tuned", 5.0, "error")])[0]["variant"] \
+        == "share-tuned"
+    assert shipped([row("c", 50.0, "share-tuned", 20.0), row("d", 50.0, "whole-tuned", 5.0)])[0]["latency_s"] == 0.02
+
+
 @pytest.mark.parametrize("spoil, args, message", [
     (lambda d: (d / "manifest.json").write_text("{not json"), ["--units", "1"], "not a model manifest"),
     (lambda d: (d / "manifest.json").write_text(json.dumps({**json.loads((d / "manifest.json").read_text()),

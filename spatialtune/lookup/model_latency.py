@@ -1,10 +1,12 @@
 """The question a scheduler asks before it grants a share (as KRISP's does): the smallest share
 whose measured end-to-end latency meets the tenant's target.
 
-Answers come from the share-tuned rows of ``model_runs`` (``spatialtune model``: the whole model
-compiled with each task's best config at that share, timed under the share), either straight
-from the database (:func:`share_for_latency`) or as recorded in an export's manifest
-(``ModelLookup.share_for_latency``). A row's neighbour is ``detail["interference"]`` (``none``
+Answers come from ``model_runs`` (``spatialtune model``: the whole model compiled with each
+task's best config at that share, timed under the share), either straight from the database
+(:func:`share_for_latency`) or as recorded in an export's manifest (``ModelLookup.share_for_latency``).
+Per share the latency is that of the compile a scheduler would be handed there: the share-tuned
+one, unless the same run timed the 100 %-tuned compile faster by more than :data:`NOISE` (the
+rule ``spatialtune model export`` ships by), and the answer says which (``compiled``). A row's neighbour is ``detail["interference"]`` (``none``
 when absent: the run had the rest of the machine idle). A latency measured with no neighbour is
 not evidence for a share that will have one, so a question about a neighbour is answered only
 from runs under that neighbour, or missed with the reason.
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError, DatabaseError
+from ..store.exports import NOISE
 from ..store.schema import SCHEMA_VERSION
 
 
@@ -36,6 +39,7 @@ class LatencyAnswer:
     run: str | None = None
     reason: str = ""
     measured: tuple[dict, ...] = field(default=())  # every share considered: ratio, units, latency, status
+    compiled: str | None = None  # whose configs the answer's latency is of: share-tuned, or whole-tuned
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,7 +61,8 @@ def smallest_share(model: str, rows: Sequence[dict], latency_ms: float, interfer
         else:
             others.add(neighbour)
     measured = tuple({"ratio": ratio, "granted_units": r.get("granted_units"), "latency_s": r.get("latency_s"),
-                      "status": r.get("status")} for ratio, r in sorted(newest.items()))
+                      "status": r.get("status"), "compiled": r.get("variant", "share-tuned")}
+                     for ratio, r in sorted(newest.items()))
     base = dict(model=model, target_s=target, interference=interference, measured=measured)
     if not newest:
         known = f" (measured under: {', '.join(sorted(others))})" if others else ""
@@ -73,15 +78,15 @@ def smallest_share(model: str, rows: Sequence[dict], latency_ms: float, interfer
                                                          f"{best['latency_s'] * 1e3:.3f} ms at {best['ratio']:g}%")
     m = meets[0]  # ascending by ratio
     return LatencyAnswer(**base, found=True, ratio=m["ratio"], granted_units=m["granted_units"],
-                         latency_s=m["latency_s"], run=newest[m["ratio"]].get("run"),
+                         latency_s=m["latency_s"], run=newest[m["ratio"]].get("run"), compiled=m["compiled"],
                          reason=f"the smallest of {len(meets)} measured share(s) meeting {latency_ms:g} ms")
 
 
 def share_for_latency(db_path: str | Path, model: str, latency_ms: float, *, interference: str = "none",
                       device: str | None = None, partition: str | None = None) -> LatencyAnswer:
-    """:func:`smallest_share` over the database's share-tuned ``model_runs`` of ``model`` (a name,
-    or a model hash). ConfigError for an unknown model, or several devices/partitions/model files
-    when none is chosen."""
+    """:func:`smallest_share` over the database's ``model_runs`` of ``model`` (a name, or a model
+    hash), each share's latency that of the compile it would ship (:func:`shipped`). ConfigError
+    for an unknown model, or several devices/partitions/model files when none is chosen."""
     rows = _read_runs(Path(db_path), model)
     if not rows:
         raise ConfigError(f"no model {model!r} in {db_path} (models: {', '.join(_models(Path(db_path))) or 'none'})")
@@ -95,7 +100,24 @@ def share_for_latency(db_path: str | Path, model: str, latency_ms: float, *, int
             flag = {"device_id": "--device", "partition": "--partition", "model_hash": "the model's hash as --model"}
             raise ConfigError(f"{model!r} was run with several {col}s ({', '.join(values)}): choose one with "
                               f"{flag[col]}")
-    return smallest_share(rows[0]["model"], rows, latency_ms, interference)
+    return smallest_share(rows[0]["model"], shipped(rows), latency_ms, interference)
+
+
+def shipped(rows: Sequence[dict]) -> list[dict]:
+    """The share-tuned rows of ``rows`` (in the order written), each replaced by the 100 %-tuned
+    row of the same run, share and neighbour where that one ran faster by more than :data:`NOISE`,
+    both ``ok``."""
+    whole = {(r["run"], r["ratio"], r["interference"]): r for r in rows if r.get("variant") == "whole-tuned"}
+    out = []
+    for r in rows:
+        if r.get("variant", "share-tuned") != "share-tuned":
+            continue
+        w = whole.get((r["run"], r["ratio"], r["interference"]))
+        if (w is not None and r["run"] and r["status"] == w["status"] == "ok" and r["latency_s"] and w["latency_s"]
+                and w["latency_s"] < r["latency_s"] * (1 - NOISE)):
+            r = dict(w, granted_units=r["granted_units"])
+        out.append(r)
+    return out
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -117,8 +139,8 @@ def _read_runs(path: Path, model: str) -> list[dict]:
     conn = _connect(path)
     try:
         cur = conn.execute("SELECT model, model_hash, device_id, partition, ratio, granted_units, latency_s, status,"
-                           " run, detail FROM model_runs WHERE (model = ? OR model_hash = ?) AND variant = "
-                           "'share-tuned' ORDER BY id", [model, model])
+                           " run, variant, detail FROM model_runs WHERE (model = ? OR model_hash = ?) AND variant IN "
+                           "('share-tuned', 'whole-tuned') ORDER BY id", [model, model])
         cols = [c[0] for c in cur.description]
         rows = [dict(zip(cols, r)) for r in cur.fetchall()]
     finally:

@@ -30,7 +30,7 @@ from ..device import detect_cpu, target_for
 from ..errors import ConfigError
 from ..partitions import create_partition
 from ..store.database import TuningDatabase
-from ..store.exports import FORMAT, MANIFEST, VERSION
+from ..store.exports import FORMAT, MANIFEST, NOISE, VERSION
 from ..store.model_runs import model_runs
 from ..terms import check_interference, check_ratio, norm_ratio
 from .compile import compile_model, records_for
@@ -128,10 +128,6 @@ def _provenance(db: TuningDatabase, tasks, facts: dict, device_id: str, partitio
     return out
 
 
-NOISE = 0.03
-"""How much faster the 100%-tuned compile must have run than the share-tuned one, in the same
-interleaved rounds, for a share to ship it: the run-to-run spread of those timings
-(docs/models.md, *How the variants are timed*)."""
 
 
 def ships(latencies: list[dict]) -> tuple[str, str]:
