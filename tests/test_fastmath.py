@@ -122,6 +122,45 @@ def test_the_fast_build_passes_the_check_against_the_exact_reference(gelu, tmp_p
         assert 0 < res["rel_err"] < 1e-5
 
 
+def tanh_gelu_model(path):
+    """x[8,16] -> MatMul -> GELU in its tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))),
+    the cube as ``Pow(h, 3)``, as PyTorch exports ``GELU(approximate="tanh")``."""
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Pow", ["h", "three"], ["p"]),
+             helper.make_node("Mul", ["p", "k"], ["kp"]), helper.make_node("Add", ["h", "kp"], ["s"]),
+             helper.make_node("Mul", ["s", "c"], ["sc"]), helper.make_node("Tanh", ["sc"], ["t"]),
+             helper.make_node("Add", ["t", "one"], ["t1"]), helper.make_node("Mul", ["h", "t1"], ["g"]),
+             helper.make_node("Mul", ["g", "half"], ["y"])]
+    return _save(path, nodes, [numpy_helper.from_array((rng.standard_normal((16, 32)) * 0.5).astype(np.float32), "w"),
+                               _const("three", 3.0), _const("k", 0.044715), _const("c", math.sqrt(2 / math.pi)),
+                               _const("one", 1.0), _const("half", 0.5)])
+
+
+def test_a_constant_power_becomes_multiplications_and_passes_the_check(tmp_path):
+    """TVM lowers ``pow`` to libm's scalar ``powf`` per element; with a constant exponent of 3 the
+    fast build multiplies instead, vectorised, and the task passes the check against the exact
+    float64 reference (a power the table does not have keeps ``powf``)."""
+    import tvm
+    from tvm import tirx
+
+    from spatialtune.measure.builder import build_one
+    from spatialtune.measure.in_worker import measure_one
+    from spatialtune.models.importer import extract_workloads, load_onnx
+    from spatialtune.workloads.fastmath import approximable, rewrite
+
+    (w,) = extract_workloads(load_onnx(tanh_gelu_model(tmp_path / "tanh_gelu.onnx")))
+    assert w.fast_math and approximable(w.ir_module()) == {"pow": 1, "tanh": 1}
+    mod = _vectorised(w)
+    exact, fast = _asm(mod), _asm(rewrite(mod)[0])
+    assert re.search(r"call\w*\s+powf\b", exact) and "powf" not in fast
+    res = measure_one(w.to_dict(), build_one(tvm.ir.save_json(mod), {"kind": "llvm"}, str(tmp_path), "k", True)
+                      ["artifact"], None, CHECK, 3)
+    assert res["status"] == "ok" and res["rel_err"] < 1e-5, res
+    x = tirx.Var("x", "float32")
+    odd = tvm.IRModule({"main": tirx.PrimFunc([], tirx.Evaluate(tirx.pow(x, tirx.const(2.5, "float32"))))})
+    assert approximable(odd) == {}
+
+
 def test_a_task_whose_fast_build_fails_the_check_stays_exact_and_says_why(tmp_path, caplog):
     from spatialtune.measure.builder import build_one
     from spatialtune.measure.in_worker import measure_one

@@ -1,4 +1,5 @@
-"""Fast math: ``erf``, ``exp``, ``tanh`` and ``sigmoid`` as vectorisable polynomials on a CPU.
+"""Fast math on a CPU: ``erf``, ``exp``, ``tanh`` and ``sigmoid`` as vectorisable polynomials, ``pow``
+with a small constant exponent as multiplications.
 
 TVM's LLVM target lowers ``T.erf`` to one call of libm's ``erff`` per element and ``T.exp``
 (hence ``T.tanh`` and ``T.sigmoid``, which it spells with ``exp``) to ``expf``: a GELU, softmax or
@@ -33,8 +34,23 @@ from typing import Callable
 
 import numpy as np
 
-FAST_OPS = ("erf", "exp", "tanh", "sigmoid")
-"""The TIR intrinsics :func:`rewrite` replaces (their float32 calls)."""
+FAST_OPS = ("erf", "exp", "tanh", "sigmoid", "pow")
+"""The TIR intrinsics :func:`rewrite` replaces (their float32 calls; ``pow`` only with a constant
+exponent of 1/2, 1, 2, 3 or 4, see :func:`_small_power`)."""
+
+
+def _small_power(exponent) -> Callable | None:
+    """``x -> x ** exponent`` as multiplications (or a square root) for a constant exponent that
+    has one, else None. TVM lowers ``pow`` to libm's scalar ``powf`` per element whatever the
+    exponent; a tanh-form GELU (PyTorch's ``approximate="tanh"``, exported as ``Pow(x, 3)``) then
+    spends more time in ``powf`` than in its matmul. ``x * x * x`` is within two roundings of
+    the exact cube, and vectorises."""
+    from tvm import tirx
+
+    if not isinstance(exponent, tirx.FloatImm):
+        return None
+    return {0.5: tirx.sqrt, 1.0: lambda x: x, 2.0: lambda x: x * x, 3.0: lambda x: x * x * x,
+            4.0: lambda x: (x * x) * (x * x)}.get(float(exponent.value))
 
 EXACT_ATTR = "spatialtune.exact_math"
 """A PrimFunc attribute that keeps :func:`rewrite` off that function (a task that fell back)."""
@@ -83,6 +99,13 @@ def _fast_call(counts: dict[str, int]) -> Callable:
         name = ops.get(c.op.name) if isinstance(c.op, tvm.ir.Op) else None
         if name is None or str(c.ty.dtype) != "float32":
             return c
+        if name == "pow":
+            power = _small_power(c.args[1])
+            if power is None:
+                return c
+            v = tirx.Var("v", "float32")
+            counts[name] = counts.get(name, 0) + 1
+            return tirx.Let(v, c.args[0], power(v))
         x, body = _templates()[name]
         v = tirx.Var("v", "float32")
         counts[name] = counts.get(name, 0) + 1
