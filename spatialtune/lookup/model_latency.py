@@ -6,10 +6,11 @@ task's best config at that share, timed under the share), either straight from t
 (:func:`share_for_latency`) or as recorded in an export's manifest (``ModelLookup.share_for_latency``).
 Per share the latency is that of the compile a scheduler would be handed there: the share-tuned
 one, unless the same run timed the 100 %-tuned compile faster by more than :data:`NOISE` (the
-rule ``spatialtune model export`` ships by), and the answer says which (``compiled``). A row's neighbour is ``detail["interference"]`` (``none``
-when absent: the run had the rest of the machine idle). A latency measured with no neighbour is
-not evidence for a share that will have one, so a question about a neighbour is answered only
-from runs under that neighbour, or missed with the reason.
+rule ``spatialtune model export`` ships by), and the answer says which (``compiled``). A row's
+neighbour is ``detail["interference"]`` (``none`` when absent: the run had the rest of the
+machine idle). A latency measured with no neighbour is not evidence for a share that will have
+one, so a question about a neighbour is answered only from runs under that neighbour, or missed
+with the reason.
 
 Reads the database read-only with the standard library: no TVM, no sqlite-utils.
 """

@@ -7,8 +7,9 @@ innermost reduction loop ``ki`` feeds the register tile. Each block of that oper
 memory on the first pass of the reuse loops: it comes in strided rows (a row of the tile, then
 the next row a whole matrix row further on), which the hardware prefetchers barely follow, so
 the core waits for it. Inside a model the layers between two calls of a task have evicted its
-weights, and the kernels lost 20-45 % to this in the model against the same kernels timed warm
-(docs/models.md); ONNX Runtime's MLAS kernels prefetch ahead in their packed weights.
+weights, so every block waits so, and the BERT layer's matmuls lost a large part of their time to
+it against the same kernels timed warm (docs/models.md, *Weights prefetched a block ahead*);
+ONNX Runtime's MLAS kernels prefetch ahead in their packed weights.
 
 :func:`rewrite` puts, just before each innermost reduction loop, prefetches of the rows of the
 *next* outer block that this iteration of the reuse loops is responsible for: the block's
@@ -20,9 +21,9 @@ and carries no alias metadata, so the register tile's accumulators were stored b
 on every iteration, and the kernel ran at half speed.) Indices are clamped to the buffer, so the
 last block prefetches its own rows rather than addresses past the end.
 
-What qualifies: an operand read by the block that the function does not allocate nor the block
-write (an accumulator is in the caches already), whose last
-index varies with a vectorised loop inside ``ki``. A function with no split reduction, or with
+What qualifies: an operand read by the block that the function does not allocate and the block
+does not write (an accumulator is in the caches already), whose last index varies with a
+vectorised loop inside ``ki``. A function with no split reduction, or with
 symbolic extents, is left unchanged; a site that would need more than :data:`CAP` prefetches is
 skipped. A prefetch does not change any value, so no output check is needed for it; what it
 changes is time, and it applies, like :mod:`.fastmath`, to the *scheduled* module just before
@@ -45,8 +46,8 @@ LINE = 64
 """Cache line bytes: one prefetch per line of the register tile's row."""
 
 LOCALITY = 3
-"""``llvm.prefetch``'s locality (3: all cache levels, ``prefetcht0`` on x86); 2 and 1 timed the
-same within 2 %, 0 (non-temporal) slower than none."""
+"""``llvm.prefetch``'s locality (3: all cache levels, ``prefetcht0`` on x86); 2 and 1 (L2 and
+below) timed the same, 0 (non-temporal) slower than no prefetch (docs/models.md)."""
 
 
 def enabled() -> bool:
