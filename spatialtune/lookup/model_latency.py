@@ -5,8 +5,8 @@ Answers come from ``model_runs`` (``spatialtune model``: the whole model compile
 task's best config at that share, timed under the share), either straight from the database
 (:func:`share_for_latency`) or as recorded in an export's manifest (``ModelLookup.share_for_latency``).
 Per share the latency is that of the compile a scheduler would be handed there: the share-tuned
-one, unless the same run timed the 100 %-tuned compile faster by more than :data:`NOISE` (the
-rule ``spatialtune model export`` ships by), and the answer says which (``compiled``). A row's
+one, unless the same run timed the 100 %-tuned compile faster by more than ``store.exports.NOISE``
+(the rule ``spatialtune model export`` ships by), and the answer says which (``compiled``). A row's
 neighbour is ``detail["interference"]`` (``none`` when absent: the run had the rest of the
 machine idle). A latency measured with no neighbour is not evidence for a share that will have
 one, so a question about a neighbour is answered only from runs under that neighbour, or missed
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import ConfigError, DatabaseError
-from ..store.exports import NOISE
+from ..store.exports import whole_outran
 from ..store.schema import SCHEMA_VERSION
 
 
@@ -106,16 +106,15 @@ def share_for_latency(db_path: str | Path, model: str, latency_ms: float, *, int
 
 def shipped(rows: Sequence[dict]) -> list[dict]:
     """The share-tuned rows of ``rows`` (in the order written), each replaced by the 100 %-tuned
-    row of the same run, share and neighbour where that one ran faster by more than :data:`NOISE`,
-    both ``ok``."""
+    row of the same run, share and neighbour where that one ran faster by more than
+    ``store.exports.NOISE``, both ``ok`` (:func:`~spatialtune.store.exports.whole_outran`)."""
     whole = {(r["run"], r["ratio"], r["interference"]): r for r in rows if r.get("variant") == "whole-tuned"}
     out = []
     for r in rows:
         if r.get("variant", "share-tuned") != "share-tuned":
             continue
         w = whole.get((r["run"], r["ratio"], r["interference"]))
-        if (w is not None and r["run"] and r["status"] == w["status"] == "ok" and r["latency_s"] and w["latency_s"]
-                and w["latency_s"] < r["latency_s"] * (1 - NOISE)):
+        if w is not None and r["run"] and whole_outran(r, w):
             r = dict(w, granted_units=r["granted_units"])
         out.append(r)
     return out

@@ -30,7 +30,7 @@ from ..device import detect_cpu, target_for
 from ..errors import ConfigError
 from ..partitions import create_partition
 from ..store.database import TuningDatabase
-from ..store.exports import FORMAT, MANIFEST, NOISE, VERSION
+from ..store.exports import FORMAT, MANIFEST, VERSION, whole_outran
 from ..store.model_runs import model_runs
 from ..terms import check_interference, check_ratio, norm_ratio
 from .compile import compile_model, records_for
@@ -128,21 +128,17 @@ def _provenance(db: TuningDatabase, tasks, facts: dict, device_id: str, partitio
     return out
 
 
-
-
 def ships(latencies: list[dict]) -> tuple[str, str]:
     """(the compile a share ships, why if not its own): the share-tuned one, unless the newest run
     at that share, without a neighbour, timed the 100%-tuned one faster by more than
-    :data:`NOISE`, both ``ok`` and both with the configs that would be exported now. Each task's
-    pick is the fastest kernel measured at the share, timed alone; inside the model a kernel can
-    lose what it does not alone (its weights evicted by the layers before it), so a share may run
-    the 100 % picks faster, and a scheduler is handed the compile measured faster there."""
+    ``store.exports.NOISE`` (:func:`~spatialtune.store.exports.whole_outran`), both ``ok`` and
+    both with the configs that would be exported now. Each task's pick is the fastest kernel
+    measured at the share, timed alone; inside the model a kernel can lose what it does not alone
+    (its weights evicted by the layers before it), so a share may run the 100 % picks faster, and
+    a scheduler is handed the compile measured faster there."""
     by = {x["variant"]: x for x in latencies if x["interference"] == "none"}
     st, wt = by.get("share-tuned"), by.get("whole-tuned")
-    if not (st and wt and st["run"] == wt["run"] and st["status"] == wt["status"] == "ok"
-            and st.get("same_configs") and wt.get("same_configs") and st["latency_s"] and wt["latency_s"]):
-        return "share-tuned", ""
-    if wt["latency_s"] < st["latency_s"] * (1 - NOISE):
+    if st and wt and st.get("same_configs") and wt.get("same_configs") and whole_outran(st, wt):
         return "whole-tuned", (f"ships the 100%-tuned compile: {wt['latency_s'] * 1e3:.3g} ms against "
                                f"{st['latency_s'] * 1e3:.3g} ms share-tuned in run {st['run']}")
     return "share-tuned", ""
